@@ -1,0 +1,3 @@
+from tokalign.cli.app import main
+
+main()

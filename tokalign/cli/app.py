@@ -1,0 +1,70 @@
+"""Entry point: ``tokalign``. User errors print one line and exit 2; --debug shows tracebacks."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from tokalign import __version__
+from tokalign.cli import eval_cmd, plugins_cmd, prepare_cmd, rollout_cmd, score_cmd, train_cmd
+
+app = typer.Typer(
+    name="tokalign",
+    help="Token-level alignment of language models: prepare → rollout → score → train → eval, as artifacts on disk.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("prepare")(prepare_cmd.prepare)
+app.command("rollout")(rollout_cmd.rollout)
+app.command("score")(score_cmd.score)
+app.command("train", context_settings={"help_option_names": ["-h", "--help"]})(train_cmd.train)
+app.command("eval")(eval_cmd.evaluate)
+app.command("plugins")(plugins_cmd.plugins)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"tokalign {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    if debug:
+        os.environ["TOKALIGN_DEBUG"] = "1"
+
+
+def _quiet_libraries() -> None:
+    # Progress bars and advice from HF libraries would interleave with ours on stderr.
+    for key, value in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                       "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tokalign.errors import UserError
+
+    _quiet_libraries()
+    debug = "--debug" in (argv if argv is not None else sys.argv)
+    try:
+        app(args=argv, prog_name="tokalign", standalone_mode=True)
+    except UserError as e:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        sys.stderr.write(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback; please report it)\n")
+        sys.exit(1)

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from tokalign.cli.common import OVERWRITE, QUIET, default_out, emit
+
+
+def _algorithms_help() -> str:
+    from tokalign import registry
+
+    names = sorted(registry.available("algorithm"))  # metadata only: nothing is imported
+    return "Algorithm: " + ", ".join(names) + " (or module:Class)."
+
+
+def train(
+    algo: str = typer.Argument(..., help=_algorithms_help(), metavar="ALGO"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Task (arith), file, hub id, or artifact (prompts → online; scored; pairs). Omitted: from --config, else stdin."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Starting model (default: the bundled tiny model)."),
+    ref_model: Optional[str] = typer.Option(None, "--ref-model", "--ref", help="Reference model (default: the starting model)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output checkpoint directory (default: runs/checkpoint-<time>)."),
+    config_file: Optional[str] = typer.Option(None, "--config", "-c", help="YAML run config; flags and --set override it."),
+    sets: List[str] = typer.Option([], "--set", help="Override any config key: --set train.lr=1e-5 --set algorithm.beta=0.04 (repeatable)."),
+    reward: List[str] = typer.Option([], "--reward", "-r", help="Online: reward/verifier (repeatable, name*weight). Default: the task's."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Training steps (batches)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts / groups / pairs / examples per step."),
+    n: Optional[int] = typer.Option(None, "--n", help="Online: samples per prompt (group size)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Online rollout backend (hf)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of this --out from its last checkpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the whole config and print the plan; loads no model."),
+    overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
+):
+    """Train ALGO on online prompts or offline artifacts; writes a `checkpoint` artifact."""
+    from tokalign import config, models
+    from tokalign.train.plan import make_plan
+
+    flags = {
+        "data": data, "model": model, "ref_model": ref_model, "reward": list(reward) or None, "seed": seed,
+        "train": {"max_steps": max_steps, "lr": lr, "batch_size": batch_size},
+        "rollout": {"n": n, "backend": backend},
+    }
+    flags = _drop_none(flags)
+    user = config.load_yaml(config_file) if config_file else {}
+    overrides = config.parse_set(list(sets))
+    chosen_model = overrides.get("model") or flags.get("model") or user.get("model") or ""
+    base = config.model_defaults(models.resolve_model(chosen_model)[1])
+    layers = [base, user, flags, overrides]
+    if not any(layer.get("data") for layer in layers):
+        if sys.stdin is not None and not sys.stdin.isatty():
+            from tokalign.artifacts import read_path_from_stdin
+
+            layers.append({"data": read_path_from_stdin(None, "training data")})
+    out_path = default_out("checkpoint", out) if not dry_run else out
+    plan = make_plan(algo, layers, out_path, overwrite=overwrite, resume=resume)
+    if dry_run:
+        typer.echo(plan.describe())
+        return
+    from tokalign.train.loop import run
+
+    for w in plan.warnings:
+        sys.stderr.write(f"warning: {w}\n")
+    emit(run(plan, resume=resume, overwrite=overwrite, quiet=quiet))
+
+
+def _drop_none(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _drop_none(v)
+            if v:
+                out[k] = v
+        elif v is not None:
+            out[k] = v
+    return out

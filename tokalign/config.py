@@ -1,0 +1,181 @@
+"""Run configuration: defaults < the model's ``tokalign.yaml`` < ``--config run.yaml`` < CLI flags
+< ``--set a.b=c``. Every key is validated (name and type) before any model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tokalign.errors import UserError, did_you_mean
+
+MODEL_DEFAULTS_FILE = "tokalign.yaml"
+
+
+@dataclass
+class TrainSection:
+    lr: float = 1e-6
+    max_steps: int = 100
+    batch_size: int = 8  # per optimiser step: prompts (online), groups (scored), pairs, or examples
+    micro_batch_size: int = 0  # rows per forward/backward; 0 = the whole batch at once
+    updates_per_batch: int = 1  # optimiser steps on each batch (GRPO's μ); >1 makes the ratio ≠ 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 1024  # prompt + completion tokens, offline data is truncated to this
+    save_every: int = 25  # checkpoint every N steps (resume point); the final model is always saved
+    log_every: int = 1
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (training weights)
+
+
+@dataclass
+class RolloutSection:
+    backend: str = "hf"  # hf | vllm
+    n: int = 8  # samples per prompt (the group size G)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+
+@dataclass
+class RunConfig:
+    model: str = ""  # "" = the bundled tiny model
+    ref_model: str = ""  # "" = the starting model
+    data: str = ""
+    reward: list[str] = field(default_factory=list)  # online: rewards/verifiers; "name" or "name*weight"
+    seed: int = 0
+    train: TrainSection = field(default_factory=TrainSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algorithm: dict[str, Any] = field(default_factory=dict)  # validated against the algorithm's Config
+
+
+# ---------------------------------------------------------------- merging
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_set(items: list[str]) -> dict:
+    """['train.lr=1e-5', 'algorithm.beta=0.04'] -> nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set expects key=value (e.g. --set train.lr=1e-5), got '{item}'.")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path, what: str = "config") -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} file '{p}' does not exist.")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{what} file '{p}' is not valid YAML{where}: {getattr(e, 'problem', e)}.") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{what} file '{p}' must hold a mapping of keys, not {type(data).__name__}.")
+    return data
+
+
+# ---------------------------------------------------------------- typed building
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if tp is Any:
+        return value
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"Config key '{key}' must be a mapping, got {value!r}.")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"Config key '{key}' must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise UserError(f"Config key '{key}' must be an integer, got {value!r}.")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"Config key '{key}' must be a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"Config key '{key}' must be a string, got {value!r}.")
+        return str(value)
+    return value
+
+
+def build(cls: type, data: dict, prefix: str = "") -> Any:
+    """Construct dataclass ``cls`` from a nested dict; unknown keys and bad types are UserErrors."""
+    if not isinstance(data, dict):
+        raise UserError(f"Config key '{prefix.rstrip('.') or '(root)'}' must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            known = [f"{prefix}{n}" for n in names]
+            raise UserError(f"Unknown config key '{full}'.{did_you_mean(full, known)} Known keys: {', '.join(known)}.")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def model_defaults(model_dir: Path | None) -> dict:
+    """Recommended settings a model directory may ship in ``tokalign.yaml`` (like
+    generation_config.json does for sampling); the user's config and flags override them."""
+    if model_dir is None or not (model_dir / MODEL_DEFAULTS_FILE).is_file():
+        return {}
+    return load_yaml(model_dir / MODEL_DEFAULTS_FILE, what="model defaults")
+
+
+def resolve(layers: list[dict]) -> RunConfig:
+    merged: dict = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer or {})
+    return build(RunConfig, merged)

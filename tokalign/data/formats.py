@@ -1,0 +1,81 @@
+"""Normalise TRL dataset formats (standard or conversational; prompt-only, prompt-completion,
+preference, language-modelling ``messages``) into tokalign rows.
+
+A normalised row: ``id``, ``prompt`` (str or list of messages), ``reference`` (any JSON), and,
+when present, ``completion`` / ``chosen`` / ``rejected`` as completion *text* (the assistant
+content; the model's EOS is appended at tokenisation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokalign.errors import UserError
+
+REFERENCE_KEYS = ("reference", "answer", "solution", "ground_truth", "label")
+
+
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def completion_text(x: Any, where: str) -> str:
+    """Assistant text of a completion given as a string or as assistant message(s)."""
+    if isinstance(x, str):
+        return x
+    if _is_messages(x):
+        return "".join(str(m["content"]) for m in x if m["role"] == "assistant") or "".join(str(m["content"]) for m in x)
+    raise UserError(f"{where}: expected text or a list of {{role, content}} messages, got {type(x).__name__}.")
+
+
+def _split_implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
+    """TRL's implicit-prompt preference format: the shared leading messages are the prompt."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def normalise(records: list[dict], source: str) -> tuple[str, list[dict]]:
+    """(format, rows). format is 'preference' or 'prompts' (prompt-only or prompt-completion)."""
+    if not records:
+        raise UserError(f"{source}: no records.")
+    keys = set(records[0])
+    preference = {"chosen", "rejected"} <= keys
+    rows = []
+    for i, rec in enumerate(records):
+        where = f"{source} record {i + 1}"
+        row: dict[str, Any] = {"id": str(rec.get("id", rec.get("idx", i)))}
+        ref = next((rec[k] for k in REFERENCE_KEYS if k in rec), None)
+        row["reference"] = ref
+        if preference:
+            if "chosen" not in rec or "rejected" not in rec:
+                raise UserError(f"{where}: preference data needs both 'chosen' and 'rejected'.")
+            prompt, chosen, rejected = rec.get("prompt"), rec["chosen"], rec["rejected"]
+            if prompt is None:
+                if not (_is_messages(chosen) and _is_messages(rejected)):
+                    raise UserError(f"{where}: no 'prompt' column and chosen/rejected are not conversations (implicit prompt needs messages).")
+                prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
+            row.update(prompt=_prompt(prompt, where), chosen=completion_text(chosen, where), rejected=completion_text(rejected, where))
+        elif "prompt" in rec:
+            row["prompt"] = _prompt(rec["prompt"], where)
+            if "completion" in rec and rec["completion"] is not None:
+                row["completion"] = completion_text(rec["completion"], where)
+        elif "messages" in rec and _is_messages(rec["messages"]):
+            msgs = rec["messages"]
+            if msgs[-1]["role"] != "assistant":
+                raise UserError(f"{where}: 'messages' must end with an assistant turn to train on it.")
+            row.update(prompt=msgs[:-1], completion=str(msgs[-1]["content"]))
+        else:
+            raise UserError(
+                f"{where}: cannot tell the format from columns {sorted(rec)}; expected 'prompt' "
+                "(+ 'completion'), 'chosen'/'rejected' (+ 'prompt'), or 'messages'."
+            )
+        rows.append(row)
+    return ("preference" if preference else "prompts"), rows
+
+
+def _prompt(prompt: Any, where: str) -> Any:
+    if isinstance(prompt, str) or _is_messages(prompt):
+        return prompt
+    raise UserError(f"{where}: 'prompt' must be text or a list of {{role, content}} messages.")

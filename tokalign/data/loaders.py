@@ -1,0 +1,100 @@
+"""Load raw records from a built-in task, a local file (JSONL/JSON/Parquet/CSV) or a hub id."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from tokalign import registry
+from tokalign.errors import UserError
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def load_records(source: str, split: str = "train") -> tuple[list[dict], dict]:
+    """(records, info). ``info`` names the source type and, for tasks, the default reward."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _load_file(path), {"source": "file", "path": str(path.resolve())}
+    if path.is_dir():
+        raise UserError(f"'{source}' is a directory but not a tokalign artifact; pass a data file, a task or an artifact.")
+    if source in registry.available("task"):
+        task = registry.load("task", source)()
+        if split not in task.splits:
+            raise UserError(f"Task '{source}' has no split '{split}'. Available: {', '.join(task.splits)}.")
+        return task.records(split), {"source": "task", "task": source, "default_reward": getattr(task, "default_reward", None)}
+    if path.suffix in SUFFIXES or source.startswith((".", "/", "~")):
+        raise UserError(f"Data file '{source}' does not exist.")
+    if "/" in source:
+        return _load_hub(source, split), {"source": "hub", "id": source, "split": split}
+    raise registry_unknown(source)
+
+
+def registry_unknown(source: str) -> UserError:
+    from tokalign.errors import did_you_mean
+
+    tasks = sorted(registry.available("task"))
+    return UserError(
+        f"Unknown data '{source}'.{did_you_mean(source, tasks)} Pass a built-in task ({', '.join(tasks)}), "
+        "a .jsonl/.json/.parquet/.csv file, a tokalign artifact, or a hub id like org/name."
+    )
+
+
+def _load_file(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _load_jsonl(path)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}.") from e
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise UserError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}}).")
+        return data
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:
+            raise UserError(f"{path}: not a readable Parquet file ({e}).") from e
+    if suffix == ".csv":
+        with open(path, newline="") as f:
+            return [dict(row) for row in csv.DictReader(f)]
+    raise UserError(f"{path}: unsupported file type '{suffix}'. Use one of {', '.join(SUFFIXES)}.")
+
+
+def _load_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno}); fix or remove that line.") from e
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}.")
+            rows.append(row)
+    return rows
+
+
+def _load_hub(repo_id: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a dependency
+        raise UserError("Loading hub datasets needs the 'datasets' package: pip install datasets.") from e
+    try:
+        ds = datasets.load_dataset(repo_id, split=split)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"Cannot load dataset '{repo_id}' (split '{split}') from the hub: {first[:200]}. "
+            "If you are offline, download it elsewhere and pass a local file."
+        ) from e
+    return [dict(r) for r in ds]

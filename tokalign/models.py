@@ -1,0 +1,82 @@
+"""Model resolution and loading (transformers). The bundled tiny model is only a default path:
+no code path special-cases it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from tokalign.errors import UserError
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "tiny-arith"
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_model(name: str | None) -> tuple[str, Path | None]:
+    """(name-or-path to load, local dir or None for a hub id). Validates a local path exists."""
+    if not name:
+        return str(BUNDLED_MODEL), BUNDLED_MODEL
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"Model directory '{p}' has no config.json; pass a transformers model dir, a tokalign checkpoint or a hub id.")
+        return str(p), p
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"Model '{name}' does not exist (not a local directory, not a hub id).")
+    return name, None  # hub id: transformers resolves it (errors clearly when offline)
+
+
+def identity(name: str) -> dict[str, Any]:
+    """What a manifest records about a model: path or id and a fingerprint of its files."""
+    path, local = resolve_model(name)
+    out: dict[str, Any] = {"name_or_path": path}
+    if local is None:
+        return out
+    manifest = local / "manifest.json"
+    if manifest.is_file():  # a tokalign checkpoint: its manifest already fingerprints the weights
+        out["checkpoint_manifest_sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+        return out
+    h = hashlib.sha256()
+    for f in sorted(local.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.suffix in (".json", ".jinja", ".txt") or f.stat().st_size < (64 << 20):
+                h.update(f.read_bytes())
+    out["files_sha256"] = h.hexdigest()
+    return out
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path, _ = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise UserError(f"Cannot load tokenizer '{name}': {str(e).splitlines()[0]}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, dtype: str = "float32", device: str | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in _DTYPES:
+        raise UserError(f"Unknown dtype '{dtype}'. Choose one of {', '.join(_DTYPES)}.")
+    path, _ = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except OSError as e:
+        raise UserError(f"Cannot load model '{name}': {str(e).splitlines()[0]}") from e
+    return model.to(device or default_device())
+
+
+def default_device() -> str:
+    import torch
+
+    return os.environ.get("TOKALIGN_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,138 @@
+"""Shared tensor maths. Every algorithm takes these from here; none re-implements them.
+
+Shapes: ``values``/``mask`` are ``[B, T]`` (per token, mask 1 on completion tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
+
+
+def aggregate(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    *,
+    total_tokens: float | None = None,
+    total_seqs: float | None = None,
+    max_len: float | None = None,
+) -> torch.Tensor:
+    """Reduce per-token losses ``values [B, T]`` to a scalar.
+
+    - ``token-mean``: Σ m·L / Σ m over the batch (DAPO; TRL's "dapo"; verl's default)
+    - ``seq-mean-token-mean``: mean over sequences of each sequence's token mean (original GRPO)
+    - ``seq-mean-token-sum``: mean over sequences of each sequence's token sum
+    - ``seq-mean-token-sum-norm``: Σ m·L / (B · max_len) (Dr.GRPO; TRL's "dr_grpo")
+
+    ``total_tokens``/``total_seqs`` are the denominators of the *whole* optimiser batch: pass them
+    when ``values`` is one micro-batch so that the micro-batch results sum to the full-batch value.
+    """
+    num_seqs = float(values.shape[0]) if total_seqs is None else float(total_seqs)
+    if mode == "token-mean":
+        denom = mask.sum() if total_tokens is None else torch.as_tensor(total_tokens, dtype=values.dtype)
+        return masked_sum(values, mask) / denom.clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        per_seq = masked_sum(values, mask, -1) / mask.sum(-1).clamp(min=1)
+        return per_seq.sum() / num_seqs
+    if mode == "seq-mean-token-sum":
+        return masked_sum(values, mask, -1).sum() / num_seqs
+    if mode == "seq-mean-token-sum-norm":
+        if not max_len:
+            raise ValueError("seq-mean-token-sum-norm needs max_len (the maximum completion length)")
+        return masked_sum(values, mask) / (num_seqs * float(max_len))
+    raise ValueError(f"unknown aggregation {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(π_θ ‖ π_ref) from sampled-token log-probs.
+
+    k1 = ℓ − ℓ_ref;  k2 = ½(ℓ − ℓ_ref)²;  k3 = exp(ℓ_ref − ℓ) − (ℓ_ref − ℓ) − 1, clamped to [−10, 10].
+    """
+    diff = logps - ref_logps
+    if estimator == "k1":
+        return diff
+    if estimator == "k2":
+        return 0.5 * diff.square()
+    if estimator == "k3":
+        log_ratio = (-diff).clamp(-20.0, 20.0)
+        return (log_ratio.exp() - log_ratio - 1).clamp(-10.0, 10.0)
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+
+
+def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean and unbiased std of ``values [B]`` over the rows sharing its group id.
+
+    A group of one has std 0 (not NaN).
+    """
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    v = values.to(torch.float64)
+    sums = torch.zeros(len(counts), dtype=v.dtype).index_add_(0, inverse, v)
+    means = sums / counts
+    sq = torch.zeros(len(counts), dtype=v.dtype).index_add_(0, inverse, (v - means[inverse]).square())
+    var = sq / (counts - 1).clamp(min=1)
+    return means[inverse].to(values.dtype), var.sqrt()[inverse].to(values.dtype)
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """GRPO outcome advantage. scale="group": (R − mean_g)/(std_g + eps) with unbiased std;
+    scale="batch": divide by the batch std; scale="none": R − mean_g (Dr.GRPO)."""
+    mean, std = group_stats(rewards, group_ids)
+    centred = rewards - mean
+    if scale == "group":
+        return centred / (std + eps)
+    if scale == "batch":
+        return centred / (rewards.std() + eps)
+    if scale == "none":
+        return centred
+    raise ValueError(f"unknown advantage scale {scale!r}; choose group, batch or none")
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
+    """log softmax(logits)[..., index] without materialising the full log-softmax of the batch.
+
+    logits: [B, T, V]; index: [B, T] -> [B, T]. Rows are processed in chunks of ``chunk_rows``
+    sequences, so peak extra memory is one chunk's [chunk, T, V] in float32.
+    """
+    out = []
+    for lg, ix in zip(logits.split(chunk_rows), index.split(chunk_rows)):
+        lg = lg.float()
+        picked = lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(lg, dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
+    """Token entropy H = −Σ p log p of each position: [B, T, V] -> [B, T] (no grad)."""
+    out = []
+    for lg in logits.split(chunk_rows):
+        logp = torch.log_softmax(lg.float(), dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out)
+
+
+def clipped_surrogate(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO-clip per-token loss max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)), ρ = exp(ℓ − ℓ_old).
+
+    Returns (loss [B, T], clipped [B, T] bool — where the clipped branch is active)."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped

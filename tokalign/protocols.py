@@ -1,0 +1,156 @@
+"""The contracts between tokalign's core and its plug-ins.
+
+Shapes use B = rows in a batch, L = padded sequence length; per-token tensors over a sequence
+are ``[B, L-1]`` and aligned with the *predicted* token (position ``t`` holds the log-prob of
+``input_ids[:, t+1]``), and ``completion_mask`` marks the completion tokens among them.
+
+Plug-in kinds:
+
+* **Verifier** — ``verify(sample: Sample) -> Verdict``.
+* **Reward function** — batched ``__call__(samples: list[Sample]) -> list[Reward | float]``.
+  ``Reward.token_values``, when given, holds exactly one value per completion token
+  (``len(sample.completion_ids)``): this is the per-token reward contract, carried by ``score``
+  into the ``token_rewards`` column of the ``scored`` artifact. A verifier is usable as a reward
+  (its ``Verdict.score`` becomes the value).
+* **Algorithm** — a class with a ``Config`` dataclass (defaults = the paper's), constructed as
+  ``Algo(config)``; ``needs`` says which data and models it wants; ``prepare(batch)`` computes
+  advantages/targets without gradients; ``loss(batch, out) -> LossOutput``. The train loop never
+  branches on algorithm names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # torch stays out of `--help`
+    import torch
+
+
+@dataclass
+class Sample:
+    """One completion as rewards and verifiers see it."""
+
+    id: str
+    prompt: Any  # str, or a list of {"role", "content"} messages
+    completion: str
+    completion_ids: list[int] = field(default_factory=list)
+    reference: Any = None  # ground truth: answer string, tests, ...
+    finish_reason: str = "stop"  # "stop" | "length"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    score: float
+    detail: str = ""
+    first_error_token: int | None = None  # index into completion_ids, when the verifier knows
+
+
+@dataclass
+class Reward:
+    value: float
+    token_values: list[float] | None = None  # one per completion token, or None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    def verify(self, sample: Sample) -> Verdict: ...
+
+
+@runtime_checkable
+class RewardFn(Protocol):
+    def __call__(self, samples: list[Sample]) -> list[Reward | float]: ...
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an algorithm asks of the train loop."""
+
+    data: tuple[str, ...]  # artifact kinds it trains on: "prompts" (online), "scored", "pairs", "sft"
+    reference: bool = False  # frozen reference model log-probs (batch.fields["ref_logps"])
+    groups: bool = False  # several samples per prompt (rollout.n > 1)
+    old_logps: bool = False  # behaviour-policy log-probs (batch.fields["old_logps"])
+
+
+@dataclass
+class TokenBatch:
+    """A padded batch. ``fields`` holds per-row ``[B]`` or per-token ``[B, L-1]`` tensors
+    (rewards, group_ids, advantages, old_logps, ref_logps, token_rewards, ...).
+
+    ``totals`` holds global denominators (``tokens``, ``seqs``, ``pairs``) of the *whole*
+    optimiser batch, so a loss summed over micro-batches equals the full-batch loss exactly.
+    """
+
+    input_ids: "torch.Tensor"  # [B, L] long
+    attention_mask: "torch.Tensor"  # [B, L] long
+    completion_mask: "torch.Tensor"  # [B, L-1] float, 1 on completion tokens
+    fields: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    totals: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def select(self, index: "torch.Tensor") -> "TokenBatch":
+        """Rows ``index`` of every tensor; totals are kept (they are global)."""
+        return TokenBatch(
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            completion_mask=self.completion_mask[index],
+            fields={k: v[index] for k, v in self.fields.items()},
+            totals=dict(self.totals),
+        )
+
+
+@dataclass
+class PolicyOutput:
+    logps: "torch.Tensor"  # [B, L-1] log π_θ of each next token (with grad)
+    entropy: "torch.Tensor | None" = None  # [B, L-1], no grad, for metrics
+
+
+@dataclass
+class LossOutput:
+    loss: "torch.Tensor"  # scalar, this micro-batch's share of the batch loss
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    Config: type
+    needs: Needs
+
+    def prepare(self, batch: TokenBatch) -> TokenBatch: ...
+
+    def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput: ...
+
+
+def check_plugin(kind: str, obj: Any) -> str | None:
+    """None if ``obj`` satisfies the protocol of its kind, else the reason in one line."""
+    if kind == "algorithm":
+        if not isinstance(obj, type):
+            return "an algorithm entry point must name a class"
+        cfg = getattr(obj, "Config", None)
+        if cfg is None or not dataclasses.is_dataclass(cfg):
+            return "algorithm class needs a dataclass attribute 'Config'"
+        for attr in ("loss", "prepare"):
+            if not callable(getattr(obj, attr, None)):
+                return f"algorithm class lacks a '{attr}' method"
+        try:
+            needs = getattr(obj(cfg()), "needs", None)
+        except Exception as e:
+            return f"cannot construct with its default Config: {type(e).__name__}: {e}"
+        if not isinstance(needs, Needs):
+            return "algorithm instances need a 'needs' attribute of type tokalign.protocols.Needs"
+        return None
+    if kind == "verifier":
+        return None if callable(getattr(obj, "verify", None)) else "verifier lacks a verify(sample) method"
+    if kind == "reward":
+        if isinstance(obj, type):
+            has_call = any("__call__" in vars(c) for c in obj.__mro__[:-1])
+        else:
+            has_call = callable(obj)
+        return None if has_call or hasattr(obj, "verify") else "reward must be callable(samples) -> list[Reward]"
+    return f"unknown plug-in kind {kind!r}"

@@ -1,0 +1,71 @@
+"""Row conversions shared by the stages and the online train loop (one code path for both)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tokalign.protocols import Sample
+
+
+def dumps(x: Any) -> str:
+    return json.dumps(x, ensure_ascii=False)
+
+
+def loads(x: str | None) -> Any:
+    return None if x is None else json.loads(x)
+
+
+def rollout_rows(prompt_rows: list[dict], completions, group_offset: int = 0) -> list[dict]:
+    """Join prompt rows (prompts artifact rows) with their engine completions into rollout rows."""
+    rows = []
+    for g, (p, comps) in enumerate(zip(prompt_rows, completions)):
+        for k, c in enumerate(comps):
+            rows.append(
+                {
+                    "id": f"{p['id']}#{k}",
+                    "prompt_id": p["id"],
+                    "group_id": group_offset + g,
+                    "sample_idx": k,
+                    "prompt": p["prompt"],
+                    "prompt_text": p["prompt_text"],
+                    "prompt_ids": p["prompt_ids"],
+                    "reference": p.get("reference"),
+                    "completion": c.text,
+                    "completion_ids": c.ids,
+                    "sampler_logps": c.logps,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+    return rows
+
+
+def to_sample(row: dict) -> Sample:
+    return Sample(
+        id=row["id"],
+        prompt=loads(row["prompt"]),
+        completion=row["completion"],
+        completion_ids=list(row["completion_ids"]),
+        reference=loads(row.get("reference")),
+        finish_reason=row.get("finish_reason", "stop"),
+    )
+
+
+def scored_rows(rows: list[dict], rewards) -> list[dict]:
+    from tokalign.rewards import score_samples
+
+    results = score_samples(rewards, [to_sample(r) for r in rows])
+    out = []
+    for r, s in zip(rows, results):
+        out.append({**r, "reward": s["reward"], "rewards": s["rewards"], "verdicts": dumps(s["verdicts"]), "token_rewards": s["token_rewards"]})
+    return out
+
+
+def retokenize(rows: list[dict], tokenizer) -> list[dict]:
+    """Render prompts with *this* model's tokenizer: an artifact may have been prepared for another."""
+    from tokalign.data.render import prompt_ids, prompt_text
+
+    for r in rows:
+        p = loads(r["prompt"])
+        r["prompt_text"], r["prompt_ids"] = prompt_text(tokenizer, p), prompt_ids(tokenizer, p)
+    return rows

@@ -1,0 +1,84 @@
+"""Sequences -> padded TokenBatch, and micro-batches that never split a group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokalign.protocols import TokenBatch
+
+
+@dataclass
+class Seq:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    group_id: int
+    row: dict[str, float] = field(default_factory=dict)  # per-sequence scalars (reward, is_chosen, ...)
+    token: dict[str, list[float]] = field(default_factory=dict)  # per completion token (sampler_logps, ...)
+
+
+def truncate(seq: Seq, max_length: int) -> Seq:
+    """Keep at most ``max_length`` tokens: cut the completion's end first, then the prompt's start."""
+    p, c = seq.prompt_ids, seq.completion_ids
+    if len(p) + len(c) <= max_length:
+        return seq
+    p = p[-max(1, max_length // 2):] if len(p) >= max_length else p
+    keep = max_length - len(p)
+    token = {k: v[:keep] for k, v in seq.token.items() if v is not None}
+    return Seq(p, c[:keep], seq.group_id, seq.row, token)
+
+
+def collate(seqs: list[Seq], pad_id: int, max_completion_len: float | None = None) -> TokenBatch:
+    """Right-padded ``input_ids = prompt + completion``. Per-token tensors are ``[B, L-1]`` aligned
+    with the predicted token: completion token j of row i sits at column ``len(prompt_i) - 1 + j``."""
+    length = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
+    b = len(seqs)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, length), dtype=torch.long)
+    mask = torch.zeros((b, length - 1))
+    token_keys = sorted({k for s in seqs for k, v in s.token.items() if v is not None})
+    token_fields = {k: torch.zeros((b, length - 1)) for k in token_keys}
+    for i, s in enumerate(seqs):
+        ids = s.prompt_ids + s.completion_ids
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        start, end = len(s.prompt_ids) - 1, len(ids) - 1
+        mask[i, start:end] = 1
+        for k in token_keys:
+            if s.token.get(k) is not None:
+                token_fields[k][i, start:end] = torch.tensor(s.token[k], dtype=torch.float32)
+    fields = {k: torch.tensor([float(s.row.get(k, 0.0)) for s in seqs]) for k in sorted({k for s in seqs for k in s.row})}
+    fields["group_ids"] = torch.tensor([s.group_id for s in seqs], dtype=torch.long)
+    fields.update(token_fields)
+    totals = {
+        "tokens": float(mask.sum()),
+        "seqs": float(b),
+        "groups": float(len(set(s.group_id for s in seqs))),
+        "max_completion_len": float(max_completion_len or max(len(s.completion_ids) for s in seqs)),
+    }
+    return TokenBatch(input_ids, attention, mask, fields, totals)
+
+
+def micro_batches(batch: TokenBatch, size: int) -> list[TokenBatch]:
+    """Split into micro-batches of about ``size`` rows (0 = one batch), never splitting a group,
+    and trim each to its own longest sequence."""
+    if size <= 0 or size >= len(batch):
+        return [batch]
+    groups = batch.fields["group_ids"].tolist()
+    chunks, current = [], []
+    for i, g in enumerate(groups):
+        if current and len(current) >= size and g != groups[current[-1]]:
+            chunks.append(current)
+            current = []
+        current.append(i)
+    chunks.append(current)
+    out = []
+    for idx in chunks:
+        mb = batch.select(torch.tensor(idx))
+        width = int(mb.attention_mask.sum(-1).max())
+        mb.input_ids, mb.attention_mask = mb.input_ids[:, :width], mb.attention_mask[:, :width]
+        mb.completion_mask = mb.completion_mask[:, : width - 1]
+        mb.fields = {k: (v[:, : width - 1] if v.dim() == 2 else v) for k, v in mb.fields.items()}
+        out.append(mb)
+    return out

@@ -1,0 +1,223 @@
+"""The one generic training loop, online and offline. No algorithm maths here and no branch on
+algorithm names: the algorithm's ``needs`` say which inputs to compute, ``prepare`` and ``loss``
+do the rest."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tokalign import artifacts, models, ops
+from tokalign.errors import UserError
+from tokalign.protocols import PolicyOutput, TokenBatch
+from tokalign.train import checkpoint
+from tokalign.train.batching import collate, micro_batches, truncate
+from tokalign.train.plan import Plan
+
+
+def forward(model, batch: TokenBatch, with_entropy: bool = False) -> PolicyOutput:
+    """Per-token log-probs of each next token, [B, L-1]."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    logps = ops.selective_log_softmax(logits, batch.input_ids[:, 1:])
+    entropy = ops.entropy_from_logits(logits.detach()) if with_entropy else None
+    return PolicyOutput(logps=logps, entropy=entropy)
+
+
+@torch.no_grad()
+def frozen_logps(model, batch: TokenBatch, micro: int) -> torch.Tensor:
+    """Log-probs from a model without gradients, micro-batched, padded back to the batch width."""
+    width = batch.completion_mask.shape[1]
+    parts = []
+    for mb in micro_batches(batch, micro):
+        lp = forward(model, mb).logps
+        parts.append(torch.nn.functional.pad(lp, (0, width - lp.shape[1])))
+    return torch.cat(parts)
+
+
+def _to(batch: TokenBatch, device) -> TokenBatch:
+    batch.input_ids, batch.attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    batch.completion_mask = batch.completion_mask.to(device)
+    batch.fields = {k: v.to(device) for k, v in batch.fields.items()}
+    return batch
+
+
+def _schedule(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def _source(plan: Plan, tokenizer, policy):
+    from tokalign.rollout import SamplingSpec
+    from tokalign.stages.common import dumps, retokenize
+    from tokalign.train import sources
+
+    cfg, t = plan.cfg, plan.cfg.train
+    rows = plan.rows
+    if plan.extra.get("normalised"):  # records from a task/file: into artifact-row shape
+        rows = [{**r, "prompt": dumps(r["prompt"]), "reference": dumps(r.get("reference"))} for r in rows]
+    if plan.data_kind != "scored":  # scored rows keep the sampler's own token ids
+        rows = retokenize(rows, tokenizer)
+    if plan.data_kind == "online":
+        from tokalign.rollout.hf import HFEngine
+
+        r = cfg.rollout
+        spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
+        return sources.OnlineSource(rows, HFEngine(policy, tokenizer), plan.rewards, spec, t.batch_size, cfg.seed), r.max_new_tokens
+    if plan.data_kind == "scored":
+        return sources.ScoredSource(rows, t.batch_size, cfg.seed), plan.extra.get("max_new_tokens")
+    if plan.data_kind == "pairs":
+        return sources.PairSource(rows, tokenizer, t.batch_size, cfg.seed), None
+    rows = [r for r in rows if r.get("completion")]
+    return sources.CompletionSource(rows, tokenizer, t.batch_size, cfg.seed), None
+
+
+class _Progress:
+    def __init__(self, total: int, start: int, quiet: bool):
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def update(self, metrics: dict) -> None:
+        if self.bar is not None:
+            info = f"loss {metrics['loss']:.4f}" + (f" reward {metrics['reward/mean']:.3f}" if "reward/mean" in metrics else "")
+            self.bar.update(self.task, advance=1, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> Path:
+    cfg, t = plan.cfg, plan.cfg.train
+    out = plan.out
+    work = checkpoint.work_dir(out)
+    run_config = plan.run_config_dict()
+    config_sha = artifacts.sha256_json(run_config)
+    ckpt = checkpoint.latest(work) if resume else None
+    if resume and ckpt is None:
+        raise UserError(f"Nothing to resume: no checkpoint in '{work}'. Run without --resume to start.")
+    if not resume and work.exists():
+        if not overwrite:
+            raise UserError(f"'{work}' holds an interrupted run of this --out; pass --resume to continue it or --overwrite to start over.")
+        shutil.rmtree(work)
+    state = checkpoint.load_state(ckpt, config_sha) if ckpt else None
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    tokenizer = models.load_tokenizer(cfg.model)
+    policy = models.load_model(str(ckpt) if ckpt else cfg.model, t.dtype)
+    policy.train()
+    device = next(policy.parameters()).device
+    ref = None
+    if plan.needs.reference:
+        ref = models.load_model(cfg.ref_model or cfg.model, t.dtype).eval().requires_grad_(False)
+    source, max_completion_len = _source(plan, tokenizer, policy)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.warmup_steps))
+    start = 0
+    work.mkdir(parents=True, exist_ok=True)
+    metrics_path = work / "metrics.jsonl"
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.restore_rng(state)
+        start = state["step"]
+        checkpoint.trim_metrics(metrics_path, start)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    progress = _Progress(t.max_steps, start, quiet)
+    try:
+        with open(metrics_path, "a") as log:
+            for step in range(start, t.max_steps):
+                metrics = _step(plan, step, source, policy, ref, optimizer, scheduler, tokenizer, max_completion_len, device)
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                progress.update(metrics)
+                if not math.isfinite(metrics["loss"]):
+                    raise UserError(f"Loss became {metrics['loss']} at step {step + 1}; lower train.lr or check the data. Resume point: '{work}'.")
+                if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.max_steps:
+                    checkpoint.save(work, step + 1, policy, tokenizer, optimizer, scheduler, config_sha)
+    finally:
+        progress.close()
+    return _finish(plan, work, policy, tokenizer, run_config, overwrite)
+
+
+def _step(plan: Plan, step, source, policy, ref, optimizer, scheduler, tokenizer, max_completion_len, device) -> dict:
+    t, algo = plan.cfg.train, plan.algorithm
+    t0 = time.perf_counter()
+    seqs, metrics = source.batch(step)
+    t_batch = time.perf_counter() - t0
+    batch = collate([truncate(s, t.max_length) for s in seqs], tokenizer.pad_token_id, max_completion_len)
+    batch = _to(algo.prepare(batch), device)
+    if ref is not None:
+        batch.fields["ref_logps"] = frozen_logps(ref, batch, t.micro_batch_size)
+    if plan.needs.old_logps and t.updates_per_batch > 1:
+        batch.fields["old_logps"] = frozen_logps(policy, batch, t.micro_batch_size)
+    sums: dict[str, float] = {}
+    for _ in range(t.updates_per_batch):
+        optimizer.zero_grad(set_to_none=True)
+        for mb in micro_batches(batch, t.micro_batch_size):
+            out = forward(policy, mb, with_entropy=True)
+            if plan.needs.old_logps and "old_logps" not in mb.fields:
+                mb.fields["old_logps"] = out.logps.detach()  # one update per batch: on-policy, ratio 1
+            result = algo.loss(mb, out)
+            result.loss.backward()
+            share = len(mb) / len(batch)
+            sums["loss"] = sums.get("loss", 0.0) + float(result.loss.detach())
+            sums["entropy"] = sums.get("entropy", 0.0) + float(ops.masked_mean(out.entropy, mb.completion_mask)) * share
+            for k, v in result.metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        scheduler.step()
+    elapsed = time.perf_counter() - t0
+    tokens = int(batch.attention_mask.sum())
+    return {
+        "step": step + 1,
+        **{k: v / t.updates_per_batch for k, v in sums.items()},
+        **metrics,
+        "grad_norm": float(grad_norm),
+        "lr": scheduler.get_last_lr()[0],
+        "tokens": tokens,
+        "time/step_s": round(elapsed, 4),
+        "time/batch_s": round(t_batch, 4),
+        "tokens_per_s": round(tokens / max(elapsed - t_batch, 1e-9), 1),
+    }
+
+
+def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, overwrite: bool) -> Path:
+    prov = artifacts.Provenance(
+        config=run_config,
+        inputs=plan.extra.get("inputs", []),
+        plugins=_plugins(plan),
+        model=models.identity(plan.cfg.model),
+        seed=plan.cfg.seed,
+    )
+    with artifacts.writing(plan.out, "checkpoint", prov, overwrite=True) as w:
+        policy.save_pretrained(w.path)
+        tokenizer.save_pretrained(w.path)
+        shutil.copy(work / "metrics.jsonl", w.path / "metrics.jsonl")
+        w.counts["metrics.jsonl"] = sum(1 for _ in open(w.path / "metrics.jsonl"))
+    shutil.rmtree(work, ignore_errors=True)
+    return plan.out
+
+
+def _plugins(plan: Plan) -> list[dict]:
+    from tokalign import registry
+    from tokalign.stages.score import plugin_refs
+
+    algo = registry.info("algorithm", plan.algo_name)
+    return [{"kind": "algorithm", "name": plan.algo_name, "distribution": algo.distribution, "version": algo.version}] + plugin_refs(plan.rewards)

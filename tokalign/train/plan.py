@@ -1,0 +1,183 @@
+"""Resolve and validate a whole training run before any model loads (also what --dry-run prints)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokalign import artifacts, config, models, registry
+from tokalign.errors import UserError
+from tokalign.rollout import check_backend
+
+# Training-data kinds, in the order an algorithm lists what it accepts.
+KIND_OF_ARTIFACT = {"prompts": ("online", "completions"), "pairs": ("pairs",), "scored": ("scored",)}
+
+
+@dataclass
+class Plan:
+    algo_name: str
+    algorithm: Any
+    algo_config: Any
+    cfg: config.RunConfig
+    data_kind: str  # online | scored | pairs | completions
+    data: dict[str, Any]  # how the data was found: artifact / task / file / hub
+    rows: list[dict]  # raw rows (artifact rows, or normalised records; tokenised at run time)
+    rewards: list = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    out: Path | None = None
+
+    @property
+    def needs(self):
+        return self.algorithm.needs
+
+    def run_config_dict(self) -> dict:
+        d = config.to_dict(self.cfg)
+        d["algorithm"] = dataclasses.asdict(self.algo_config)
+        d["algorithm_name"] = self.algo_name
+        return d
+
+    def arithmetic(self) -> dict[str, Any]:
+        t, r = self.cfg.train, self.cfg.rollout
+        per_item = {"online": r.n, "scored": self.group_size(), "pairs": 2, "completions": 1}[self.data_kind]
+        seqs = t.batch_size * per_item
+        micro = t.micro_batch_size or seqs
+        unit = {"online": "prompts", "scored": "groups", "pairs": "pairs", "completions": "examples"}[self.data_kind]
+        items = len({r_["group_id"] for r_ in self.rows}) if self.data_kind == "scored" else len(self.rows)
+        out = {
+            f"{unit} per step": t.batch_size,
+            "sequences per step": seqs,
+            "micro-batches per update": math.ceil(seqs / micro),
+            "optimiser updates per step": t.updates_per_batch,
+            "steps": t.max_steps,
+            "optimiser updates in total": t.max_steps * t.updates_per_batch,
+            f"{unit} in the data": items,
+            "passes over the data": round(t.max_steps * t.batch_size / max(items, 1), 3),
+        }
+        if self.data_kind == "online":
+            out["samples per prompt"] = r.n
+            out["generated tokens per step (max)"] = seqs * r.max_new_tokens
+        return out
+
+    def group_size(self) -> int:
+        if self.data_kind != "scored" or not self.rows:
+            return 1
+        counts: dict[Any, int] = {}
+        for row in self.rows:
+            counts[row["group_id"]] = counts.get(row["group_id"], 0) + 1
+        return max(counts.values())
+
+    def describe(self) -> str:
+        import yaml
+
+        lines = [f"# tokalign train {self.algo_name}: dry run (no model loaded)", f"data: {json.dumps(self.data)} -> {self.data_kind}"]
+        if self.rewards:
+            lines.append("rewards: " + ", ".join(f"{r.name}*{r.weight:g} ({r.plugin.distribution} {r.plugin.version})" for r in self.rewards))
+        lines.append(f"reference model: {'yes' if self.needs.reference else 'no'}")
+        lines.append("batch arithmetic:")
+        lines += [f"  {k}: {v}" for k, v in self.arithmetic().items()]
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append("resolved config:")
+        lines.append(yaml.safe_dump(self.run_config_dict(), sort_keys=False).rstrip())
+        return "\n".join(lines)
+
+
+def _algorithm(name: str, overrides: dict) -> tuple[Any, Any]:
+    cls = registry.load("algorithm", name)
+    problem = registry.check_obj("algorithm", cls)
+    if problem:
+        raise UserError(f"algorithm '{name}' does not satisfy the protocol: {problem}.")
+    cfg = config.build(cls.Config, overrides, prefix="algorithm.")
+    try:
+        return cls(cfg), cfg
+    except ValueError as e:  # a Config/__init__ rejecting a value names it
+        raise UserError(f"algorithm '{name}': {e}") from e
+
+
+def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tuple[str, dict, list[dict], dict]:
+    """(kind, description, rows, extra). Artifacts are read (validated); other sources normalised."""
+    from tokalign.data import formats, loaders
+
+    if not source:
+        raise UserError("No training data: pass --data (a task such as arith, a file, a hub id, or an artifact).")
+    if artifacts.is_artifact(source):
+        art = artifacts.read(source, ["prompts", "pairs", "scored", "rollouts"])
+        if art.kind == "rollouts":
+            raise UserError(f"'{source}' holds unscored rollouts; score them first: tokalign score {source} --reward <name>.")
+        rows = art.rows()
+        kinds = KIND_OF_ARTIFACT[art.kind]
+        if art.kind == "prompts" and not any(r.get("completion") for r in rows):
+            kinds = ("online",)
+        desc = {"artifact": str(Path(source)), "kind": art.kind}
+        extra = {"inputs": [art.ref()], "default_reward": art.manifest.get("default_reward"),
+                 "max_new_tokens": _sampler_max_new_tokens(art)}
+    else:
+        records, info = loaders.load_records(source, "train")
+        fmt, rows = formats.normalise(records, source)
+        kinds = ("pairs",) if fmt == "preference" else (("online", "completions") if any(r.get("completion") for r in rows) else ("online",))
+        desc = {k: v for k, v in info.items() if k != "default_reward"}
+        inputs = [{"path": info["path"], "kind": "file", "sha256": artifacts.sha256_file(Path(info["path"]))}] if "path" in info else [desc]
+        extra = {"inputs": inputs, "default_reward": info.get("default_reward"), "normalised": True}
+    for kind in accepts:
+        if kind in kinds:
+            return kind, desc, rows, extra
+    raise UserError(
+        f"'{algo_name}' trains on {' or '.join(accepts)} data, but '{source}' provides {' or '.join(kinds)}."
+        + (" Run `tokalign rollout` and `tokalign score` first, or pass prompts for online training." if "scored" in accepts else "")
+    )
+
+
+def _sampler_max_new_tokens(art) -> int | None:
+    """The max_new_tokens the rollouts behind a scored artifact were sampled with."""
+    for inp in art.manifest.get("inputs", []):
+        p = Path(inp.get("path", "")) / artifacts.MANIFEST
+        if inp.get("kind") == "rollouts" and p.is_file():
+            return json.loads(p.read_text()).get("config", {}).get("max_new_tokens")
+    return None
+
+
+def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bool = False, resume: bool = False) -> Plan:
+    """Validate everything cheap: algorithm + its config, data + its kind, rewards, models, output."""
+    from tokalign import rewards as rewards_mod
+
+    merged: dict = {}
+    for layer in layers:
+        merged = config.deep_merge(merged, layer or {})
+    algo_overrides = merged.pop("algorithm", {}) or {}
+    run_cfg = config.build(config.RunConfig, merged)
+    algorithm, algo_cfg = _algorithm(algo_name, algo_overrides)
+    run_cfg.algorithm = dataclasses.asdict(algo_cfg)
+    models.resolve_model(run_cfg.model)
+    if run_cfg.ref_model:
+        models.resolve_model(run_cfg.ref_model)
+    check_backend(run_cfg.rollout.backend)
+    t = run_cfg.train
+    for key in ("max_steps", "batch_size"):
+        if getattr(t, key) < 1:
+            raise UserError(f"train.{key} must be ≥ 1, got {getattr(t, key)}.")
+    kind, desc, rows, extra = _resolve_data(run_cfg.data, algorithm.needs.data, algo_name)
+    if not rows:
+        raise UserError(f"Training data '{run_cfg.data}' has no rows.")
+    plan = Plan(algo_name, algorithm, algo_cfg, run_cfg, kind, desc, rows)
+    plan.extra = extra  # type: ignore[attr-defined]
+    if kind == "online":
+        if run_cfg.rollout.backend != "hf":
+            raise UserError("Online training samples with the hf backend for now; vLLM in the training loop is tracked separately. Use --backend hf, or rollout with vllm and train offline.")
+        specs = run_cfg.reward or ([extra["default_reward"]] if extra.get("default_reward") else [])
+        if not specs:
+            raise UserError("Online training needs a reward: pass --reward <name> (see `tokalign plugins`).")
+        plan.rewards = rewards_mod.resolve(specs)
+        if algorithm.needs.groups and run_cfg.rollout.n < 2:
+            plan.warnings.append(f"rollout.n={run_cfg.rollout.n}: group-normalised advantages are all zero with one sample per prompt.")
+    elif run_cfg.reward:
+        plan.warnings.append(f"--reward is ignored for {kind} data (it is used to score online rollouts).")
+    if hasattr(algorithm, "warnings"):
+        plan.warnings += list(algorithm.warnings(run_cfg))
+    if out is not None:
+        plan.out = Path(out)
+        if not resume:
+            artifacts.check_output(out, overwrite)
+    return plan

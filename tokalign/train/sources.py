@@ -1,0 +1,132 @@
+"""Where each step's training batch comes from. Offline sources index their rows by
+(seed, step) alone, so a resumed run sees exactly the batches an uninterrupted one would."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokalign.train.batching import Seq
+
+
+def indices_for_step(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Items of batch ``step``: walk epoch permutations (seeded by seed+epoch) in order."""
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n_items)
+        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        take = min(batch_size - len(out), n_items - offset)
+        out.extend(perm[offset : offset + take])
+        pos += take
+    return out
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def reward_metrics(rows: list[dict]) -> dict[str, float]:
+    rewards = [float(r["reward"]) for r in rows]
+    out = {"reward/mean": _mean(rewards)}
+    if len(rewards) > 1:
+        out["reward/std"] = float(torch.tensor(rewards).std())
+    for name in rows[0].get("rewards") or {}:
+        out[f"reward/{name}"] = _mean([float(r["rewards"][name]) for r in rows])
+    out["completion/len_mean"] = _mean([len(r["completion_ids"]) for r in rows])
+    out["completion/truncated"] = _mean([r["finish_reason"] == "length" for r in rows])
+    return out
+
+
+def scored_seqs(rows: list[dict]) -> list[Seq]:
+    return [
+        Seq(
+            list(r["prompt_ids"]), list(r["completion_ids"]), int(r["group_id"]),
+            row={"rewards": float(r["reward"])},
+            token={"sampler_logps": r.get("sampler_logps"), "token_rewards": r.get("token_rewards")},
+        )
+        for r in rows
+    ]
+
+
+@dataclass
+class ScoredSource:
+    """Offline RL from a ``scored`` artifact: ``batch_size`` whole groups per step."""
+
+    rows: list[dict]
+    batch_size: int
+    seed: int
+    max_completion_len: int | None = None
+
+    def __post_init__(self):
+        self.groups: dict[Any, list[dict]] = {}
+        for r in self.rows:
+            self.groups.setdefault(r["group_id"], []).append(r)
+        self.keys = sorted(self.groups)
+
+    def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
+        picked = [self.keys[i] for i in indices_for_step(len(self.keys), self.batch_size, step, self.seed)]
+        rows = []
+        for new_gid, key in enumerate(picked):  # the same group may appear twice across an epoch edge
+            rows.extend({**r, "group_id": new_gid} for r in self.groups[key])
+        return scored_seqs(rows), reward_metrics(rows)
+
+
+@dataclass
+class PairSource:
+    """Preference pairs: each pair is a group of two rows, chosen (is_chosen=1) then rejected."""
+
+    rows: list[dict]
+    tokenizer: Any
+    batch_size: int
+    seed: int
+
+    def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
+        from tokalign.data.render import completion_ids
+
+        seqs = []
+        for gid, i in enumerate(indices_for_step(len(self.rows), self.batch_size, step, self.seed)):
+            r = self.rows[i]
+            seqs.append(Seq(list(r["prompt_ids"]), completion_ids(self.tokenizer, r["chosen"]), gid, row={"is_chosen": 1.0}))
+            seqs.append(Seq(list(r["prompt_ids"]), completion_ids(self.tokenizer, r["rejected"]), gid, row={"is_chosen": 0.0}))
+        return seqs, {}
+
+
+@dataclass
+class CompletionSource:
+    """Supervised rows (prompt + completion), one group each."""
+
+    rows: list[dict]
+    tokenizer: Any
+    batch_size: int
+    seed: int
+
+    def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
+        from tokalign.data.render import completion_ids
+
+        idx = indices_for_step(len(self.rows), self.batch_size, step, self.seed)
+        return [Seq(list(self.rows[i]["prompt_ids"]), completion_ids(self.tokenizer, self.rows[i]["completion"]), g)
+                for g, i in enumerate(idx)], {}
+
+
+@dataclass
+class OnlineSource:
+    """Online RL: each step samples ``spec.n`` completions for ``batch_size`` prompts from the
+    live policy and scores them with the same code as the ``rollout`` and ``score`` stages."""
+
+    rows: list[dict]
+    engine: Any
+    rewards: list
+    spec: Any
+    batch_size: int
+    seed: int
+
+    def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
+        from tokalign.stages.common import rollout_rows, scored_rows
+
+        prompts = [self.rows[i] for i in indices_for_step(len(self.rows), self.batch_size, step, self.seed)]
+        completions = self.engine.generate([p["prompt_ids"] for p in prompts], self.spec)
+        rows = scored_rows(rollout_rows(prompts, completions), self.rewards)
+        return scored_seqs(rows), reward_metrics(rows)
