@@ -71,13 +71,26 @@ def parse_set(items: list[str]) -> dict:
         key, eq, raw = item.partition("=")
         if not eq or not key.strip():
             raise UserError(f"--set expects key=value (e.g. --set train.lr=1e-5), got '{item}'.")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _scalar(raw)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return out
+
+
+def _scalar(raw: str) -> Any:
+    """A --set value as YAML, except that 1e-5 is a number (YAML 1.1 would keep it a string)."""
+    if not raw.strip():
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_yaml(path: str | Path, what: str = "config") -> dict:
@@ -159,7 +172,10 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
             kwargs[key] = build(tp, value, f"{full}.")
         else:
             kwargs[key] = _coerce(value, tp, full)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a Config's own validation (__post_init__) names the bad value
+        raise UserError(f"Config section '{prefix.rstrip('.') or '(root)'}': {e}.") from e
 
 
 def to_dict(obj: Any) -> dict:

@@ -89,6 +89,10 @@ def _load_hub(repo_id: str, split: str) -> list[dict]:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise UserError("Loading hub datasets needs the 'datasets' package: pip install datasets.") from e
+    import logging
+
+    for name in ("huggingface_hub", "datasets", "fsspec"):  # their retry chatter is not our one line
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         ds = datasets.load_dataset(repo_id, split=split)
     except Exception as e:

