@@ -36,3 +36,14 @@ def err_console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+def sampling_spec(model: str, n: int, temperature: float | None, top_p: float | None, max_new_tokens: int | None, seed: int):
+    """Sampling settings: flags, else the model's recommended ``tokalign.yaml`` rollout section, else defaults."""
+    from tokalign import config, models
+    from tokalign.rollout import SamplingSpec
+
+    base = config.model_defaults(models.resolve_model(model)[1]).get("rollout", {})
+    flags = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+    section = config.build(config.RolloutSection, {**{k: v for k, v in base.items() if k in flags}, **{k: v for k, v in flags.items() if v is not None}}, "rollout.")
+    return SamplingSpec(n=n, temperature=section.temperature, top_p=section.top_p, max_new_tokens=section.max_new_tokens, seed=seed)

@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from tokalign.cli.common import OUT_HELP, OVERWRITE, default_out, emit, input_path
+from tokalign.cli.common import OUT_HELP, OVERWRITE, default_out, emit, sampling_spec, input_path
 
 
 def rollout(
@@ -13,16 +13,15 @@ def rollout(
     model: str = typer.Option("", "--model", "-m", help="Model dir, tokalign checkpoint or hub id (default: the bundled tiny model)."),
     n: int = typer.Option(4, "--n", min=1, help="Samples per prompt."),
     backend: str = typer.Option("hf", "--backend", help="hf (transformers generate) or vllm."),
-    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature (0 = greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default 1.0)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Default: the model's tokalign.yaml, else 256."),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = OVERWRITE,
 ):
     """Sample completions with per-token sampler log-probs into a `rollouts` artifact."""
-    from tokalign.rollout import SamplingSpec
     from tokalign.stages.rollout import rollout as run
 
     src = input_path(prompts, "prompts artifact")
-    spec = SamplingSpec(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    spec = sampling_spec(model, n, temperature, top_p, max_new_tokens, seed)
     emit(run(src, default_out("rollouts", out), model=model, backend=backend, spec=spec, overwrite=overwrite))

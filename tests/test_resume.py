@@ -1,0 +1,59 @@
+"""Kill `train` mid-run with SIGKILL, rerun with --resume: it continues from the last checkpoint and,
+on CPU with a fixed seed, ends with exactly the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import CLI_ENV, cli
+
+pytestmark = pytest.mark.slow
+ARGS = ["train", "grpo", "--data", "arith", "--max-steps", "8", "--batch-size", "4", "--n", "4", "--lr", "1e-3",
+        "--set", "rollout.max_new_tokens=6", "--set", "train.save_every=2", "--quiet"]
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    cli(*ARGS, "--out", "full", cwd=tmp_path)
+
+    proc = subprocess.Popen([sys.executable, "-m", "tokalign", *ARGS, "--out", "cut"], cwd=tmp_path, env=CLI_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "cut.partial" / "checkpoint-4").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut").exists()  # no half artifact, only the resume point
+
+    again = cli(*ARGS, "--out", "cut", cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    changed = cli(*ARGS, "--lr", "2e-3", "--out", "cut", "--resume", cwd=tmp_path, check=False)
+    assert changed.returncode == 2 and "configuration differs" in changed.stderr
+    cli(*ARGS, "--out", "cut", "--resume", cwd=tmp_path)
+
+    full, cut = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert full.keys() == cut.keys()
+    for name in full:
+        assert (full[name] == cut[name]).all(), name
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")  # same losses and rewards, step by step
+    assert not (tmp_path / "cut.partial").exists()
+
+
+def metrics(run) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"} for r in rows]
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    (tmp_path / "c.partial").mkdir()
+    proc = cli(*ARGS, "--out", "c", "--resume", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Nothing to resume" in proc.stderr

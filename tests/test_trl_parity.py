@@ -1,0 +1,479 @@
+"""Parity of tokalign's DPO and GRPO-family losses with TRL 1.16's trainers: equal losses AND equal gradients
+(atol 1e-6), on random per-token log-probs and on a real tiny model. TRL is a test-only dependency.
+
+What is driven in TRL (line numbers in the installed trl 1.16.0):
+
+* DPO — ``DPOTrainer._compute_loss`` (trl/trainer/dpo_trainer.py:1285; ``loss_type="sigmoid"`` at :1387-1388,
+  per-pair mean at :1527). TRL has no standalone DPO loss function in 1.16, so a real ``DPOTrainer`` is built on the
+  seeded tiny model and its loss method is called (a) with a stand-in model that returns given random per-token
+  log-probs (gradients w.r.t. those log-probs are compared), and (b) with the real policy and a distinct reference
+  model (gradients w.r.t. the parameters are compared).
+* Label smoothing — TRL 1.16's ``"sigmoid"`` loss ignores ``label_smoothing`` (it is ``-logsigmoid(β·Δ)``), so there
+  is no TRL counterpart of the conservative (label-smoothed) sigmoid loss under that name. TRL's ``"aot"`` loss
+  (dpo_trainer.py:1447-1456) is ``−(1−s)·logσ(βδ) − s·logσ(−βδ)`` with δ built from the batch's *sorted* log-ratios;
+  for a single pair sorting is the identity and δ = h, so ``"aot"`` with one pair per batch is exactly the
+  label-smoothed DPO loss. That is the (only) parity test of label smoothing here.
+* GRPO / DAPO / Dr.GRPO / BNPO — ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py:3020, per-token logps by
+  ``_get_per_token_logps_and_entropies`` at :1419, k3 KL at :3100, clipped surrogate at :3112-3119, aggregation at
+  :3153-3184) on hand-built ``inputs`` dicts, and ``GRPOTrainer._generate_and_score_completions`` (:2324; group
+  advantages at :2761-2787) for the advantages. TRL ``loss_type`` ↔ tokalign aggregation:
+  "dapo" ↔ token-mean (TRL divides by ``num_items_in_batch``, the tokens of the whole generation batch),
+  "bnpo" ↔ token-mean (TRL divides by the tokens of the *local* micro-batch, so it equals token-mean only when the
+  optimiser batch is one micro-batch), "grpo" ↔ seq-mean-token-mean, "dr_grpo" ↔ seq-mean-token-sum-norm with
+  max_len = ``max_completion_length``.
+
+Settings that must be pinned for parity (TRL 1.16 defaults that differ from tokalign):
+
+* ``bf16=False``: TRL configs default to ``bf16=True``, which on CPU runs the fused LM head under bf16 autocast
+  (log-probs then differ by ~1e-3).
+* ``use_bias_correction_kl=False``: TRL 1.16 defaults to multiplying the k3 KL term by the importance ratio ρ
+  (DeepSeek-V3.2). The value is unchanged on-policy, but the KL gradient changes even at ρ = 1. tokalign implements
+  the plain k3 penalty of GRPO/verl and has no such switch.
+* Advantages: TRL normalises by ``std + 1e-4`` (tokalign default 1e-6), so ``adv_eps=1e-4`` when advantages are
+  compared; TRL's k3 is not clamped (tokalign clamps to [−10, 10]), irrelevant at these magnitudes.
+* ``current_gradient_accumulation_steps`` is set by ``transformers.Trainer``'s training loop (trainer.py:1877)
+  before ``compute_loss``; the tests set it the same way since they call the loss outside ``train()``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+trl = pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from trl import DPOConfig as TRLDPOConfig  # noqa: E402
+from trl import DPOTrainer, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig as TRLGRPOConfig  # noqa: E402
+from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402
+
+from tokalign.algorithms.dpo import DPO, DPOConfig  # noqa: E402
+from tokalign.algorithms.grpo import GRPO, GRPOConfig  # noqa: E402
+from tokalign.protocols import PolicyOutput  # noqa: E402
+from tokalign.train.batching import Seq, collate, micro_batches  # noqa: E402
+from tokalign.train.loop import forward  # noqa: E402
+
+ATOL = 1e-6
+AGGREGATION = {"dapo": "token-mean", "bnpo": "token-mean", "grpo": "seq-mean-token-mean",
+               "dr_grpo": "seq-mean-token-sum-norm"}
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+class LogpStub(torch.nn.Module):
+    """Stands in for a causal LM patched by TRL's ``add_fused_lm_head``: called with ``labels`` and
+    ``fused_lm_head=True`` it returns the given per-token log-probs ``[B, L-1]``, zero where the next-token label is
+    -100 (as ``FusedCausalLMOutput`` documents for the real head). Only the log-probs carry gradient."""
+
+    def __init__(self, logps: torch.Tensor):
+        super().__init__()
+        self.logps = logps
+
+    def forward(self, input_ids, attention_mask=None, labels=None, fused_lm_head=False, **kwargs):
+        assert fused_lm_head and labels is not None and labels.shape == input_ids.shape
+        valid = labels[:, 1:] != -100
+        log_probs = self.logps * valid
+        zeros = torch.zeros_like(log_probs.detach())
+        return FusedCausalLMOutput(loss=None, log_probs=log_probs, entropy=zeros, mean_logits=zeros,
+                                   is_top1=torch.zeros_like(valid), label_mask=valid)
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach() - b.detach()).abs().max())
+
+
+def _param_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(g_trl: dict, g_tk: dict) -> float:
+    assert g_trl.keys() == g_tk.keys() and len(g_trl) > 0
+    worst = max(_max_abs(g_trl[k], g_tk[k]) for k in g_trl)
+    for k in g_trl:
+        assert_close(g_tk[k], g_trl[k], atol=ATOL, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    assert max(float(g.abs().max()) for g in g_trl.values()) > 1e-3  # the gradients are not trivially zero
+    return worst
+
+
+def _perturbed(model, seed: int, scale: float = 0.02):
+    """The same architecture with seeded noise on every weight: a policy distinct from its reference."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# DPO
+
+
+def _dpo_trainer(model_dir, out_dir, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, ref_model=None,
+                 policy=None) -> DPOTrainer:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    policy = policy if policy is not None else AutoModelForCausalLM.from_pretrained(model_dir)
+    ds = Dataset.from_dict({"prompt": ["hello world", "2+3="], "chosen": [" yes", "5"], "rejected": [" no", "6"]})
+    args = TRLDPOConfig(output_dir=str(out_dir), use_cpu=True, report_to="none", bf16=False, disable_tqdm=True,
+                        per_device_train_batch_size=2, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                        precompute_ref_log_probs=ref_model is None)
+    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.model.train()
+    return trainer
+
+
+def _dpo_case(n_pairs: int, vocab: int, seed: int):
+    """Random pairs with equal-length prompts and different completion lengths."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n_pairs):
+        prompt = torch.randint(10, vocab, (3,), generator=g).tolist()
+        n_c, n_r = torch.randint(1, 6, (2,), generator=g).tolist()
+        pairs.append((prompt, torch.randint(10, vocab, (n_c,), generator=g).tolist(),
+                      torch.randint(10, vocab, (n_r,), generator=g).tolist()))
+    return pairs
+
+
+def _dpo_batches(pairs, pad_id):
+    """TRL's layout [chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}] (rows ``trl_rows``) and tokalign's rows
+    alternating chosen/rejected per pair; ``order[k]`` is the TRL row of tokalign row k."""
+    p = len(pairs)
+    trl_rows = [Seq(pr, c, i) for i, (pr, c, _) in enumerate(pairs)] + [Seq(pr, r, i) for i, (pr, _, r) in enumerate(pairs)]
+    trl_batch = collate(trl_rows, pad_id)
+    order = [k for i in range(p) for k in (i, p + i)]
+    tk_rows = []
+    for i, (pr, c, r) in enumerate(pairs):
+        tk_rows += [Seq(pr, c, i, row={"is_chosen": 1.0}), Seq(pr, r, i, row={"is_chosen": 0.0})]
+    tk_batch = collate(tk_rows, pad_id)
+    assert torch.equal(tk_batch.input_ids, trl_batch.input_ids[order])
+    completion_mask = torch.zeros_like(trl_batch.input_ids)
+    completion_mask[:, 1:] = trl_batch.completion_mask.long()  # TRL marks completion *tokens*, unshifted
+    inputs = {"input_ids": trl_batch.input_ids, "attention_mask": trl_batch.attention_mask,
+              "completion_mask": completion_mask}
+    return inputs, tk_batch, order
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_sigmoid_parity_random_logps(tiny_model, tmp_path, beta):
+    """Random per-token policy and reference log-probs with masks (4 pairs, completion lengths 1–5): tokalign's
+    DPO(β).loss equals DPOTrainer._compute_loss (loss_type="sigmoid"), and so do the gradients w.r.t. every
+    per-token policy log-prob."""
+    trainer = _dpo_trainer(tiny_model, tmp_path, beta=beta)
+    pairs = _dpo_case(4, len(trainer.processing_class), seed=10)
+    inputs, tk_batch, order = _dpo_batches(pairs, trainer.processing_class.pad_token_id)
+    g = torch.Generator().manual_seed(11)
+    shape = tk_batch.completion_mask.shape
+    logps = -torch.rand(shape, generator=g) * 4
+    ref = -torch.rand(shape, generator=g) * 4
+    mask = inputs["completion_mask"][:, 1:].float()
+    ref_seq = (ref * mask).sum(-1)
+    inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_seq.chunk(2)
+
+    trl_logps = logps.clone().requires_grad_(True)
+    trl_loss = trainer._compute_loss(LogpStub(trl_logps), inputs, return_outputs=False)
+    trl_loss.backward()
+
+    tk_batch.fields["ref_logps"] = ref[order]
+    tk_batch.totals["groups"] = float(len(pairs))
+    tk_logps = logps[order].clone().requires_grad_(True)
+    tk_loss = DPO(DPOConfig(beta=beta)).loss(tk_batch, PolicyOutput(tk_logps)).loss
+    tk_loss.backward()
+
+    print(f"\nDPO β={beta} random logps: |Δloss| = {_max_abs(tk_loss, trl_loss):.2e}, "
+          f"max|Δgrad| = {_max_abs(tk_logps.grad, trl_logps.grad[order]):.2e}")
+    assert_close(tk_loss, trl_loss, atol=ATOL, rtol=0)
+    assert_close(tk_logps.grad, trl_logps.grad[order], atol=ATOL, rtol=0)
+    assert float(trl_logps.grad.abs().max()) > 1e-3
+
+
+def test_dpo_sigmoid_parity_tiny_model(tiny_model, tmp_path):
+    """Real forward passes: policy = tiny model + seeded weight noise, reference = the tiny model. TRL computes the
+    log-probs with its fused LM head, tokalign with ``train.loop.forward``; losses and all parameter gradients match."""
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model).eval().requires_grad_(False)
+    policy = _perturbed(AutoModelForCausalLM.from_pretrained(tiny_model), seed=1)
+    trainer = _dpo_trainer(tiny_model, tmp_path, beta=0.5, ref_model=ref, policy=policy)
+    pairs = _dpo_case(3, len(trainer.processing_class), seed=12)
+    inputs, tk_batch, order = _dpo_batches(pairs, trainer.processing_class.pad_token_id)
+    model = trainer.model
+
+    model.zero_grad()
+    trl_loss = trainer._compute_loss(model, inputs, return_outputs=False)
+    trl_loss.backward()
+    g_trl = _param_grads(model)
+
+    model.zero_grad()
+    with torch.no_grad():
+        tk_batch.fields["ref_logps"] = forward(ref, tk_batch).logps
+    tk_loss = DPO(DPOConfig(beta=0.5)).loss(tk_batch, forward(model, tk_batch)).loss
+    tk_loss.backward()
+    g_tk = _param_grads(model)
+
+    assert abs(float(trl_loss) - math.log(2)) > 1e-3  # π ≠ π_ref: not the trivial ln 2 point
+    assert_close(tk_loss, trl_loss, atol=ATOL, rtol=0)
+    worst = _assert_same_grads(g_trl, g_tk)
+    print(f"\nDPO tiny model: |Δloss| = {_max_abs(tk_loss, trl_loss):.2e}, max|Δgrad| = {worst:.2e}")
+
+
+@pytest.mark.parametrize("seed", [20, 21, 22])
+def test_dpo_label_smoothing_parity_single_pair(tiny_model, tmp_path, seed):
+    """Label smoothing s = 0.2, β = 0.3, one pair (see the module docstring: TRL's "aot" loss on one pair is the
+    label-smoothed sigmoid loss −(1−s)·logσ(βh) − s·logσ(−βh))."""
+    trainer = _dpo_trainer(tiny_model, tmp_path, beta=0.3, loss_type="aot", label_smoothing=0.2)
+    pairs = _dpo_case(1, len(trainer.processing_class), seed=seed)
+    inputs, tk_batch, order = _dpo_batches(pairs, trainer.processing_class.pad_token_id)
+    g = torch.Generator().manual_seed(seed)
+    shape = tk_batch.completion_mask.shape
+    logps, ref = -torch.rand(shape, generator=g) * 4, -torch.rand(shape, generator=g) * 4
+    ref_seq = (ref * inputs["completion_mask"][:, 1:]).sum(-1)
+    inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_seq.chunk(2)
+
+    trl_logps = logps.clone().requires_grad_(True)
+    trl_loss = trainer._compute_loss(LogpStub(trl_logps), inputs, return_outputs=False)
+    trl_loss.backward()
+
+    tk_batch.fields["ref_logps"] = ref[order]
+    tk_logps = logps[order].clone().requires_grad_(True)
+    tk_loss = DPO(DPOConfig(beta=0.3, label_smoothing=0.2)).loss(tk_batch, PolicyOutput(tk_logps)).loss
+    tk_loss.backward()
+    assert_close(tk_loss, trl_loss, atol=ATOL, rtol=0)
+    assert_close(tk_logps.grad, trl_logps.grad[order], atol=ATOL, rtol=0)
+    # and it is not the unsmoothed loss
+    plain = DPO(DPOConfig(beta=0.3)).loss(tk_batch, PolicyOutput(logps[order])).loss
+    assert abs(float(plain) - float(trl_loss)) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------
+# GRPO family
+
+_TRAINERS: dict[tuple, GRPOTrainer] = {}
+
+
+def _reward_constant(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def _grpo_trainer(model_dir, out_dir, *, loss_type="dapo", beta=0.0, epsilon=0.2, epsilon_high=0.28,
+                  max_completion_length=5, batch_size=4, grad_accum=1, scale_rewards="group",
+                  reward=_reward_constant, cache=True) -> GRPOTrainer:
+    key = (str(model_dir), loss_type, beta, epsilon, epsilon_high, max_completion_length, batch_size, grad_accum,
+           scale_rewards, reward)
+    if cache and key in _TRAINERS:
+        trainer = _TRAINERS[key]
+        trainer.model.zero_grad(set_to_none=True)
+        return trainer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    args = TRLGRPOConfig(
+        output_dir=str(out_dir), use_cpu=True, report_to="none", bf16=False, disable_tqdm=True, seed=0,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, num_generations=2,
+        max_completion_length=max_completion_length, temperature=1.0, beta=beta, loss_type=loss_type,
+        epsilon=epsilon, epsilon_high=epsilon_high, scale_rewards=scale_rewards, use_bias_correction_kl=False,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["hello world"] * 8}), processing_class=tok)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = grad_accum  # as Trainer's training loop sets it
+    if cache:
+        _TRAINERS[key] = trainer
+    return trainer
+
+
+def _grpo_case(vocab: int, pad_id: int, seed: int, lengths=(5, 2, 4, 1), prompt_len=3, max_len=5):
+    """Equal-length prompts (TRL left-pads prompts; equal lengths keep position ids identical to tokalign's
+    right-padded layout) and right-padded completions of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    prompt_ids = torch.randint(10, vocab, (b, prompt_len), generator=g)
+    completion_ids = torch.randint(10, vocab, (b, max_len), generator=g)
+    cmask = (torch.arange(max_len) < torch.tensor(lengths)[:, None]).long()
+    completion_ids = torch.where(cmask.bool(), completion_ids, torch.full_like(completion_ids, pad_id))
+    advantages = torch.randn(b, generator=g)
+    return prompt_ids, completion_ids, cmask, advantages, g
+
+
+def _trl_inputs(prompt_ids, completion_ids, cmask, advantages, old, ref, num_items=None):
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
+              "completion_mask": cmask, "advantages": advantages, "old_per_token_logps": old * cmask,
+              "num_items_in_batch": torch.tensor(float(cmask.sum()) if num_items is None else float(num_items))}
+    if ref is not None:
+        inputs["ref_per_token_logps"] = ref * cmask
+    return inputs
+
+
+def _tk_batch(prompt_ids, completion_ids, cmask, advantages, old, ref, pad_id, max_completion_length):
+    seqs = []
+    for i in range(len(prompt_ids)):
+        n = int(cmask[i].sum())
+        token = {"old_logps": old[i, :n].tolist()}
+        if ref is not None:
+            token["ref_logps"] = ref[i, :n].tolist()
+        seqs.append(Seq(prompt_ids[i].tolist(), completion_ids[i, :n].tolist(), i // 2,
+                        row={"advantages": float(advantages[i])}, token=token))
+    return collate(seqs, pad_id, max_completion_length)
+
+
+GRPO_CASES = [(lt, beta) for lt in ("dapo", "grpo", "dr_grpo", "bnpo") for beta in (0.0, 0.04)]
+
+
+@pytest.mark.parametrize(("loss_type", "beta"), GRPO_CASES)
+@pytest.mark.parametrize(("eps_low", "eps_high"), [(0.2, 0.28), (0.1, 0.1)])
+def test_grpo_parity_random_logps(tiny_model, tmp_path, loss_type, beta, eps_low, eps_high):
+    """Random per-token log-probs (policy, behaviour ±0.4 noise so both clip sides are hit, reference ±0.3 noise),
+    random advantages, 4 completions of lengths 5, 2, 4, 1: tokalign GRPO with the matching aggregation equals
+    GRPOTrainer._compute_loss, loss and gradient w.r.t. every per-token policy log-prob."""
+    trainer = _grpo_trainer(tiny_model, tmp_path, loss_type=loss_type, beta=beta, epsilon=eps_low, epsilon_high=eps_high)
+    tok = trainer.processing_class
+    prompt_ids, completion_ids, cmask, adv, g = _grpo_case(len(tok), tok.pad_token_id, seed=30)
+    p, c = prompt_ids.shape[1], completion_ids.shape[1]
+    logps = -torch.rand(4, p + c - 1, generator=g) * 4  # [B, L-1]; completion token j at column p-1+j
+    comp = logps[:, p - 1:]
+    old = comp + 0.4 * torch.randn(comp.shape, generator=g)
+    ref = comp + 0.3 * torch.randn(comp.shape, generator=g) if beta > 0 else None
+
+    trl_logps = logps.clone().requires_grad_(True)
+    trl_loss = trainer._compute_loss(LogpStub(trl_logps), _trl_inputs(prompt_ids, completion_ids, cmask, adv, old, ref))
+    trl_loss.backward()
+
+    batch = _tk_batch(prompt_ids, completion_ids, cmask, adv, old, ref, tok.pad_token_id, trainer.max_completion_length)
+    algo = GRPO(GRPOConfig(epsilon_low=eps_low, epsilon_high=eps_high, beta=beta, aggregation=AGGREGATION[loss_type]))
+    tk_logps = logps.clone().requires_grad_(True)
+    res = algo.loss(batch, PolicyOutput(tk_logps))
+    res.loss.backward()
+
+    assert 0.0 < res.metrics["clip_fraction"] < 1.0
+    print(f"\nGRPO {loss_type} β={beta} ε=({eps_low},{eps_high}) random logps: |Δloss| = "
+          f"{_max_abs(res.loss, trl_loss):.2e}, max|Δgrad| = {_max_abs(tk_logps.grad, trl_logps.grad):.2e}")
+    assert_close(res.loss, trl_loss, atol=ATOL, rtol=0)
+    assert_close(tk_logps.grad, trl_logps.grad, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("loss_type", "beta"), GRPO_CASES)
+def test_grpo_parity_tiny_model(tiny_model, tmp_path, loss_type, beta):
+    """Real forward passes of the tiny model: TRL's fused-head log-probs vs tokalign's ``train.loop.forward``;
+    behaviour/reference log-probs = the model's own ± seeded noise; losses and all parameter gradients match."""
+    trainer = _grpo_trainer(tiny_model, tmp_path, loss_type=loss_type, beta=beta)
+    model, tok = trainer.model, trainer.processing_class
+    prompt_ids, completion_ids, cmask, adv, g = _grpo_case(len(tok), tok.pad_token_id, seed=31)
+    p = prompt_ids.shape[1]
+    plain = _tk_batch(prompt_ids, completion_ids, cmask, adv, torch.zeros(cmask.shape), None, tok.pad_token_id, 5)
+    with torch.no_grad():
+        comp = forward(model, plain).logps[:, p - 1:]
+    old = comp + 0.4 * torch.randn(comp.shape, generator=g)
+    ref = comp + 0.3 * torch.randn(comp.shape, generator=g) if beta > 0 else None
+
+    model.zero_grad()
+    trl_loss = trainer._compute_loss(model, _trl_inputs(prompt_ids, completion_ids, cmask, adv, old, ref))
+    trl_loss.backward()
+    g_trl = _param_grads(model)
+
+    model.zero_grad()
+    batch = _tk_batch(prompt_ids, completion_ids, cmask, adv, old, ref, tok.pad_token_id, trainer.max_completion_length)
+    algo = GRPO(GRPOConfig(epsilon_low=0.2, epsilon_high=0.28, beta=beta, aggregation=AGGREGATION[loss_type]))
+    tk_loss = algo.loss(batch, forward(model, batch)).loss
+    tk_loss.backward()
+    g_tk = _param_grads(model)
+
+    assert_close(tk_loss, trl_loss, atol=ATOL, rtol=0)
+    worst = _assert_same_grads(g_trl, g_tk)
+    print(f"\nGRPO {loss_type} β={beta} tiny model: |Δloss| = {_max_abs(tk_loss, trl_loss):.2e}, max|Δgrad| = {worst:.2e}")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_grpo_parity_gradient_accumulation(tiny_model, tmp_path, loss_type):
+    """Two micro-batches of 2 rows (one group each; 9 and 3 completion tokens): TRL with gradient_accumulation_steps=2
+    (``num_items_in_batch`` = tokens of the whole generation batch, as _generate_and_score_completions sets it) vs
+    tokalign's ``micro_batches`` with the batch totals. Summed losses and accumulated gradients match, and equal the
+    full-batch tokalign loss. ("bnpo" is left out: it normalises by each micro-batch's own token count.)"""
+    trainer = _grpo_trainer(tiny_model, tmp_path, loss_type=loss_type, beta=0.04, batch_size=2, grad_accum=2)
+    model, tok = trainer.model, trainer.processing_class
+    prompt_ids, completion_ids, cmask, adv, g = _grpo_case(len(tok), tok.pad_token_id, seed=32)
+    p = prompt_ids.shape[1]
+    plain = _tk_batch(prompt_ids, completion_ids, cmask, adv, torch.zeros(cmask.shape), None, tok.pad_token_id, 5)
+    with torch.no_grad():
+        comp = forward(model, plain).logps[:, p - 1:]
+    old = comp + 0.4 * torch.randn(comp.shape, generator=g)
+    ref = comp + 0.3 * torch.randn(comp.shape, generator=g)
+
+    model.zero_grad()
+    trl_total = 0.0
+    for rows in (slice(0, 2), slice(2, 4)):
+        # the micro-batch's completions, cut to its own longest completion as TRL's padding would
+        width = int(cmask[rows].sum(-1).max())
+        inputs = _trl_inputs(prompt_ids[rows], completion_ids[rows, :width], cmask[rows, :width], adv[rows],
+                             old[rows, :width], ref[rows, :width], num_items=cmask.sum())
+        loss = trainer._compute_loss(model, inputs)
+        loss.backward()
+        trl_total += float(loss)
+    g_trl = _param_grads(model)
+
+    model.zero_grad()
+    batch = _tk_batch(prompt_ids, completion_ids, cmask, adv, old, ref, tok.pad_token_id, trainer.max_completion_length)
+    algo = GRPO(GRPOConfig(epsilon_low=0.2, epsilon_high=0.28, beta=0.04, aggregation=AGGREGATION[loss_type]))
+    with torch.no_grad():
+        full = float(algo.loss(batch, forward(model, batch)).loss)
+    tk_total = 0.0
+    mbs = micro_batches(batch, 2)
+    assert [len(mb) for mb in mbs] == [2, 2]
+    for mb in mbs:
+        loss = algo.loss(mb, forward(model, mb)).loss
+        loss.backward()
+        tk_total += float(loss)
+    g_tk = _param_grads(model)
+
+    assert tk_total == pytest.approx(trl_total, abs=ATOL)
+    assert tk_total == pytest.approx(full, abs=ATOL)
+    worst = _assert_same_grads(g_trl, g_tk)
+    print(f"\nGRPO {loss_type} grad-accum 2: |Δloss| = {abs(tk_total - trl_total):.2e}, max|Δgrad| = {worst:.2e}")
+
+
+_REWARDS = [1.0, 0.0, 0.25, 0.75, 0.5, 0.5]
+
+
+def _reward_fixed(completions, **kwargs):
+    return _REWARDS[: len(completions)]
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_grpo_parity_advantages_and_loss_end_to_end(tiny_model, tmp_path, scale_rewards):
+    """TRL samples 3 groups × 2 completions from the tiny model and scores them (rewards (1, 0 | 0.25, 0.75 |
+    0.5, 0.5)) in GRPOTrainer._generate_and_score_completions. tokalign's GRPO.prepare (adv_eps = 1e-4, TRL's
+    constant) on the same rewards and group ids gives TRL's advantages; then the loss on TRL's own batch (on-policy:
+    TRL uses per_token_logps.detach() as the behaviour log-probs, tokalign's loop does the same) and its gradients
+    match, with scale_rewards="none" ↔ Dr.GRPO's centred advantages."""
+    trainer = _grpo_trainer(tiny_model, tmp_path, loss_type="grpo", beta=0.0, batch_size=6, max_completion_length=4,
+                            scale_rewards=scale_rewards, reward=_reward_fixed, cache=False)
+    model, tok = trainer.model, trainer.processing_class
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions([{"prompt": "hello world"}] * 6)
+    cmask, pmask = out["completion_mask"], out["prompt_mask"]
+    assert bool(pmask.all())  # one prompt: no left padding
+
+    seqs = [Seq(out["prompt_ids"][i].tolist(), out["completion_ids"][i, : int(cmask[i].sum())].tolist(), i // 2,
+                row={"rewards": _REWARDS[i]}) for i in range(6)]
+    batch = collate(seqs, tok.pad_token_id, trainer.max_completion_length)
+    algo = GRPO(GRPOConfig(scale_rewards=scale_rewards, adv_eps=1e-4, aggregation="seq-mean-token-mean"))
+    algo.prepare(batch)
+    print(f"\nGRPO advantages scale_rewards={scale_rewards}: max|ΔA| = {_max_abs(batch.fields['advantages'], out['advantages']):.2e}")
+    assert_close(batch.fields["advantages"], out["advantages"], atol=ATOL, rtol=0)
+    assert float(out["advantages"].abs().max()) > 0.1
+
+    model.zero_grad()
+    trl_loss = trainer._compute_loss(model, out)
+    trl_loss.backward()
+    g_trl = _param_grads(model)
+
+    model.zero_grad()
+    pol = forward(model, batch)
+    batch.fields["old_logps"] = pol.logps.detach()
+    tk_loss = algo.loss(batch, pol).loss
+    tk_loss.backward()
+    g_tk = _param_grads(model)
+    assert_close(tk_loss, trl_loss, atol=ATOL, rtol=0)
+    _assert_same_grads(g_trl, g_tk)
