@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import typer
 
@@ -8,10 +9,14 @@ import typer
 def plugins(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable list."),
     check: bool = typer.Option(False, "--check", help="Exit with code 1 if any plug-in is broken."),
+    names: Optional[str] = typer.Option(None, "--names", hidden=True, help="Print bare names of these comma-separated kinds (for shell completion; imports nothing)."),
 ):
     """List algorithms, rewards, verifiers and tasks from every installed distribution, and whether each loads."""
     from tokalign import registry
 
+    if names:
+        typer.echo(" ".join(sorted({n for kind in names.split(",") if kind in registry.GROUPS for n in registry.available(kind)})))
+        return
     rows = []
     for kind in registry.GROUPS:
         for name, info in sorted(registry.available(kind).items()):
