@@ -4,7 +4,7 @@
 What is driven in TRL (line numbers in the installed trl 1.16.0):
 
 * DPO — ``DPOTrainer._compute_loss`` (trl/trainer/dpo_trainer.py:1285; ``loss_type="sigmoid"`` at :1387-1388,
-  per-pair mean at :1527). TRL has no standalone DPO loss function in 1.16, so a real ``DPOTrainer`` is built on the
+  per-pair mean at :1528). TRL has no standalone DPO loss function in 1.16, so a real ``DPOTrainer`` is built on the
   seeded tiny model and its loss method is called (a) with a stand-in model that returns given random per-token
   log-probs (gradients w.r.t. those log-probs are compared), and (b) with the real policy and a distinct reference
   model (gradients w.r.t. the parameters are compared).
@@ -14,7 +14,7 @@ What is driven in TRL (line numbers in the installed trl 1.16.0):
   for a single pair sorting is the identity and δ = h, so ``"aot"`` with one pair per batch is exactly the
   label-smoothed DPO loss. That is the (only) parity test of label smoothing here.
 * GRPO / DAPO / Dr.GRPO / BNPO — ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py:3020, per-token logps by
-  ``_get_per_token_logps_and_entropies`` at :1419, k3 KL at :3100, clipped surrogate at :3112-3119, aggregation at
+  ``_get_per_token_logps_and_entropies`` at :1419, k3 KL at :3100, clipped surrogate at :3112-3120, aggregation at
   :3153-3184) on hand-built ``inputs`` dicts, and ``GRPOTrainer._generate_and_score_completions`` (:2324; group
   advantages at :2761-2787) for the advantages. TRL ``loss_type`` ↔ tokalign aggregation:
   "dapo" ↔ token-mean (TRL divides by ``num_items_in_batch``, the tokens of the whole generation batch),

@@ -29,7 +29,6 @@ class TrainSection:
     max_grad_norm: float = 1.0
     max_length: int = 1024  # prompt + completion tokens, offline data is truncated to this
     save_every: int = 25  # checkpoint every N steps (resume point); the final model is always saved
-    log_every: int = 1
     dtype: str = "float32"  # float32 | bfloat16 | float16 (training weights)
 
 

@@ -70,7 +70,7 @@ class RewardFn(Protocol):
 class Needs:
     """What an algorithm asks of the train loop."""
 
-    data: tuple[str, ...]  # artifact kinds it trains on: "prompts" (online), "scored", "pairs", "sft"
+    data: tuple[str, ...]  # what it trains on, in order of preference: "online", "scored", "pairs", "completions"
     reference: bool = False  # frozen reference model log-probs (batch.fields["ref_logps"])
     groups: bool = False  # several samples per prompt (rollout.n > 1)
     old_logps: bool = False  # behaviour-policy log-probs (batch.fields["old_logps"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tokalign import artifacts, models, ops
+from tokalign import artifacts, config, models, ops
 from tokalign.errors import UserError
 from tokalign.protocols import PolicyOutput, TokenBatch
 from tokalign.train import checkpoint
@@ -210,6 +210,9 @@ def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, overwri
         policy.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
         shutil.copy(work / "metrics.jsonl", w.path / "metrics.jsonl")
+        source_dir = models.resolve_model(plan.cfg.model)[1]
+        if source_dir is not None and (source_dir / config.MODEL_DEFAULTS_FILE).is_file():  # the model's recommended settings travel with it
+            shutil.copy(source_dir / config.MODEL_DEFAULTS_FILE, w.path / config.MODEL_DEFAULTS_FILE)
         w.counts["metrics.jsonl"] = sum(1 for _ in open(w.path / "metrics.jsonl"))
     shutil.rmtree(work, ignore_errors=True)
     return plan.out

@@ -27,6 +27,7 @@ class Plan:
     data: dict[str, Any]  # how the data was found: artifact / task / file / hub
     rows: list[dict]  # raw rows (artifact rows, or normalised records; tokenised at run time)
     rewards: list = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # inputs for the manifest, default reward, sampler max_new_tokens
     warnings: list[str] = field(default_factory=list)
     out: Path | None = None
 
@@ -73,7 +74,9 @@ class Plan:
     def describe(self) -> str:
         import yaml
 
-        lines = [f"# tokalign train {self.algo_name}: dry run (no model loaded)", f"data: {json.dumps(self.data)} -> {self.data_kind}"]
+        lines = [f"# tokalign train {self.algo_name}: dry run (no model loaded)",
+                 f"model: {models.resolve_model(self.cfg.model)[0]}",
+                 f"data: {json.dumps(self.data)} -> {self.data_kind}"]
         if self.rewards:
             lines.append("rewards: " + ", ".join(f"{r.name}*{r.weight:g} ({r.plugin.distribution} {r.plugin.version})" for r in self.rewards))
         lines.append(f"reference model: {'yes' if self.needs.reference else 'no'}")
@@ -161,8 +164,7 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
     kind, desc, rows, extra = _resolve_data(run_cfg.data, algorithm.needs.data, algo_name)
     if not rows:
         raise UserError(f"Training data '{run_cfg.data}' has no rows.")
-    plan = Plan(algo_name, algorithm, algo_cfg, run_cfg, kind, desc, rows)
-    plan.extra = extra  # type: ignore[attr-defined]
+    plan = Plan(algo_name, algorithm, algo_cfg, run_cfg, kind, desc, rows, extra=extra)
     if kind == "online":
         if run_cfg.rollout.backend != "hf":
             raise UserError("Online training samples with the hf backend for now; vLLM in the training loop is tracked separately. Use --backend hf, or rollout with vllm and train offline.")
@@ -170,6 +172,7 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
         if not specs:
             raise UserError("Online training needs a reward: pass --reward <name> (see `tokalign plugins`).")
         plan.rewards = rewards_mod.resolve(specs)
+        run_cfg.reward = list(specs)  # the manifest records what was used, defaults included
         if algorithm.needs.groups and run_cfg.rollout.n < 2:
             plan.warnings.append(f"rollout.n={run_cfg.rollout.n}: group-normalised advantages are all zero with one sample per prompt.")
     elif run_cfg.reward:
