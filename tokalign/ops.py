@@ -77,9 +77,9 @@ def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Te
     """
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     v = values.to(torch.float64)
-    sums = torch.zeros(len(counts), dtype=v.dtype).index_add_(0, inverse, v)
+    sums = torch.zeros(len(counts), dtype=v.dtype, device=v.device).index_add_(0, inverse, v)
     means = sums / counts
-    sq = torch.zeros(len(counts), dtype=v.dtype).index_add_(0, inverse, (v - means[inverse]).square())
+    sq = torch.zeros(len(counts), dtype=v.dtype, device=v.device).index_add_(0, inverse, (v - means[inverse]).square())
     var = sq / (counts - 1).clamp(min=1)
     return means[inverse].to(values.dtype), var.sqrt()[inverse].to(values.dtype)
 

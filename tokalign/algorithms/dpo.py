@@ -1,6 +1,6 @@
 """DPO — "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
 Rafailov et al. 2023, arXiv:2305.18290. Sigmoid loss, with optional label smoothing
-(the conservative "cDPO" of Mitchell 2023, as in TRL).
+(the conservative "cDPO" of Mitchell 2023; TRL 1.16 applies it only in its "aot" loss).
 
 Batch: each group is one pair, chosen row (``is_chosen`` = 1) then rejected row.
 Shapes: ``logps``, ``ref_logps``, mask: [B, T]; sequence log-probs are token sums.
