@@ -65,13 +65,15 @@ def micro_batches(batch: TokenBatch, size: int) -> list[TokenBatch]:
     and trim each to its own longest sequence."""
     if size <= 0 or size >= len(batch):
         return [batch]
-    groups = batch.fields["group_ids"].tolist()
+    members: dict[int, list[int]] = {}  # rows of each group, groups in order of first appearance
+    for i, g in enumerate(batch.fields["group_ids"].tolist()):
+        members.setdefault(g, []).append(i)
     chunks, current = [], []
-    for i, g in enumerate(groups):
-        if current and len(current) >= size and g != groups[current[-1]]:
+    for rows in members.values():
+        if current and len(current) >= size:
             chunks.append(current)
             current = []
-        current.append(i)
+        current.extend(rows)
     chunks.append(current)
     out = []
     for idx in chunks:
