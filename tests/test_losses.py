@@ -380,3 +380,47 @@ def test_sft_micro_batches_with_totals():
     assert_close(full, torch.tensor((1 + 2 + 3 + 4 + 0.5 + 0.25) / 6))
     parts = [algo.loss(mb, PolicyOutput(mb.fields["pol"])).loss for mb in micro_batches(batch, 1)]
     assert_close(sum(parts), full)
+
+
+def test_ipo_hand_and_minimum():
+    """IPO uses per-token means: same pair as test_dpo_hand_margin, Δ̄_w = (0.5 + 0.5)/2 = 0.5,
+    Δ̄_l = (−1 − 0.5 − 0.5)/3 = −2/3 ⇒ h̄ = 7/6. β = 0.1 ⇒ target 1/(2β) = 5:
+    L = (7/6 − 5)² = (−23/6)² = 14.694444;  ∂L/∂ℓ_chosen,t = 2(h̄ − 5)·(1/2) = −23/6 = −3.833333,
+    ∂L/∂ℓ_rejected,t = −2(h̄ − 5)·(1/3) = 23/9 = 2.555556.  Limiting case: h̄ = 1/(2β) ⇒ L = 0, zero gradient."""
+    batch, out = _dpo_batch([-1.0, -2.0, 0.0], [-1.5, -2.5, 0.0], [-2.0, -2.0, -1.0], [-1.0, -1.5, -0.5],
+                            [1, 1, 0], [1, 1, 1])
+    res = DPO(DPOConfig(beta=0.1, loss_type="ipo")).loss(batch, out)
+    assert_close(res.loss, torch.tensor((7 / 6 - 5) ** 2))
+    res.loss.backward()
+    assert_close(out.logps.grad, torch.tensor([[-23 / 6, -23 / 6, 0.0], [23 / 9, 23 / 9, 23 / 9]]))
+    # β = 1/(2·(7/6)) = 3/7 puts h̄ exactly on the target
+    batch, out = _dpo_batch([-1.0, -2.0, 0.0], [-1.5, -2.5, 0.0], [-2.0, -2.0, -1.0], [-1.0, -1.5, -0.5],
+                            [1, 1, 0], [1, 1, 1])
+    res = DPO(DPOConfig(beta=3 / 7, loss_type="ipo")).loss(batch, out)
+    assert_close(res.loss, torch.tensor(0.0), atol=1e-10, rtol=0)
+    res.loss.backward()
+    assert_close(out.logps.grad, torch.zeros(2, 3), atol=1e-6, rtol=0)
+
+
+def test_hinge_hand_and_saturation():
+    """Hinge (SLiC/RSO): h = 3 (test_dpo_hand_margin). β = 0.1 ⇒ L = max(0, 1 − 0.3) = 0.7, ∂L/∂h = −β = −0.1
+    (−0.1 per chosen token, +0.1 per rejected). β = 0.5 ⇒ βh = 1.5 ≥ 1 ⇒ L = 0 and zero gradient."""
+    args = ([-1.0, -2.0, 0.0], [-1.5, -2.5, 0.0], [-2.0, -2.0, -1.0], [-1.0, -1.5, -0.5], [1, 1, 0], [1, 1, 1])
+    batch, out = _dpo_batch(*args)
+    res = DPO(DPOConfig(beta=0.1, loss_type="hinge")).loss(batch, out)
+    assert_close(res.loss, torch.tensor(0.7))
+    res.loss.backward()
+    assert_close(out.logps.grad, torch.tensor([[-0.1, -0.1, 0.0], [0.1, 0.1, 0.1]]))
+    batch, out = _dpo_batch(*args)
+    res = DPO(DPOConfig(beta=0.5, loss_type="hinge")).loss(batch, out)
+    assert float(res.loss) == 0.0
+    res.loss.backward()
+    assert float(out.logps.grad.abs().max()) == 0.0
+
+
+def test_ipo_and_hinge_presets():
+    from tokalign.algorithms.dpo import IPO, Hinge
+
+    assert IPO.Config().loss_type == "ipo" and Hinge.Config().loss_type == "hinge"
+    with pytest.raises(ValueError, match="label_smoothing applies to loss_type sigmoid only"):
+        DPOConfig(loss_type="ipo", label_smoothing=0.1)

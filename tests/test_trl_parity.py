@@ -160,12 +160,13 @@ def _dpo_batches(pairs, pad_id):
     return inputs, tk_batch, order
 
 
-@pytest.mark.parametrize("beta", [0.1, 0.5])
-def test_dpo_sigmoid_parity_random_logps(tiny_model, tmp_path, beta):
+@pytest.mark.parametrize(("loss_type", "beta"), [("sigmoid", 0.1), ("sigmoid", 0.5), ("hinge", 0.1), ("hinge", 0.5),
+                                                  ("ipo", 0.1), ("ipo", 0.5)])
+def test_dpo_family_parity_random_logps(tiny_model, tmp_path, loss_type, beta):
     """Random per-token policy and reference log-probs with masks (4 pairs, completion lengths 1–5): tokalign's
-    DPO(β).loss equals DPOTrainer._compute_loss (loss_type="sigmoid"), and so do the gradients w.r.t. every
-    per-token policy log-prob."""
-    trainer = _dpo_trainer(tiny_model, tmp_path, beta=beta)
+    DPO(β, loss_type).loss equals DPOTrainer._compute_loss with the same loss_type (sigmoid = DPO, hinge = SLiC/RSO,
+    ipo = length-normalised IPO), and so do the gradients w.r.t. every per-token policy log-prob."""
+    trainer = _dpo_trainer(tiny_model, tmp_path, beta=beta, loss_type=loss_type)
     pairs = _dpo_case(4, len(trainer.processing_class), seed=10)
     inputs, tk_batch, order = _dpo_batches(pairs, trainer.processing_class.pad_token_id)
     g = torch.Generator().manual_seed(11)
@@ -183,10 +184,10 @@ def test_dpo_sigmoid_parity_random_logps(tiny_model, tmp_path, beta):
     tk_batch.fields["ref_logps"] = ref[order]
     tk_batch.totals["groups"] = float(len(pairs))
     tk_logps = logps[order].clone().requires_grad_(True)
-    tk_loss = DPO(DPOConfig(beta=beta)).loss(tk_batch, PolicyOutput(tk_logps)).loss
+    tk_loss = DPO(DPOConfig(beta=beta, loss_type=loss_type)).loss(tk_batch, PolicyOutput(tk_logps)).loss
     tk_loss.backward()
 
-    print(f"\nDPO β={beta} random logps: |Δloss| = {_max_abs(tk_loss, trl_loss):.2e}, "
+    print(f"\nDPO {loss_type} β={beta} random logps: |Δloss| = {_max_abs(tk_loss, trl_loss):.2e}, "
           f"max|Δgrad| = {_max_abs(tk_logps.grad, trl_logps.grad[order]):.2e}")
     assert_close(tk_loss, trl_loss, atol=ATOL, rtol=0)
     assert_close(tk_logps.grad, trl_logps.grad[order], atol=ATOL, rtol=0)

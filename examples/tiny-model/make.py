@@ -42,7 +42,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 # Recommended settings shipped with the model (tokalign.yaml). Measured: see README.md in the
 # output dir and examples/tiny-model/README.md.
 RECOMMENDED = {
-    "train": {"lr": 1e-4, "batch_size": 16, "max_steps": 60, "warmup_steps": 0, "save_every": 0},
+    "train": {"lr": 1e-4, "batch_size": 16, "max_steps": 60},
     "rollout": {"n": 8, "max_new_tokens": 8, "temperature": 1.0},
 }
 
@@ -88,6 +88,8 @@ def main() -> None:
     p.add_argument("--eval-split", default="test")
     p.add_argument("--eval-limit", type=int, default=0, help="0 = the whole split (500 test prompts).")
     p.add_argument("--eval-n", type=int, default=4)
+    p.add_argument("--no-grpo-check", dest="grpo_check", action="store_false",
+                   help="Skip the final check: `tokalign train grpo --data arith` with the shipped tokalign.yaml, then eval.")
     a = p.parse_args()
 
     t_start = time.time()
@@ -115,7 +117,7 @@ def main() -> None:
         sft(current, ckpt, steps, a.seed + chunk_idx, a)
         score = evaluate(ckpt, prompts, work / f"eval-{total + steps:05d}", a)
         log(f"SFT steps {total}+{steps} = {total + steps}: pass@1 {score:.3f}  ({time.time() - t0:.0f} s)")
-        if score > a.high and current != random_dir and steps > a.min_chunk_steps:
+        if score > a.high and steps > a.min_chunk_steps:
             steps = max(a.min_chunk_steps, steps // 2)
             log(f"overshot the band ({score:.3f} > {a.high}); redoing this chunk with {steps} steps")
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -136,14 +138,25 @@ def main() -> None:
 
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for f in out.iterdir():
-        if f.is_file():
-            f.unlink()
+    for name in (*MODEL_FILES, "tokalign.yaml", "README.md", "model.safetensors.index.json"):
+        (out / name).unlink(missing_ok=True)  # replace the previous model, touch nothing else
     for name in MODEL_FILES:
         shutil.copy(current / name, out / name)
+        (out / name).chmod(0o644)  # save_pretrained writes safetensors 0600; this is a package asset
     (out / "tokalign.yaml").write_text(yaml_text(RECOMMENDED))
     wall = time.time() - t_start
-    (out / "README.md").write_text(model_card(a, n_params, len(tok), chosen, history, wall))
+    grpo = None
+    if a.grpo_check:  # what a user gets from the shipped defaults (the output dir is the model)
+        t0 = time.time()
+        cli("train", "grpo", "--data", "arith", "--model", str(out), "--out", str(work / "grpo-check"), "--seed", str(a.seed),
+            "--overwrite", "--quiet")
+        grpo_wall = time.time() - t0
+        after = evaluate(work / "grpo-check", prompts, work / "eval-grpo-check", a)
+        grpo = (chosen[1], after, grpo_wall)
+        log(f"GRPO check: pass@1 {chosen[1]:.3f} -> {after:.3f} ({grpo_wall:.0f} s incl. startup)")
+    (out / "README.md").write_text(model_card(a, n_params, len(tok), chosen, history, wall, grpo))
+    for name in ("tokalign.yaml", "README.md"):
+        (out / name).chmod(0o644)
     size = sum(f.stat().st_size for f in out.iterdir())
     log(f"done in {wall:.0f} s: {total} SFT steps, pass@1 {chosen[1]:.3f} -> {out} ({size / 1e6:.1f} MB)")
 
@@ -156,8 +169,13 @@ def yaml_text(d: dict) -> str:
     return head + yaml.safe_dump(d, sort_keys=False)
 
 
-def model_card(a, n_params: int, vocab: int, chosen, history, wall: float) -> str:
+def model_card(a, n_params: int, vocab: int, chosen, history, wall: float, grpo) -> str:
     rows = "\n".join(f"| {s} | {sc:.3f} |" for s, sc, _ in history)
+    r = RECOMMENDED
+    grpo_line = "" if grpo is None else (
+        f"- `tokalign train grpo --data arith --seed {a.seed}` with these defaults ({r['train']['max_steps']} steps × "
+        f"{r['train']['batch_size']} prompts × {r['rollout']['n']} samples, lr {r['train']['lr']}) took {grpo[2]:.0f} s "
+        f"(process start included) and moved pass@1 (same eval) **{grpo[0]:.3f} → {grpo[1]:.3f}**\n")
     cmd = "python examples/tiny-model/make.py " + " ".join(sys.argv[1:])
     return f"""# tiny-arith — tokalign's bundled default model
 
@@ -173,15 +191,15 @@ not a useful model.
 - SFT steps: **{chosen[0]}** (batch {a.batch_size}, lr {a.lr}, AdamW, seed {a.seed})
 - pass@1 on the `arith` test split ({'all 500' if not a.eval_limit else a.eval_limit} prompts, temperature 1.0, n={a.eval_n},
   exact match, `--max-new-tokens 8`): **{chosen[1]:.3f}**
-- recommended training settings: `tokalign.yaml` (read by `tokalign train` for this model)
-
+- recommended training settings: `tokalign.yaml` (read by `tokalign train` and `tokalign eval` for this model)
+{grpo_line}
 ## How it was made
 
 ```
 {cmd}
 ```
 
-(wall time {wall:.0f} s). The script builds the seeded random model, then runs the real CLI in chunks,
+(wall time {wall:.0f} s before the GRPO check, on 2 shared CPU cores). The script builds the seeded random model, then runs the real CLI in chunks,
 `tokalign train sft --data arith --model <previous> --max-steps <k> --lr {a.lr} --batch-size {a.batch_size} --seed <seed+i>`,
 evaluating after each chunk with `tokalign eval --verifier exact_match --n {a.eval_n} --max-new-tokens 8`
 and stopping once pass@1 ∈ [{a.low}, {a.high}]. Chunks kept:
@@ -194,8 +212,8 @@ and stopping once pass@1 ∈ [{a.low}, {a.high}]. Chunks kept:
 
 ```
 tokalign prepare arith --split test --limit 200 --out P
-tokalign eval --data P --n 4 --max-new-tokens 8 --out E0
-tokalign train grpo --data arith --out G          # defaults from tokalign.yaml
+tokalign eval --data P --n 4 --out E0                 # the bundled model is the default --model
+tokalign train grpo --data arith --out G              # settings from tokalign.yaml
 tokalign eval --model G --data P --n 4 --max-new-tokens 8 --out E1
 ```
 """
