@@ -97,7 +97,12 @@ def score_samples(rewards: list[ResolvedReward], samples: list[Sample]) -> list[
     """Run every reward on the samples; returns per-sample dicts with reward, rewards, verdicts, token_rewards."""
     per_fn: dict[str, list[Reward]] = {}
     for r in rewards:
-        values = r.fn(samples)
+        try:
+            values = list(r.fn(samples))
+        except UserError:
+            raise
+        except Exception as e:  # the plug-in's failure, named as such, not a tokalign traceback
+            raise UserError(f"reward '{r.name}' ({r.plugin.distribution} {r.plugin.version}) raised {type(e).__name__}: {e}") from e
         if len(values) != len(samples):
             raise UserError(f"reward '{r.name}' returned {len(values)} values for {len(samples)} samples.")
         per_fn[r.name] = [normalise(r.name, s, v) for s, v in zip(samples, values)]
