@@ -13,7 +13,16 @@ SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 def load_records(source: str, split: str = "train") -> tuple[list[dict], dict]:
-    """(records, info). ``info`` names the source type and, for tasks, the default reward."""
+    """(records, info). ``info`` names the source, its content hash (``sha256``, for manifests) and,
+    for tasks, the default reward."""
+    from tokalign.artifacts import sha256_file, sha256_json
+
+    records, info = _load(source, split)
+    info["sha256"] = sha256_file(Path(info["path"])) if info["source"] == "file" else sha256_json(records)
+    return records, info
+
+
+def _load(source: str, split: str) -> tuple[list[dict], dict]:
     path = Path(source).expanduser()
     if path.is_file():
         return _load_file(path), {"source": "file", "path": str(path.resolve())}

@@ -39,8 +39,7 @@ def prepare(source: str, out: str, *, model: str = "", split: str = "train", lim
     kind, rows, info = load_rows(source, tokenizer, split, limit)
     prov = artifacts.Provenance(
         config={"source": source, "split": split, "limit": limit, "model": model or "(bundled)"},
-        inputs=[{"path": info.get("path", source), "kind": info["source"],
-                 **({"sha256": artifacts.sha256_file(Path(info["path"]))} if "path" in info else {})}],
+        inputs=[{"path": info.get("path", source), "kind": info["source"], "split": split, "sha256": info["sha256"]}],
         model=models.identity(model),
         extra={"default_reward": info.get("default_reward")},
     )

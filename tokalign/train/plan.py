@@ -121,8 +121,8 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
         records, info = loaders.load_records(source, "train")
         fmt, rows = formats.normalise(records, source)
         kinds = ("pairs",) if fmt == "preference" else (("online", "completions") if any(r.get("completion") for r in rows) else ("online",))
-        desc = {k: v for k, v in info.items() if k != "default_reward"}
-        inputs = [{"path": info["path"], "kind": "file", "sha256": artifacts.sha256_file(Path(info["path"]))}] if "path" in info else [desc]
+        desc = {k: v for k, v in info.items() if k not in ("default_reward", "sha256")}
+        inputs = [{"path": info.get("path", source), "kind": info["source"], "sha256": info["sha256"]}]
         extra = {"inputs": inputs, "default_reward": info.get("default_reward"), "normalised": True}
     for kind in accepts:
         if kind in kinds:
