@@ -12,6 +12,8 @@ Plug-in kinds:
   (``len(sample.completion_ids)``): this is the per-token reward contract, carried by ``score``
   into the ``token_rewards`` column of the ``scored`` artifact. A verifier is usable as a reward
   (its ``Verdict.score`` becomes the value).
+* **Task** — a class with ``splits`` and ``records(split) -> list[dict]`` in a TRL dataset format,
+  optionally ``default_reward`` (the reward online training uses when none is given).
 * **Algorithm** — a class with a ``Config`` dataclass (defaults = the paper's), constructed as
   ``Algo(config)``; ``needs`` says which data and models it wants; ``prepare(batch)`` computes
   advantages/targets without gradients; ``loss(batch, out) -> LossOutput``. The train loop never
@@ -153,4 +155,7 @@ def check_plugin(kind: str, obj: Any) -> str | None:
         else:
             has_call = callable(obj)
         return None if has_call or hasattr(obj, "verify") else "reward must be callable(samples) -> list[Reward]"
+    if kind == "task":
+        ok = callable(getattr(obj, "records", None)) and isinstance(getattr(obj, "splits", None), (tuple, list))
+        return None if ok else "task must have 'splits' (a tuple of names) and records(split) -> list[dict]"
     return f"unknown plug-in kind {kind!r}"

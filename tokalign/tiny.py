@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
+# <|endoftext|> is in the vocabulary because transformers reloads a qwen2 tokenizer as Qwen2Tokenizer,
+# which adds it as unk_token: outside the vocabulary it would get an id past the embedding table.
+SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -48,7 +50,8 @@ def build_tokenizer(vocab_size: int = 384, seed: int = 0):
     )
     tok.train_from_iterator(corpus(seed), trainer)
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|im_end|>", pad_token="<|pad|>", padding_side="left"
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|im_end|>", pad_token="<|pad|>",
+        unk_token="<|endoftext|>", padding_side="left"
     )
     hf.chat_template = CHAT_TEMPLATE
     return hf

@@ -17,10 +17,18 @@ def prompt_text(tokenizer, prompt: Any) -> str:
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 
-def prompt_ids(tokenizer, prompt: Any) -> list[int]:
-    text = prompt_text(tokenizer, prompt)
+def render_prompts(tokenizer, prompts: list[Any]) -> list[tuple[str, list[int]]]:
+    """(text, ids) per prompt, tokenised in one batched call per kind."""
+    texts = [prompt_text(tokenizer, p) for p in prompts]
+    ids: list[list[int] | None] = [None] * len(prompts)
     # The chat template already carries the special tokens; plain text gets the tokenizer's own.
-    return tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+    for plain in (True, False):
+        idx = [i for i, p in enumerate(prompts) if isinstance(p, str) == plain]
+        if idx:
+            encoded = tokenizer([texts[i] for i in idx], add_special_tokens=plain)["input_ids"]
+            for i, e in zip(idx, encoded):
+                ids[i] = e
+    return list(zip(texts, ids))
 
 
 def completion_ids(tokenizer, text: str) -> list[int]:

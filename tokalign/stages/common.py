@@ -63,9 +63,8 @@ def scored_rows(rows: list[dict], rewards) -> list[dict]:
 
 def retokenize(rows: list[dict], tokenizer) -> list[dict]:
     """Render prompts with *this* model's tokenizer: an artifact may have been prepared for another."""
-    from tokalign.data.render import prompt_ids, prompt_text
+    from tokalign.data.render import render_prompts
 
-    for r in rows:
-        p = loads(r["prompt"])
-        r["prompt_text"], r["prompt_ids"] = prompt_text(tokenizer, p), prompt_ids(tokenizer, p)
+    for r, (text, ids) in zip(rows, render_prompts(tokenizer, [loads(r["prompt"]) for r in rows])):
+        r["prompt_text"], r["prompt_ids"] = text, ids
     return rows

@@ -16,14 +16,9 @@ def load_rows(source: str, tokenizer, split: str = "train", limit: int | None = 
         records = records[:limit]
     fmt, rows = formats.normalise(records, source)
     out = []
-    for r in rows:
-        row = {
-            "id": r["id"],
-            "prompt": dumps(r["prompt"]),
-            "prompt_text": render.prompt_text(tokenizer, r["prompt"]),
-            "prompt_ids": render.prompt_ids(tokenizer, r["prompt"]),
-            "reference": dumps(r.get("reference")),
-        }
+    for r, (text, ids) in zip(rows, render.render_prompts(tokenizer, [r["prompt"] for r in rows])):
+        row = {"id": r["id"], "prompt": dumps(r["prompt"]), "prompt_text": text, "prompt_ids": ids,
+               "reference": dumps(r.get("reference"))}
         if fmt == "preference":
             row.update(chosen=r["chosen"], rejected=r["rejected"])
         else:
