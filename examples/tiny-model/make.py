@@ -176,7 +176,7 @@ def model_card(a, n_params: int, vocab: int, chosen, history, wall: float, grpo)
         f"- `tokalign train grpo --data arith --seed {a.seed}` with these defaults ({r['train']['max_steps']} steps × "
         f"{r['train']['batch_size']} prompts × {r['rollout']['n']} samples, lr {r['train']['lr']}) took {grpo[2]:.0f} s "
         f"(process start included) and moved pass@1 (same eval) **{grpo[0]:.3f} → {grpo[1]:.3f}**\n")
-    cmd = "python examples/tiny-model/make.py " + " ".join(sys.argv[1:])
+    cmd = " ".join(["python examples/tiny-model/make.py", *sys.argv[1:]])
     return f"""# tiny-arith — tokalign's bundled default model
 
 A {n_params / 1e6:.2f}M-parameter Qwen2 causal LM (hidden 128, 4 layers, 4 heads × head_dim 32, 2 KV heads,
@@ -214,7 +214,7 @@ and stopping once pass@1 ∈ [{a.low}, {a.high}]. Chunks kept:
 tokalign prepare arith --split test --limit 200 --out P
 tokalign eval --data P --n 4 --out E0                 # the bundled model is the default --model
 tokalign train grpo --data arith --out G              # settings from tokalign.yaml
-tokalign eval --model G --data P --n 4 --max-new-tokens 8 --out E1
+tokalign eval --model G --data P --n 4 --out E1       # G carries tokalign.yaml too
 ```
 """
 

@@ -152,7 +152,7 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
                     checkpoint.save(work, step + 1, policy, tokenizer, optimizer, scheduler, config_sha)
     finally:
         progress.close()
-    return _finish(plan, work, policy, tokenizer, run_config, overwrite)
+    return _finish(plan, work, policy, tokenizer, run_config)
 
 
 def _step(plan: Plan, step, source, policy, ref, optimizer, scheduler, tokenizer, max_completion_len, device) -> dict:
@@ -198,7 +198,7 @@ def _step(plan: Plan, step, source, policy, ref, optimizer, scheduler, tokenizer
     }
 
 
-def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, overwrite: bool) -> Path:
+def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict) -> Path:
     prov = artifacts.Provenance(
         config=run_config,
         inputs=plan.extra.get("inputs", []),
@@ -206,6 +206,7 @@ def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, overwri
         model=models.identity(plan.cfg.model),
         seed=plan.cfg.seed,
     )
+    # --out was checked (or --overwrite given) before training began; replace whatever is there now
     with artifacts.writing(plan.out, "checkpoint", prov, overwrite=True) as w:
         policy.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
