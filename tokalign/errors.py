@@ -12,10 +12,25 @@ class UserError(Exception):
     exit_code = 2
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Optimal-string-alignment distance: insertions, deletions, substitutions and adjacent
+    transpositions each cost 1 (so the typo 'gpro' is 1 from 'grpo', 2 from 'gspo')."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' or '' — appended to unknown-name errors."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    close = difflib.get_close_matches(name, list(choices), n=5, cutoff=0.6)
+    if not close:
+        return ""
+    best = min(close, key=lambda c: (edit_distance(name, c), close.index(c)))
+    return f" Did you mean '{best}'?"
 
 
 def unknown(what: str, name: str, choices: Iterable[str]) -> UserError:
