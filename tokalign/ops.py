@@ -136,3 +136,30 @@ def clipped_surrogate(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def leave_one_out_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Per-row mean of ``values [B]`` over the *other* rows of its group: (Σ_g v − v_i)/(G − 1) = the RLOO baseline.
+
+    A group of one has no other rows; its baseline is its own value (so R − baseline = 0, as TRL's RLOO)."""
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    v = values.to(torch.float64)
+    sums = torch.zeros(len(counts), dtype=v.dtype, device=v.device).index_add_(0, inverse, v)
+    n = counts[inverse].to(v.dtype)
+    loo = torch.where(n > 1, (sums[inverse] - v) / (n - 1).clamp(min=1), v)
+    return loo.to(values.dtype)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x − μ)/√(σ² + eps) with μ, σ² the ``mask``-weighted mean and Bessel-corrected variance over *all*
+    elements (verl ``masked_whiten``; σ² uses N/(N − 1), N = Σ mask, and no correction when N ≤ 1).
+
+    ``values`` and ``mask`` share a shape: ``[B, T]`` per-token values with a 0/1 mask, or ``[B]`` per-row values
+    with weights ``[B]`` — e.g. token counts, which whitens a per-row value as if broadcast to each of its tokens.
+    The result is not masked."""
+    n = mask.sum()
+    mean = masked_sum(values, mask) / n.clamp(min=1e-12)
+    var = masked_sum((values - mean).square(), mask) / n.clamp(min=1e-12)
+    if n > 1:
+        var = var * n / (n - 1)
+    return (values - mean) * torch.rsqrt(var + eps)

@@ -15,7 +15,8 @@ Plug-in kinds:
 * **Task** — a class with ``splits`` and ``records(split) -> list[dict]`` in a TRL dataset format,
   optionally ``default_reward`` (the reward online training uses when none is given).
 * **Algorithm** — a class with a ``Config`` dataclass (defaults = the paper's), constructed as
-  ``Algo(config)``; ``needs`` says which data and models it wants; ``prepare(batch)`` computes
+  ``Algo(config)``; ``needs`` says which data and models it wants; ``prepare(batch)`` (called once
+  per step, after ``ref_logps``/``old_logps`` are in ``batch.fields``) computes
   advantages/targets without gradients; ``loss(batch, out) -> LossOutput``. The train loop never
   branches on algorithm names.
 """

@@ -54,10 +54,15 @@ class GRPO:
         batch.fields["advantages"] = ops.group_advantages(batch.fields["rewards"], batch.fields["group_ids"], c.scale_rewards, c.adv_eps)
         return batch
 
+    def behaviour_logps(self, batch: TokenBatch, out: PolicyOutput):
+        """The ℓ^old of ρ_t = exp(ℓ_t − ℓ^old_t), [B, T]; variants (GSPO) override this hook."""
+        return batch.fields["old_logps"]
+
     def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
         c, mask = self.config, batch.completion_mask
         adv = batch.fields["advantages"].unsqueeze(-1)
-        per_token, clipped = ops.clipped_surrogate(out.logps, batch.fields["old_logps"], adv, c.epsilon_low, c.epsilon_high)
+        old = self.behaviour_logps(batch, out)
+        per_token, clipped = ops.clipped_surrogate(out.logps, old, adv, c.epsilon_low, c.epsilon_high)
         metrics = {"clip_fraction": float(ops.masked_mean(clipped.float(), mask)),
                    "advantage/abs_mean": float(ops.masked_mean(adv.abs().expand_as(mask), mask))}
         if c.beta > 0:

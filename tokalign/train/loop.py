@@ -161,11 +161,12 @@ def _step(plan: Plan, step, source, policy, ref, optimizer, scheduler, tokenizer
     seqs, metrics = source.batch(step)
     t_batch = time.perf_counter() - t0
     batch = collate([truncate(s, t.max_length) for s in seqs], tokenizer.pad_token_id, max_completion_len)
-    batch = _to(algo.prepare(batch), device)
+    batch = _to(batch, device)
     if ref is not None:
         batch.fields["ref_logps"] = frozen_logps(ref, batch, t.micro_batch_size)
     if plan.needs.old_logps and t.updates_per_batch > 1:
         batch.fields["old_logps"] = frozen_logps(policy, batch, t.micro_batch_size)
+    batch = algo.prepare(batch)  # after the frozen log-probs, so advantages may use them (KL in the reward)
     sums: dict[str, float] = {}
     for _ in range(t.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
