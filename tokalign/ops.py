@@ -163,3 +163,23 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -
     if n > 1:
         var = var * n / (n - 1)
     return (values - mean) * torch.rsqrt(var + eps)
+
+
+def _position_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    ref_logp = torch.log_softmax(ref_logits.float(), -1)
+    return (ref_logp.exp() * (ref_logp - torch.log_softmax(logits.float(), -1))).sum(-1)
+
+
+def position_kl(ref_logits: torch.Tensor, logits: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
+    """KL(π_ref(·|s_t) ‖ π_θ(·|s_t)) over the full vocabulary at every position: [B, T, V] ×2 -> [B, T].
+
+    Rows are processed in chunks under activation checkpointing, so the float32 softmax copies of
+    only one chunk exist at a time, in the forward and in the backward pass (the gradient flows to
+    ``logits``; ``ref_logits`` is treated as a constant)."""
+    from torch.utils.checkpoint import checkpoint
+
+    ref_logits = ref_logits.detach()
+    parts = []
+    for r, lg in zip(ref_logits.split(chunk_rows), logits.split(chunk_rows)):
+        parts.append(checkpoint(_position_kl, r, lg, use_reentrant=False) if lg.requires_grad else _position_kl(r, lg))
+    return torch.cat(parts)

@@ -77,6 +77,7 @@ class Needs:
     reference: bool = False  # frozen reference model log-probs (batch.fields["ref_logps"])
     groups: bool = False  # several samples per prompt (rollout.n > 1)
     old_logps: bool = False  # behaviour-policy log-probs (batch.fields["old_logps"])
+    full_vocab: bool = False  # PolicyOutput.logits (and .ref_logits with reference=True), per micro-batch
 
 
 @dataclass
@@ -112,6 +113,8 @@ class TokenBatch:
 class PolicyOutput:
     logps: "torch.Tensor"  # [B, L-1] log π_θ of each next token (with grad)
     entropy: "torch.Tensor | None" = None  # [B, L-1], no grad, for metrics
+    logits: "torch.Tensor | None" = None  # [B, L-1, V] policy logits (with grad), only with Needs.full_vocab
+    ref_logits: "torch.Tensor | None" = None  # [B, L-1, V] reference logits (no grad), full_vocab + reference
 
 
 @dataclass

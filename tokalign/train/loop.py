@@ -22,12 +22,12 @@ from tokalign.train.batching import collate, micro_batches, truncate
 from tokalign.train.plan import Plan
 
 
-def forward(model, batch: TokenBatch, with_entropy: bool = False) -> PolicyOutput:
-    """Per-token log-probs of each next token, [B, L-1]."""
+def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: bool = False) -> PolicyOutput:
+    """Per-token log-probs of each next token, [B, L-1] (and the logits [B, L-1, V] if asked)."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     logps = ops.selective_log_softmax(logits, batch.input_ids[:, 1:])
     entropy = ops.entropy_from_logits(logits.detach()) if with_entropy else None
-    return PolicyOutput(logps=logps, entropy=entropy)
+    return PolicyOutput(logps=logps, entropy=entropy, logits=logits if keep_logits else None)
 
 
 @torch.no_grad()
@@ -171,7 +171,10 @@ def _step(plan: Plan, step, source, policy, ref, optimizer, scheduler, tokenizer
     for _ in range(t.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         for mb in micro_batches(batch, t.micro_batch_size):
-            out = forward(policy, mb, with_entropy=True)
+            out = forward(policy, mb, with_entropy=True, keep_logits=plan.needs.full_vocab)
+            if plan.needs.full_vocab and ref is not None:
+                with torch.no_grad():  # per micro-batch: the batch's [B, L-1, V] reference logits never coexist
+                    out.ref_logits = forward(ref, mb, keep_logits=True).logits
             if plan.needs.old_logps and "old_logps" not in mb.fields:
                 mb.fields["old_logps"] = out.logps.detach()  # one update per batch: on-policy, ratio 1
             result = algo.loss(mb, out)
