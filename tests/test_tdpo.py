@@ -110,3 +110,27 @@ def test_tdpo_through_the_cli(tmp_path):
     assert abs(metrics[0]["loss"] - math.log(2)) < 1e-4 and all(math.isfinite(m["loss"]) for m in metrics)
     before, after = load_file(BUNDLED_MODEL / "model.safetensors"), load_file(tmp_path / "T" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_reference_logits_chunked_from_hidden_states_equal_full_logits(tiny_model):
+    """The loop keeps a frozen reference's final hidden states (HeadLogits) instead of its [B, T, V] logits;
+    the position KL and its gradient are the same as with the full logits tensor."""
+    from transformers import AutoModelForCausalLM
+
+    from tokalign.train.batching import Seq, collate
+    from tokalign.train.loop import forward, reference_logits
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model).eval().requires_grad_(False)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model)
+    g = torch.Generator().manual_seed(3)
+    batch = collate([Seq(torch.randint(10, 300, (4,), generator=g).tolist(), torch.randint(10, 300, (n,), generator=g).tolist(), i)
+                     for i, n in enumerate((3, 6, 1, 5, 2))], 0)
+    lazy = reference_logits(ref, batch)
+    assert isinstance(lazy, ops.HeadLogits)
+    full = forward(ref, batch, keep_logits=True).logits
+    a = forward(policy, batch, keep_logits=True).logits
+    kl_lazy, kl_full = ops.position_kl(lazy, a, chunk_rows=2), ops.position_kl(full, a, chunk_rows=2)
+    assert_close(kl_lazy, kl_full)
+    (ga,) = torch.autograd.grad(kl_lazy.sum(), a, retain_graph=True)
+    (gf,) = torch.autograd.grad(kl_full.sum(), a)
+    assert_close(ga, gf)

@@ -170,16 +170,32 @@ def _position_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return (ref_logp.exp() * (ref_logp - torch.log_softmax(logits.float(), -1))).sum(-1)
 
 
-def position_kl(ref_logits: torch.Tensor, logits: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
-    """KL(π_ref(·|s_t) ‖ π_θ(·|s_t)) over the full vocabulary at every position: [B, T, V] ×2 -> [B, T].
+class HeadLogits:
+    """[B, T, V] logits that exist only chunk by chunk: ``head(hidden[rows])`` (no grad).
 
-    Rows are processed in chunks under activation checkpointing, so the float32 softmax copies of
-    only one chunk exist at a time, in the forward and in the backward pass (the gradient flows to
-    ``logits``; ``ref_logits`` is treated as a constant)."""
+    Keeps a frozen model's final hidden states [B, T, H] instead of its logits, so a full-vocabulary
+    loss holds one chunk of reference logits at a time."""
+
+    def __init__(self, hidden: torch.Tensor, head):
+        self.hidden, self.head = hidden, head
+
+    def split(self, rows: int):
+        for h in self.hidden.split(rows):
+            with torch.no_grad():
+                yield self.head(h)
+
+
+def position_kl(ref_logits, logits: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
+    """KL(π_ref(·|s_t) ‖ π_θ(·|s_t)) over the full vocabulary at every position -> [B, T].
+
+    ``logits``: [B, T, V]; ``ref_logits``: [B, T, V] or a HeadLogits. Rows are processed in chunks
+    under activation checkpointing, so the float32 softmax copies of only one chunk exist at a time,
+    in the forward and in the backward pass (the gradient flows to ``logits``; the reference is a
+    constant)."""
     from torch.utils.checkpoint import checkpoint
 
-    ref_logits = ref_logits.detach()
     parts = []
     for r, lg in zip(ref_logits.split(chunk_rows), logits.split(chunk_rows)):
+        r = r.detach()
         parts.append(checkpoint(_position_kl, r, lg, use_reentrant=False) if lg.requires_grad else _position_kl(r, lg))
     return torch.cat(parts)

@@ -114,7 +114,9 @@ class PolicyOutput:
     logps: "torch.Tensor"  # [B, L-1] log π_θ of each next token (with grad)
     entropy: "torch.Tensor | None" = None  # [B, L-1], no grad, for metrics
     logits: "torch.Tensor | None" = None  # [B, L-1, V] policy logits (with grad), only with Needs.full_vocab
-    ref_logits: "torch.Tensor | None" = None  # [B, L-1, V] reference logits (no grad), full_vocab + reference
+    # [B, L-1, V] reference logits (no grad) with full_vocab + reference: a tensor, or an ops.HeadLogits
+    # whose .split(rows) yields them chunk by chunk; ops.position_kl takes either
+    ref_logits: Any = None
 
 
 @dataclass

@@ -31,6 +31,18 @@ def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: b
 
 
 @torch.no_grad()
+def reference_logits(model, batch: TokenBatch):
+    """A frozen model's [B, L-1, V] logits as a HeadLogits (final hidden states + LM head, computed
+    chunk by chunk later), or as a tensor when the head alone does not reproduce the model's logits
+    (models that scale or soft-cap logits after the head)."""
+    res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, logits_to_keep=1)
+    hidden, head = res.hidden_states[-1], model.get_output_embeddings()
+    if head is not None and torch.allclose(head(hidden[:, -1:]), res.logits[:, -1:], atol=1e-5, rtol=1e-5):
+        return ops.HeadLogits(hidden[:, :-1], head)
+    return forward(model, batch, keep_logits=True).logits
+
+
+@torch.no_grad()
 def frozen_logps(model, batch: TokenBatch, micro: int) -> torch.Tensor:
     """Log-probs from a model without gradients, micro-batched, padded back to the batch width."""
     width = batch.completion_mask.shape[1]
@@ -172,9 +184,8 @@ def _step(plan: Plan, step, source, policy, ref, optimizer, scheduler, tokenizer
         optimizer.zero_grad(set_to_none=True)
         for mb in micro_batches(batch, t.micro_batch_size):
             out = forward(policy, mb, with_entropy=True, keep_logits=plan.needs.full_vocab)
-            if plan.needs.full_vocab and ref is not None:
-                with torch.no_grad():  # per micro-batch: the batch's [B, L-1, V] reference logits never coexist
-                    out.ref_logits = forward(ref, mb, keep_logits=True).logits
+            if plan.needs.full_vocab and ref is not None:  # per micro-batch, and chunk by chunk where possible
+                out.ref_logits = reference_logits(ref, mb)
             if plan.needs.old_logps and "old_logps" not in mb.fields:
                 mb.fields["old_logps"] = out.logps.detach()  # one update per batch: on-policy, ratio 1
             result = algo.loss(mb, out)
