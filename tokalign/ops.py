@@ -182,7 +182,8 @@ class HeadLogits:
     def split(self, rows: int):
         for h in self.hidden.split(rows):
             with torch.no_grad():
-                yield self.head(h)
+                chunk = self.head(h)
+            yield chunk  # outside no_grad: a yield inside it would switch gradients off for the caller
 
 
 def position_kl(ref_logits, logits: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
