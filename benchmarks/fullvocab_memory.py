@@ -49,7 +49,9 @@ loss = algo.loss(batch, out).loss
 loss.backward()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 cuda = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
-print(json.dumps({"algo": args["algo"], "loss": float(loss), "peak_rss_delta_mib": (peak - before) / 1024, "cuda_peak_mib": cuda}))
+grad = float(torch.norm(torch.stack([p.grad.norm() for p in policy.parameters() if p.grad is not None])))
+assert grad > 0, "no gradient reached the policy: the measurement would be meaningless"
+print(json.dumps({"algo": args["algo"], "loss": float(loss), "grad_norm": grad, "peak_rss_delta_mib": (peak - before) / 1024, "cuda_peak_mib": cuda}))
 """
 
 
@@ -69,7 +71,7 @@ def main() -> None:
     base = rows[0]["peak_rss_delta_mib"]
     print(f"vocab {args.vocab}, {args.pairs} pairs × {args.len} completion tokens (+16 prompt)")
     for r in rows:
-        print(f"  {r['algo']:6s} loss {r['loss']:.4f}  peak RSS +{r['peak_rss_delta_mib']:8.1f} MiB  ({r['peak_rss_delta_mib'] / base:.2f}× DPO)")
+        print(f"  {r['algo']:6s} loss {r['loss']:.4f}  grad norm {r['grad_norm']:.3f}  peak RSS +{r['peak_rss_delta_mib']:8.1f} MiB  ({r['peak_rss_delta_mib'] / base:.2f}× DPO)")
 
 
 if __name__ == "__main__":
