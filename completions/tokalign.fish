@@ -56,3 +56,5 @@ complete -c tokalign -n '__fish_seen_subcommand_from train' -l ref-model
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l resume
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l seed
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l set
+complete -c tokalign -n '__fish_seen_subcommand_from train' -l teacher
+complete -c tokalign -n '__fish_seen_subcommand_from train' -l with

@@ -45,6 +45,7 @@ class RolloutSection:
 class RunConfig:
     model: str = ""  # "" = the bundled tiny model
     ref_model: str = ""  # "" = the starting model
+    models: dict[str, str] = field(default_factory=dict)  # extra frozen models by role, e.g. {teacher: path}
     data: str = ""
     reward: list[str] = field(default_factory=list)  # online: rewards/verifiers; "name" or "name*weight"
     seed: int = 0

@@ -78,6 +78,9 @@ class Needs:
     groups: bool = False  # several samples per prompt (rollout.n > 1)
     old_logps: bool = False  # behaviour-policy log-probs (batch.fields["old_logps"])
     full_vocab: bool = False  # PolicyOutput.logits (and .ref_logits with reference=True), per micro-batch
+    # roles of extra frozen models (e.g. "teacher"): the user names each with --with ROLE=PATH (or
+    # --teacher PATH) and the loop puts their per-token log-probs in batch.fields["<role>_logps"]
+    models: tuple[str, ...] = ()
 
 
 @dataclass

@@ -21,6 +21,8 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Starting model (default: the bundled tiny model)."),
     ref_model: Optional[str] = typer.Option(None, "--ref-model", "--ref", help="Reference model (default: the starting model)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output checkpoint directory (default: runs/checkpoint-<time>)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="The 'teacher' model of algorithms that need one (e.g. TGDPO's token-reward model)."),
+    with_models: List[str] = typer.Option([], "--with", help="An extra model an algorithm needs, by role: --with ROLE=PATH (repeatable)."),
     config_file: Optional[str] = typer.Option(None, "--config", "-c", help="YAML run config; flags and --set override it."),
     sets: List[str] = typer.Option([], "--set", help="Override any config key: --set train.lr=1e-5 --set algorithm.beta=0.04 (repeatable)."),
     reward: List[str] = typer.Option([], "--reward", "-r", help="Online: reward/verifier (repeatable, name*weight). Default: the task's."),
@@ -39,8 +41,12 @@ def train(
     from tokalign import config, models
     from tokalign.train.plan import make_plan
 
+    extra = dict(_role(item) for item in with_models)
+    if teacher:
+        extra["teacher"] = teacher
     flags = {
         "data": data, "model": model, "ref_model": ref_model, "reward": list(reward) or None, "seed": seed,
+        "models": extra or None,
         "train": {"max_steps": max_steps, "lr": lr, "batch_size": batch_size},
         "rollout": {"n": n, "backend": backend},
     }
@@ -65,6 +71,15 @@ def train(
     for w in plan.warnings:
         sys.stderr.write(f"warning: {w}\n")
     emit(run(plan, resume=resume, overwrite=overwrite, quiet=quiet))
+
+
+def _role(item: str) -> tuple[str, str]:
+    from tokalign.errors import UserError
+
+    role, eq, path = item.partition("=")
+    if not eq or not role or not path:
+        raise UserError(f"--with expects ROLE=PATH (e.g. --with teacher=runs/dpo), got '{item}'.")
+    return role, path
 
 
 def _drop_none(d: dict) -> dict:

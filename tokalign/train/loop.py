@@ -135,6 +135,7 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
     ref = None
     if plan.needs.reference:
         ref = models.load_model(cfg.ref_model or cfg.model, t.dtype).eval().requires_grad_(False)
+    frozen = {role: models.load_model(cfg.models[role], t.dtype).eval().requires_grad_(False) for role in plan.needs.models}
     source, max_completion_len = _source(plan, tokenizer, policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.warmup_steps))
@@ -154,7 +155,7 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
     try:
         with open(metrics_path, "a") as log:
             for step in range(start, t.max_steps):
-                metrics = _step(plan, step, source, policy, ref, optimizer, scheduler, tokenizer, max_completion_len, device)
+                metrics = _step(plan, step, source, policy, ref, frozen, optimizer, scheduler, tokenizer, max_completion_len, device)
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
                 progress.update(metrics)
@@ -167,7 +168,7 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
     return _finish(plan, work, policy, tokenizer, run_config)
 
 
-def _step(plan: Plan, step, source, policy, ref, optimizer, scheduler, tokenizer, max_completion_len, device) -> dict:
+def _step(plan: Plan, step, source, policy, ref, frozen, optimizer, scheduler, tokenizer, max_completion_len, device) -> dict:
     t, algo = plan.cfg.train, plan.algorithm
     t0 = time.perf_counter()
     seqs, metrics = source.batch(step)
@@ -176,6 +177,8 @@ def _step(plan: Plan, step, source, policy, ref, optimizer, scheduler, tokenizer
     batch = _to(batch, device)
     if ref is not None:
         batch.fields["ref_logps"] = frozen_logps(ref, batch, t.micro_batch_size)
+    for role, model in frozen.items():
+        batch.fields[f"{role}_logps"] = frozen_logps(model, batch, t.micro_batch_size)
     if plan.needs.old_logps and t.updates_per_batch > 1:
         batch.fields["old_logps"] = frozen_logps(policy, batch, t.micro_batch_size)
     batch = algo.prepare(batch)  # after the frozen log-probs, so advantages may use them (KL in the reward)
@@ -220,6 +223,7 @@ def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict) -> Path
         plugins=_plugins(plan),
         model=models.identity(plan.cfg.model),
         seed=plan.cfg.seed,
+        extra={"models": {role: models.identity(path) for role, path in plan.cfg.models.items()}},
     )
     # --out was checked (or --overwrite given) before training began; replace whatever is there now
     with artifacts.writing(plan.out, "checkpoint", prov, overwrite=True) as w:
