@@ -17,7 +17,9 @@ Plug-in kinds:
 * **Algorithm** — a class with a ``Config`` dataclass (defaults = the paper's), constructed as
   ``Algo(config)``; ``needs`` says which data and models it wants; ``prepare(batch)`` (called once
   per step, after ``ref_logps``/``old_logps`` are in ``batch.fields``) computes
-  advantages/targets without gradients; ``loss(batch, out) -> LossOutput``. The train loop never
+  advantages/targets without gradients; ``loss(batch, out) -> LossOutput``. An algorithm with
+  state across steps (e.g. running statistics per prompt, keyed by ``batch.fields["prompt_index"]``)
+  defines ``state_dict()``/``load_state_dict(d)`` and resumes with the run. The train loop never
   branches on algorithm names.
 """
 
@@ -86,7 +88,8 @@ class Needs:
 @dataclass
 class TokenBatch:
     """A padded batch. ``fields`` holds per-row ``[B]`` or per-token ``[B, L-1]`` tensors
-    (rewards, group_ids, advantages, old_logps, ref_logps, token_rewards, ...).
+    (rewards, group_ids, prompt_index — stable across steps —, advantages, old_logps, ref_logps,
+    token_rewards, ...).
 
     ``totals`` holds global denominators (``tokens``, ``seqs``, ``pairs``) of the *whole*
     optimiser batch, so a loss summed over micro-batches equals the full-batch loss exactly.

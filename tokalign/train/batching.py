@@ -16,6 +16,7 @@ class Seq:
     group_id: int
     row: dict[str, float] = field(default_factory=dict)  # per-sequence scalars (reward, is_chosen, ...)
     token: dict[str, list[float]] = field(default_factory=dict)  # per completion token (sampler_logps, ...)
+    prompt_index: int = -1  # stable across steps: which prompt of the data this is (state keyed by prompt)
 
 
 def truncate(seq: Seq, max_length: int) -> Seq:
@@ -50,6 +51,7 @@ def collate(seqs: list[Seq], pad_id: int, max_completion_len: float | None = Non
                 token_fields[k][i, start:end] = torch.tensor(s.token[k], dtype=torch.float32)
     fields = {k: torch.tensor([float(s.row.get(k, 0.0)) for s in seqs]) for k in sorted({k for s in seqs for k in s.row})}
     fields["group_ids"] = torch.tensor([s.group_id for s in seqs], dtype=torch.long)
+    fields["prompt_index"] = torch.tensor([s.prompt_index for s in seqs], dtype=torch.long)
     fields.update(token_fields)
     totals = {
         "tokens": float(mask.sum()),

@@ -27,7 +27,7 @@ def latest(work: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save(work: Path, step: int, model, tokenizer, optimizer, scheduler, config_sha256: str) -> Path:
+def save(work: Path, step: int, model, tokenizer, optimizer, scheduler, config_sha256: str, algorithm=None) -> Path:
     final = work / f"checkpoint-{step}"
     tmp = work / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -42,6 +42,8 @@ def save(work: Path, step: int, model, tokenizer, optimizer, scheduler, config_s
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "python_rng": random.getstate(),
             "config_sha256": config_sha256,
+            # algorithms with state across steps (running statistics per prompt, ...) resume it too
+            "algorithm": algorithm.state_dict() if hasattr(algorithm, "state_dict") else None,
         },
         tmp / STATE,
     )

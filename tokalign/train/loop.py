@@ -146,6 +146,8 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.restore_rng(state)
+        if state.get("algorithm") is not None:
+            plan.algorithm.load_state_dict(state["algorithm"])
         start = state["step"]
         checkpoint.trim_metrics(metrics_path, start)
     elif metrics_path.exists():
@@ -162,7 +164,7 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
                 if not math.isfinite(metrics["loss"]):
                     raise UserError(f"Loss became {metrics['loss']} at step {step + 1}; lower train.lr or check the data. Resume point: '{work}'.")
                 if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.max_steps:
-                    checkpoint.save(work, step + 1, policy, tokenizer, optimizer, scheduler, config_sha)
+                    checkpoint.save(work, step + 1, policy, tokenizer, optimizer, scheduler, config_sha, plan.algorithm)
     finally:
         progress.close()
     return _finish(plan, work, policy, tokenizer, run_config)

@@ -40,14 +40,16 @@ def reward_metrics(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def scored_seqs(rows: list[dict]) -> list[Seq]:
+def scored_seqs(rows: list[dict], prompt_index: list[int]) -> list[Seq]:
+    """``prompt_index[k]``: the stable index of row k's prompt in the data source."""
     return [
         Seq(
             list(r["prompt_ids"]), list(r["completion_ids"]), int(r["group_id"]),
             row={"rewards": float(r["reward"])},
             token={"sampler_logps": r.get("sampler_logps"), "token_rewards": r.get("token_rewards")},
+            prompt_index=k,
         )
-        for r in rows
+        for r, k in zip(rows, prompt_index)
     ]
 
 
@@ -67,11 +69,13 @@ class ScoredSource:
         self.keys = sorted(self.groups)
 
     def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
-        picked = [self.keys[i] for i in indices_for_step(len(self.keys), self.batch_size, step, self.seed)]
-        rows = []
-        for new_gid, key in enumerate(picked):  # the same group may appear twice across an epoch edge
-            rows.extend({**r, "group_id": new_gid} for r in self.groups[key])
-        return scored_seqs(rows), reward_metrics(rows)
+        rows, index = [], []
+        picked = indices_for_step(len(self.keys), self.batch_size, step, self.seed)
+        for new_gid, i in enumerate(picked):  # the same group may appear twice across an epoch edge
+            group = self.groups[self.keys[i]]
+            rows.extend({**r, "group_id": new_gid} for r in group)
+            index.extend([i] * len(group))
+        return scored_seqs(rows, index), reward_metrics(rows)
 
 
 @dataclass
@@ -89,8 +93,8 @@ class PairSource:
         seqs = []
         for gid, i in enumerate(indices_for_step(len(self.rows), self.batch_size, step, self.seed)):
             r = self.rows[i]
-            seqs.append(Seq(list(r["prompt_ids"]), completion_ids(self.tokenizer, r["chosen"]), gid, row={"is_chosen": 1.0}))
-            seqs.append(Seq(list(r["prompt_ids"]), completion_ids(self.tokenizer, r["rejected"]), gid, row={"is_chosen": 0.0}))
+            seqs.append(Seq(list(r["prompt_ids"]), completion_ids(self.tokenizer, r["chosen"]), gid, row={"is_chosen": 1.0}, prompt_index=i))
+            seqs.append(Seq(list(r["prompt_ids"]), completion_ids(self.tokenizer, r["rejected"]), gid, row={"is_chosen": 0.0}, prompt_index=i))
         return seqs, {}
 
 
@@ -107,7 +111,7 @@ class CompletionSource:
         from tokalign.data.render import completion_ids
 
         idx = indices_for_step(len(self.rows), self.batch_size, step, self.seed)
-        return [Seq(list(self.rows[i]["prompt_ids"]), completion_ids(self.tokenizer, self.rows[i]["completion"]), g)
+        return [Seq(list(self.rows[i]["prompt_ids"]), completion_ids(self.tokenizer, self.rows[i]["completion"]), g, prompt_index=i)
                 for g, i in enumerate(idx)], {}
 
 
@@ -126,7 +130,8 @@ class OnlineSource:
     def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
         from tokalign.stages.common import rollout_rows, scored_rows
 
-        prompts = [self.rows[i] for i in indices_for_step(len(self.rows), self.batch_size, step, self.seed)]
+        picked = indices_for_step(len(self.rows), self.batch_size, step, self.seed)
+        prompts = [self.rows[i] for i in picked]
         completions = self.engine.generate([p["prompt_ids"] for p in prompts], self.spec)
         rows = scored_rows(rollout_rows(prompts, completions), self.rewards)
-        return scored_seqs(rows), reward_metrics(rows)
+        return scored_seqs(rows, [picked[r["group_id"]] for r in rows]), reward_metrics(rows)
