@@ -14,7 +14,7 @@ from tokalign.errors import UserError
 from tokalign.rollout import check_backend
 
 # Training-data kinds, in the order an algorithm lists what it accepts.
-KIND_OF_ARTIFACT = {"prompts": ("online", "completions"), "pairs": ("pairs",), "scored": ("scored",)}
+KIND_OF_ARTIFACT = {"prompts": ("online", "completions"), "pairs": ("pairs",), "scored": ("scored", "pairs")}
 
 
 @dataclass
@@ -126,6 +126,13 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
         extra = {"inputs": inputs, "default_reward": info.get("default_reward"), "normalised": True}
     for kind in accepts:
         if kind in kinds:
+            if kind == "pairs" and desc.get("kind") == "scored":
+                from tokalign.train.sources import pairs_from_scored
+
+                rows = pairs_from_scored(rows)
+                if not rows:
+                    raise UserError(f"'{source}' has no group with unequal rewards, so no preference pairs can be formed from it.")
+                desc["pairs"] = "best vs worst reward per group"
             return kind, desc, rows, extra
     raise UserError(
         f"'{algo_name}' trains on {' or '.join(accepts)} data, but '{source}' provides {' or '.join(kinds)}."

@@ -78,6 +78,25 @@ class ScoredSource:
         return scored_seqs(rows, index), reward_metrics(rows)
 
 
+def pairs_from_scored(rows: list[dict]) -> list[dict]:
+    """On-policy preference pairs from scored rollouts: in each group whose rewards differ, the
+    highest-reward completion (first on ties) is chosen and the lowest rejected, with the sampler's
+    own token ids. Groups of equal rewards give no pair."""
+    groups: dict[Any, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group_id"], []).append(r)
+    pairs = []
+    for key in sorted(groups):
+        best = max(groups[key], key=lambda r: r["reward"])
+        worst = min(groups[key], key=lambda r: r["reward"])
+        if best["reward"] > worst["reward"]:
+            pairs.append({"id": f"{best['id']}>{worst['id']}", "prompt": best["prompt"], "prompt_text": best["prompt_text"],
+                          "prompt_ids": best["prompt_ids"], "reference": best.get("reference"),
+                          "chosen": best["completion"], "rejected": worst["completion"],
+                          "chosen_ids": list(best["completion_ids"]), "rejected_ids": list(worst["completion_ids"])})
+    return pairs
+
+
 @dataclass
 class PairSource:
     """Preference pairs: each pair is a group of two rows, chosen (is_chosen=1) then rejected."""
@@ -93,8 +112,9 @@ class PairSource:
         seqs = []
         for gid, i in enumerate(indices_for_step(len(self.rows), self.batch_size, step, self.seed)):
             r = self.rows[i]
-            seqs.append(Seq(list(r["prompt_ids"]), completion_ids(self.tokenizer, r["chosen"]), gid, row={"is_chosen": 1.0}, prompt_index=i))
-            seqs.append(Seq(list(r["prompt_ids"]), completion_ids(self.tokenizer, r["rejected"]), gid, row={"is_chosen": 0.0}, prompt_index=i))
+            for side, flag in (("chosen", 1.0), ("rejected", 0.0)):
+                ids = r.get(f"{side}_ids") or completion_ids(self.tokenizer, r[side])  # sampled pairs keep their ids
+                seqs.append(Seq(list(r["prompt_ids"]), ids, gid, row={"is_chosen": flag}, prompt_index=i))
         return seqs, {}
 
 
