@@ -129,7 +129,8 @@ def clipped_surrogate(
     eps_low: float,
     eps_high: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO-clip per-token loss max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)), ρ = exp(ℓ − ℓ_old).
+    """PPO-clip per-token loss max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)), ρ = exp(ℓ − ℓ_old);
+    ε_low/ε_high are floats or per-token [B, T] tensors (DCPO, HAPO).
 
     Returns (loss [B, T], clipped [B, T] bool — where the clipped branch is active)."""
     ratio = torch.exp(logps - old_logps)
@@ -200,3 +201,14 @@ def position_kl(ref_logits, logits: torch.Tensor, chunk_rows: int = 4) -> torch.
         r = r.detach()
         parts.append(checkpoint(_position_kl, r, lg, use_reentrant=False) if lg.requires_grad else _position_kl(r, lg))
     return torch.cat(parts)
+
+
+def dual_clip_surrogate(logps, old_logps, advantages, eps_low, eps_high, clip_c: float):
+    """Dual-clip PPO per-token loss; ``eps_low``/``eps_high`` are floats or [B, T] tensors.
+
+    L = max(−Aρ, −A clip(ρ, 1 − ε_low, 1 + ε_high)); where A < 0, L = min(L, −C·A).
+    Returns (loss [B, T], clipped [B, T] bool — the clip branch is active, lower [B, T] bool — the dual clip is)."""
+    per_token, clipped = clipped_surrogate(logps, old_logps, advantages, eps_low, eps_high)
+    cap = -advantages * clip_c
+    lower = (advantages < 0) & (per_token > cap)
+    return torch.where(advantages < 0, torch.minimum(per_token, cap), per_token), clipped, lower

@@ -48,7 +48,8 @@ class BNPOConfig(GRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.scale_rewards != "none":
-            raise ValueError(f"BNPO normalises by a Beta density, not a std; scale_rewards must be none, got {self.scale_rewards!r}")
+            raise ValueError("BNPO normalises by a Beta density, not a std; "
+                             f"scale_rewards must be none, got {self.scale_rewards!r}")
         if not self.reward_max > self.reward_min:
             raise ValueError(f"reward_max must be greater than reward_min, got {self.reward_min} and {self.reward_max}")
         for name in ("norm_alpha", "norm_beta"):
@@ -90,8 +91,9 @@ class BNPO(GRPO):
         s = ((rewards.double() - c.reward_min) / (c.reward_max - c.reward_min))
         p, _ = ops.group_stats(s, group_ids)  # [B]: each row's group mean
         if (p < 0).any() or (p > 1).any():
-            raise ValueError(f"BNPO needs group-mean rewards in [reward_min, reward_max] = [{c.reward_min}, {c.reward_max}]; "
-                             f"got rewards in [{float(rewards.min())}, {float(rewards.max())}]: set algorithm.reward_min/reward_max")
+            raise ValueError(f"BNPO needs group-mean rewards in [reward_min, reward_max] = [{c.reward_min}, "
+                             f"{c.reward_max}]; got rewards in [{float(rewards.min())}, {float(rewards.max())}]: "
+                             "set algorithm.reward_min/reward_max")
         _, first = _first_rows(group_ids)
         alpha, beta = fit_beta(p[first])
         alpha = c.norm_alpha if c.norm_alpha is not None else alpha

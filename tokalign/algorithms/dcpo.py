@@ -66,17 +66,6 @@ def dynamic_clip_bounds(old_logps: torch.Tensor, eps_low: float, eps_high: float
     return low, high
 
 
-def dual_clip_surrogate(logps, old_logps, advantages, eps_low, eps_high, clip_c: float):
-    """Dual-clip PPO per-token loss; ``eps_low``/``eps_high`` are floats or [B, T] tensors.
-
-    L = max(−Aρ, −A clip(ρ, 1 − ε_low, 1 + ε_high)); where A < 0, L = min(L, −C·A).
-    Returns (loss [B, T], clipped [B, T] bool — the clip branch is active, lower [B, T] bool — the dual clip is)."""
-    per_token, clipped = ops.clipped_surrogate(logps, old_logps, advantages, eps_low, eps_high)
-    cap = -advantages * clip_c
-    lower = (advantages < 0) & (per_token > cap)
-    return torch.where(advantages < 0, torch.minimum(per_token, cap), per_token), clipped, lower
-
-
 def only_token_mean(values: torch.Tensor, mask: torch.Tensor, total_seqs: float | None) -> torch.Tensor:
     """verl's OTM: this micro-batch's token mean, weighted by its share of the batch's rows."""
     share = 1.0 if not total_seqs else values.shape[0] / float(total_seqs)
@@ -164,7 +153,7 @@ class DCPO:
             low, high = dynamic_clip_bounds(old, c.epsilon_low, c.epsilon_high, c.clip_ratio_c)
         else:
             low, high = torch.full_like(old, 1 - c.epsilon_low), torch.full_like(old, 1 + c.epsilon_high)
-        per_token, clipped, lower = dual_clip_surrogate(out.logps, old, adv, 1 - low, high - 1, c.clip_ratio_c)
+        per_token, clipped, lower = ops.dual_clip_surrogate(out.logps, old, adv, 1 - low, high - 1, c.clip_ratio_c)
         a = batch.fields["advantages"]
         metrics = {"clip_fraction": float(ops.masked_mean(clipped.float(), mask)),
                    "clip_fraction_lower": float(ops.masked_mean(lower.float(), mask)),

@@ -60,7 +60,8 @@ class GRPO:
 
     def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
         c, mask = self.config, batch.completion_mask
-        adv = batch.fields["advantages"].unsqueeze(-1)
+        adv = batch.fields["advantages"]
+        adv = adv if adv.dim() == 2 else adv.unsqueeze(-1)  # per token [B, T] (TEMPO, ...) or per row [B]
         old = self.behaviour_logps(batch, out)
         per_token, clipped = ops.clipped_surrogate(out.logps, old, adv, c.epsilon_low, c.epsilon_high)
         metrics = {"clip_fraction": float(ops.masked_mean(clipped.float(), mask)),

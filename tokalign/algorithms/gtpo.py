@@ -18,10 +18,11 @@ Shapes: ``rewards``, ``group_ids``, ``advantages``, ``gtpo_conflicts``: [B]; ``g
     loss = (1/B) Σ_i ( −Σ_t m ρ̃_t A'_i δ_{i,t} / (|y_i|·n_i)  +  β·Σ_t m KL_t / |y_i| ),   ρ̃ = exp(ℓ − sg ℓ)
 
 Defaults: W = 2, H_max = 0.7, c_H = 0.1 (``W_RAW``, ``ENT_THRESHOLD``, ``ENT_SCALE``), β = 0 (no reference model).
-ρ̃ has value 1: GTPO is on-policy REINFORCE and needs no ℓ^old. The conflict mask uses the sign of A before the
-entropy shift, as the official code. Where tokalign departs: the official loss *sums* the per-completion terms over
-the batch (its autograd backward adds per-completion gradients); tokalign takes the mean over the B completions
-(a constant factor, so micro-batches add up exactly); padding is the completion mask, not a pad-token id.
+ρ̃ has value 1: GTPO is on-policy REINFORCE and needs no ℓ^old. As in the official code, the conflict mask uses the
+sign of A before the entropy shift, and the shift applies to A = 0 rows too (an all-equal group gets A' = −c_H·H̄).
+Where tokalign departs: the official loss *sums* the per-completion terms over the batch (its autograd backward adds
+per-completion gradients); tokalign takes the mean over the B completions (a constant factor, so micro-batches add up
+exactly); padding is the completion mask, not a pad-token id.
 """
 
 from __future__ import annotations

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 import torch
 
 from tokalign import ops
-from tokalign.algorithms.dcpo import dual_clip_surrogate
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
 from tokalign.protocols import LossOutput, PolicyOutput, TokenBatch
 
@@ -130,7 +129,7 @@ class HAPO(GRPO):
             ratio = (out.logps.detach() - old).exp()
             inside = (ratio > 1 - eps_l / 2) & (ratio < 1 + eps_h / 2)
             adv = torch.where((h > 0) ^ inside, adv * (1 + c.adv_beta * h), adv)
-        per_token, clipped, lower = dual_clip_surrogate(out.logps, old, adv, eps_l, eps_h, c.clip_ratio_c)
+        per_token, clipped, lower = ops.dual_clip_surrogate(out.logps, old, adv, eps_l, eps_h, c.clip_ratio_c)
         base = batch.fields["advantages"].unsqueeze(-1).expand_as(h)
         metrics = {"clip_fraction": float(ops.masked_mean(clipped.float(), mask)),
                    "clip_fraction_lower": float(ops.masked_mean(lower.float(), mask)),

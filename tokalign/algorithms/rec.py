@@ -70,6 +70,8 @@ class RECConfig(GRPOConfig):
             raise ValueError("epsilon_high and epsilon_high_prime must be > 0")
         if not self.temp > 0 or self.tau < 0:
             raise ValueError(f"temp must be > 0 and tau ≥ 0, got temp={self.temp}, tau={self.tau}")
+        if self.regularizer == "none" and self.tau != 0 and type(self) is RECConfig:
+            raise ValueError(f"tau is the k2 regulariser's coefficient: set regularizer=k2 to use tau={self.tau}")
 
 
 class REC(GRPO):
@@ -92,7 +94,8 @@ class REC(GRPO):
             elif c.clip_mode == "one-side":
                 inside_mode = ((adv >= 0) & (ratio <= hi)) | ((adv <= 0) & (ratio >= lo))
             elif c.clip_mode == "ring":
-                inside_mode = inside | ((adv >= 0) & (ratio <= 1 - c.epsilon_low_prime)) | ((adv <= 0) & (ratio >= 1 + c.epsilon_high_prime))
+                outer = ((adv >= 0) & (ratio <= 1 - c.epsilon_low_prime)) | ((adv <= 0) & (ratio >= 1 + c.epsilon_high_prime))
+                inside_mode = inside | outer
             else:
                 inside_mode = torch.ones_like(inside)
             keep = inside_mode.to(lp.dtype)

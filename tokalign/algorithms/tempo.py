@@ -98,19 +98,6 @@ class TEMPO(GRPO):
         return batch
 
     def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
-        # GRPO.loss broadcasts a per-row [B] advantage (grpo.py: .unsqueeze(-1)); this is the same surrogate with the
-        # per-token [B, T] advantage, to be folded into GRPO.loss once it accepts both shapes.
-        c, mask = self.config, batch.completion_mask
-        adv = batch.fields["advantages"]
-        per_token, clipped = ops.clipped_surrogate(out.logps, self.behaviour_logps(batch, out), adv, c.epsilon_low, c.epsilon_high)
-        metrics = {"clip_fraction": float(ops.masked_mean(clipped.float(), mask)),
-                   "advantage/abs_mean": float(ops.masked_mean(adv.abs(), mask)),
-                   "tempo/td_token_fraction": float(ops.masked_mean((batch.fields["tempo_td"] != 0).float(), mask))}
-        if c.beta > 0:
-            kl = ops.kl_penalty(out.logps, batch.fields["ref_logps"], c.kl_estimator)
-            per_token = per_token + c.beta * kl
-            metrics["kl"] = float(ops.masked_mean(kl.detach(), mask))
-        t = batch.totals
-        loss = ops.aggregate(per_token, mask, c.aggregation, total_tokens=t.get("tokens"), total_seqs=t.get("seqs"),
-                             max_len=t.get("max_completion_len"))
-        return LossOutput(loss, metrics)
+        res = super().loss(batch, out)  # GRPO's surrogate takes the per-token [B, T] advantages as they are
+        res.metrics["tempo/td_token_fraction"] = float(ops.masked_mean((batch.fields["tempo_td"] != 0).float(), batch.completion_mask))
+        return res

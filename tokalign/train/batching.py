@@ -27,7 +27,7 @@ def truncate(seq: Seq, max_length: int) -> Seq:
     p = p[-max(1, max_length // 2):] if len(p) >= max_length else p
     keep = max_length - len(p)
     token = {k: v[:keep] for k, v in seq.token.items() if v is not None}
-    return Seq(p, c[:keep], seq.group_id, seq.row, token)
+    return Seq(p, c[:keep], seq.group_id, seq.row, token, seq.prompt_index)
 
 
 def collate(seqs: list[Seq], pad_id: int, max_completion_len: float | None = None) -> TokenBatch:
