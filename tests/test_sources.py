@@ -21,3 +21,48 @@ def test_pairs_from_scored_best_vs_worst_and_skip_equal_groups():
     (pair,) = pairs_from_scored(rows)
     assert (pair["chosen"], pair["rejected"]) == ("c1", "c0")  # first of the tied best, the worst
     assert pair["chosen_ids"] == [11, 2] and pair["rejected_ids"] == [10, 2]  # the sampler's own token ids
+
+
+class _Engine:
+    """Fake sampler: prompts with an even id are always answered right (an uninformative group),
+    odd ones right once in every two samples."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, prompts, spec):
+        from tokalign.rollout import Completion
+
+        self.calls += 1
+        return [[Completion([5, 2], [-0.1, -0.1], "stop", "1" if p[0] % 2 == 0 or k % 2 == 0 else "0") for k in range(spec.n)]
+                for p in prompts]
+
+
+def _online(informative_only, max_rounds=3):
+    from tokalign.rewards import resolve
+    from tokalign.rollout import SamplingSpec
+    from tokalign.train.sources import OnlineSource
+
+    rows = [{"id": f"p{i}", "prompt": '"q"', "prompt_text": "q", "prompt_ids": [i], "reference": '"1"'} for i in range(20)]
+    engine = _Engine()
+    return OnlineSource(rows, engine, resolve(["exact_match"]), SamplingSpec(n=4), batch_size=6, seed=0,
+                        informative_only=informative_only, max_rounds=max_rounds), engine
+
+
+def test_dynamic_sampling_keeps_only_informative_groups_and_resamples():
+    src, engine = _online(True)
+    seqs, metrics = src.batch(0)
+    groups = {}
+    for s in seqs:
+        groups.setdefault(s.group_id, []).append(s.row["rewards"])
+    assert all(len(set(r)) > 1 for r in groups.values())  # every kept group has unequal rewards
+    assert len(groups) <= 6 and metrics["sampling/rounds"] == engine.calls >= 1
+    assert all(s.prompt_index % 2 == 1 for s in seqs)  # only the odd (informative) prompts survive
+    again, _ = _online(True)[0].batch(0)
+    assert [(s.prompt_index, s.row["rewards"]) for s in again] == [(s.prompt_index, s.row["rewards"]) for s in seqs]
+
+
+def test_without_dynamic_sampling_every_group_is_kept():
+    src, engine = _online(False)
+    seqs, _ = src.batch(0)
+    assert len({s.group_id for s in seqs}) == 6 and engine.calls == 1

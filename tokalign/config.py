@@ -39,6 +39,7 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    max_sampling_rounds: int = 3  # algorithms that drop uninformative groups (DAPO) resample up to this often
 
 
 @dataclass

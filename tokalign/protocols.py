@@ -79,6 +79,7 @@ class Needs:
     reference: bool = False  # frozen reference model log-probs (batch.fields["ref_logps"])
     groups: bool = False  # several samples per prompt (rollout.n > 1)
     old_logps: bool = False  # behaviour-policy log-probs (batch.fields["old_logps"])
+    informative_groups: bool = False  # drop groups whose rewards are all equal; online: resample to refill
     full_vocab: bool = False  # PolicyOutput.logits (and .ref_logits with reference=True), per micro-batch
     # roles of extra frozen models (e.g. "teacher"): the user names each with --with ROLE=PATH (or
     # --teacher PATH) and the loop puts their per-token log-probs in batch.fields["<role>_logps"]

@@ -10,11 +10,13 @@ Shapes: ``rewards``, ``group_ids``: [B]; ``logps``, ``old_logps``, ``ref_logps``
     L_t = max(−A_i ρ_t, −A_i clip(ρ_t, 1−ε_low, 1+ε_high)) + β·KL_t,   ρ_t = exp(ℓ_t − ℓ^old_t)
     loss = aggregate(L, mask, aggregation)
 
-DAPO's dynamic sampling and overlong shaping are not part of this preset yet.
+DAPO's dynamic sampling drops all-equal groups (online: resamples to refill the batch); its overlong
+reward shaping is not implemented yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from tokalign import ops
@@ -92,9 +94,14 @@ class DrGRPO(GRPO):
 class DAPOConfig(GRPOConfig):
     epsilon_high: float = 0.28
     aggregation: str = "token-mean"
+    dynamic_sampling: bool = True  # drop all-equal groups; online, resample (rollout.max_sampling_rounds)
 
 
 class DAPO(GRPO):
-    """DAPO's clip-higher and token-level loss (arXiv:2503.14476)."""
+    """DAPO's clip-higher, token-level loss and dynamic sampling (arXiv:2503.14476)."""
 
     Config = DAPOConfig
+
+    def __init__(self, config: DAPOConfig):
+        super().__init__(config)
+        self.needs = dataclasses.replace(self.needs, informative_groups=config.dynamic_sampling)

@@ -40,6 +40,11 @@ def reward_metrics(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def informative(group: list[dict]) -> bool:
+    """A group teaches something relative only if its rewards differ."""
+    return len({float(r["reward"]) for r in group}) > 1
+
+
 def scored_seqs(rows: list[dict], prompt_index: list[int]) -> list[Seq]:
     """``prompt_index[k]``: the stable index of row k's prompt in the data source."""
     return [
@@ -61,11 +66,18 @@ class ScoredSource:
     batch_size: int
     seed: int
     max_completion_len: int | None = None
+    informative_only: bool = False  # drop groups whose rewards are all equal (DAPO's dynamic sampling)
 
     def __post_init__(self):
         self.groups: dict[Any, list[dict]] = {}
         for r in self.rows:
             self.groups.setdefault(r["group_id"], []).append(r)
+        if self.informative_only:
+            self.groups = {k: g for k, g in self.groups.items() if informative(g)}
+            if not self.groups:
+                from tokalign.errors import UserError
+
+                raise UserError("Every group in the scored data has equal rewards: nothing to learn from with dynamic sampling.")
         self.keys = sorted(self.groups)
 
     def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
@@ -146,12 +158,30 @@ class OnlineSource:
     spec: Any
     batch_size: int
     seed: int
+    informative_only: bool = False  # DAPO's dynamic sampling: keep sampling until the batch has
+    max_rounds: int = 1  # `batch_size` groups whose rewards differ, for at most this many rounds
 
     def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
         from tokalign.stages.common import rollout_rows, scored_rows
 
-        picked = indices_for_step(len(self.rows), self.batch_size, step, self.seed)
-        prompts = [self.rows[i] for i in picked]
-        completions = self.engine.generate([p["prompt_ids"] for p in prompts], self.spec)
-        rows = scored_rows(rollout_rows(prompts, completions), self.rewards)
-        return scored_seqs(rows, [picked[r["group_id"]] for r in rows]), reward_metrics(rows)
+        kept: list[list[dict]] = []
+        sampled: list[dict] = []
+        rounds = 0
+        while rounds < max(1, self.max_rounds) and len(kept) < self.batch_size:
+            # round r of step s draws its own prompts, a function of (seed, step, round) only: resumable
+            picked = indices_for_step(len(self.rows), self.batch_size, step, self.seed + 7919 * rounds)
+            prompts = [self.rows[i] for i in picked]
+            rows = scored_rows(rollout_rows(prompts, self.engine.generate([p["prompt_ids"] for p in prompts], self.spec)), self.rewards)
+            sampled += rows
+            for g in range(len(picked)):
+                group = [{**r, "prompt_index": picked[g]} for r in rows if r["group_id"] == g]
+                if not self.informative_only or informative(group):
+                    kept.append(group)
+            rounds += 1
+        if not kept:  # nothing informative after every round: train on the last round (zero advantages)
+            kept = [[{**r, "prompt_index": picked[g]} for r in rows if r["group_id"] == g] for g in range(len(picked))]
+        out = [{**r, "group_id": gid} for gid, group in enumerate(kept[: self.batch_size]) for r in group]
+        metrics = reward_metrics(sampled)
+        if self.informative_only:
+            metrics.update({"sampling/rounds": rounds, "sampling/informative_groups": len(kept)})
+        return scored_seqs(out, [r["prompt_index"] for r in out]), metrics
