@@ -11,7 +11,7 @@ Shapes: ``rewards``, ``group_ids``: [B]; ``logps``, ``old_logps``, ``ref_logps``
     loss = aggregate(L, mask, aggregation)
 
 DAPO's dynamic sampling drops all-equal groups (online: resamples to refill the batch); its overlong
-reward shaping is not implemented yet.
+reward shaping is a reward, ``--reward exact_match --reward overlong`` (tokalign/rewards/overlong.py).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ def loads(x: str | None) -> Any:
     return None if x is None else json.loads(x)
 
 
-def rollout_rows(prompt_rows: list[dict], completions, group_offset: int = 0) -> list[dict]:
-    """Join prompt rows (prompts artifact rows) with their engine completions into rollout rows."""
+def rollout_rows(prompt_rows: list[dict], completions, max_new_tokens: int | None = None, group_offset: int = 0) -> list[dict]:
+    """Join prompt rows (prompts artifact rows) with their engine completions into rollout rows.
+    ``max_new_tokens`` (the sampler's length limit) is kept per row for length-aware rewards."""
     rows = []
     for g, (p, comps) in enumerate(zip(prompt_rows, completions)):
         for k, c in enumerate(comps):
@@ -35,6 +36,7 @@ def rollout_rows(prompt_rows: list[dict], completions, group_offset: int = 0) ->
                     "completion_ids": c.ids,
                     "sampler_logps": c.logps,
                     "finish_reason": c.finish_reason,
+                    "max_new_tokens": max_new_tokens,
                 }
             )
     return rows
@@ -48,6 +50,7 @@ def to_sample(row: dict) -> Sample:
         completion_ids=list(row["completion_ids"]),
         reference=loads(row.get("reference")),
         finish_reason=row.get("finish_reason", "stop"),
+        metadata={"max_new_tokens": row.get("max_new_tokens")},
     )
 
 

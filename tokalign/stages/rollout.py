@@ -28,7 +28,7 @@ def sample(rows: list[dict], model: str, backend: str, spec: SamplingSpec, token
     torch.manual_seed(spec.seed)
     longest = max((len(r["prompt_ids"]) for r in rows), default=0)
     engine = make_engine(backend, model, tokenizer, max_model_len=longest + spec.max_new_tokens, seed=spec.seed)
-    return rollout_rows(rows, engine.generate([r["prompt_ids"] for r in rows], spec))
+    return rollout_rows(rows, engine.generate([r["prompt_ids"] for r in rows], spec), spec.max_new_tokens)
 
 
 def rollout(prompts: str, out: str, *, model: str = "", backend: str = "hf", spec: SamplingSpec = SamplingSpec(),

@@ -171,7 +171,8 @@ class OnlineSource:
             # round r of step s draws its own prompts, a function of (seed, step, round) only: resumable
             picked = indices_for_step(len(self.rows), self.batch_size, step, self.seed + 7919 * rounds)
             prompts = [self.rows[i] for i in picked]
-            rows = scored_rows(rollout_rows(prompts, self.engine.generate([p["prompt_ids"] for p in prompts], self.spec)), self.rewards)
+            completions = self.engine.generate([p["prompt_ids"] for p in prompts], self.spec)
+            rows = scored_rows(rollout_rows(prompts, completions, self.spec.max_new_tokens), self.rewards)
             sampled += rows
             for g in range(len(picked)):
                 group = [{**r, "prompt_index": picked[g]} for r in rows if r["group_id"] == g]
