@@ -212,3 +212,26 @@ def dual_clip_surrogate(logps, old_logps, advantages, eps_low, eps_high, clip_c:
     cap = -advantages * clip_c
     lower = (advantages < 0) & (per_token > cap)
     return torch.where(advantages < 0, torch.minimum(per_token, cap), per_token), clipped, lower
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the masked (contiguous) completion positions.
+
+    rewards, values, mask: [B, T]. δ_t = r_t + γ V_{t+1} − V_t with V = 0 past the last completion token;
+    A_t = Σ_k (γλ)^k δ_{t+k}. Returns (advantages, returns = A + V), both 0 outside the mask."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """1 at each row's last masked position (where an outcome reward lands): [B, T] -> [B, T]."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = (positions * (mask > 0)).amax(-1, keepdim=True)
+    return ((positions == last) & (mask > 0)).to(mask.dtype)

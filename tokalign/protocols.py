@@ -79,6 +79,7 @@ class Needs:
     reference: bool = False  # frozen reference model log-probs (batch.fields["ref_logps"])
     groups: bool = False  # several samples per prompt (rollout.n > 1)
     old_logps: bool = False  # behaviour-policy log-probs (batch.fields["old_logps"])
+    value_head: bool = False  # a trainable critic V(s_t) on the policy's trunk: PolicyOutput.values, fields["old_values"]
     informative_groups: bool = False  # drop groups whose rewards are all equal; online: resample to refill
     full_vocab: bool = False  # PolicyOutput.logits (and .ref_logits with reference=True), per micro-batch
     # roles of extra frozen models (e.g. "teacher"): the user names each with --with ROLE=PATH (or
@@ -121,6 +122,7 @@ class PolicyOutput:
     logps: "torch.Tensor"  # [B, L-1] log π_θ of each next token (with grad)
     entropy: "torch.Tensor | None" = None  # [B, L-1], no grad, for metrics
     logits: "torch.Tensor | None" = None  # [B, L-1, V] policy logits (with grad), only with Needs.full_vocab
+    values: "torch.Tensor | None" = None  # [B, L-1] value-head outputs V(s_t) (with grad), only with Needs.value_head
     # [B, L-1, V] reference logits (no grad) with full_vocab + reference: a tensor, or an ops.HeadLogits
     # whose .split(rows) yields them chunk by chunk; ops.position_kl takes either
     ref_logits: Any = None

@@ -16,6 +16,7 @@ import torch
 from tokalign.errors import UserError
 
 STATE = "trainer_state.pt"
+VALUE_HEAD = "value_head.safetensors"
 
 
 def work_dir(out: Path) -> Path:
@@ -27,12 +28,17 @@ def latest(work: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save(work: Path, step: int, model, tokenizer, optimizer, scheduler, config_sha256: str, algorithm=None) -> Path:
+def save(work: Path, step: int, model, tokenizer, optimizer, scheduler, config_sha256: str, algorithm=None,
+         value_head=None) -> Path:
     final = work / f"checkpoint-{step}"
     tmp = work / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if value_head is not None:
+        from safetensors.torch import save_file
+
+        save_file(value_head.state_dict(), tmp / VALUE_HEAD)
     torch.save(
         {
             "step": step,

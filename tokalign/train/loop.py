@@ -22,12 +22,15 @@ from tokalign.train.batching import collate, micro_batches, truncate
 from tokalign.train.plan import Plan
 
 
-def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: bool = False) -> PolicyOutput:
-    """Per-token log-probs of each next token, [B, L-1] (and the logits [B, L-1, V] if asked)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: bool = False, value_head=None) -> PolicyOutput:
+    """Per-token log-probs of each next token, [B, L-1] (and the logits [B, L-1, V] if asked; the
+    values V(s_t) [B, L-1] of a value head on the final hidden states, if one is given)."""
+    res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=value_head is not None)
+    logits = res.logits[:, :-1]
     logps = ops.selective_log_softmax(logits, batch.input_ids[:, 1:])
     entropy = ops.entropy_from_logits(logits.detach()) if with_entropy else None
-    return PolicyOutput(logps=logps, entropy=entropy, logits=logits if keep_logits else None)
+    values = value_head(res.hidden_states[-1][:, :-1]).squeeze(-1).float() if value_head is not None else None
+    return PolicyOutput(logps=logps, entropy=entropy, logits=logits if keep_logits else None, values=values)
 
 
 @torch.no_grad()
@@ -43,14 +46,17 @@ def reference_logits(model, batch: TokenBatch):
 
 
 @torch.no_grad()
-def frozen_logps(model, batch: TokenBatch, micro: int) -> torch.Tensor:
-    """Log-probs from a model without gradients, micro-batched, padded back to the batch width."""
+def frozen_outputs(model, batch: TokenBatch, micro: int, value_head=None) -> PolicyOutput:
+    """Log-probs (and values) without gradients, micro-batched, padded back to the batch width."""
     width = batch.completion_mask.shape[1]
-    parts = []
-    for mb in micro_batches(batch, micro):
-        lp = forward(model, mb).logps
-        parts.append(torch.nn.functional.pad(lp, (0, width - lp.shape[1])))
-    return torch.cat(parts)
+    pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))  # noqa: E731
+    outs = [forward(model, mb, value_head=value_head) for mb in micro_batches(batch, micro)]
+    values = torch.cat([pad(o.values) for o in outs]) if value_head is not None else None
+    return PolicyOutput(logps=torch.cat([pad(o.logps) for o in outs]), values=values)
+
+
+def frozen_logps(model, batch: TokenBatch, micro: int) -> torch.Tensor:
+    return frozen_outputs(model, batch, micro).logps
 
 
 def _to(batch: TokenBatch, device) -> TokenBatch:
@@ -139,7 +145,9 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
         ref = models.load_model(cfg.ref_model or cfg.model, t.dtype).eval().requires_grad_(False)
     frozen = {role: models.load_model(cfg.models[role], t.dtype).eval().requires_grad_(False) for role in plan.needs.models}
     source, max_completion_len = _source(plan, tokenizer, policy)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    value_head = _value_head(policy, ckpt) if plan.needs.value_head else None
+    params = list(policy.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.warmup_steps))
     start = 0
     work.mkdir(parents=True, exist_ok=True)
@@ -159,20 +167,34 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
     try:
         with open(metrics_path, "a") as log:
             for step in range(start, t.max_steps):
-                metrics = _step(plan, step, source, policy, ref, frozen, optimizer, scheduler, tokenizer, max_completion_len, device)
+                metrics = _step(plan, step, source, policy, ref, frozen, value_head, optimizer, scheduler, tokenizer,
+                                max_completion_len, device)
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
                 progress.update(metrics)
                 if not math.isfinite(metrics["loss"]):
                     raise UserError(f"Loss became {metrics['loss']} at step {step + 1}; lower train.lr or check the data. Resume point: '{work}'.")
                 if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.max_steps:
-                    checkpoint.save(work, step + 1, policy, tokenizer, optimizer, scheduler, config_sha, plan.algorithm)
+                    checkpoint.save(work, step + 1, policy, tokenizer, optimizer, scheduler, config_sha, plan.algorithm, value_head)
     finally:
         progress.close()
-    return _finish(plan, work, policy, tokenizer, run_config)
+    return _finish(plan, work, policy, tokenizer, run_config, value_head)
 
 
-def _step(plan: Plan, step, source, policy, ref, frozen, optimizer, scheduler, tokenizer, max_completion_len, device) -> dict:
+def _value_head(policy, ckpt: Path | None):
+    """A linear value head V(s) on the policy's final hidden states (PPO's critic, sharing the trunk);
+    zero-initialised, so the first values are 0; restored from a checkpoint when resuming."""
+    head = torch.nn.Linear(policy.config.hidden_size, 1).to(next(policy.parameters()).device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    if ckpt is not None and (ckpt / checkpoint.VALUE_HEAD).is_file():
+        from safetensors.torch import load_file
+
+        head.load_state_dict(load_file(ckpt / checkpoint.VALUE_HEAD))
+    return head
+
+
+def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, scheduler, tokenizer, max_completion_len, device) -> dict:
     t, algo = plan.cfg.train, plan.algorithm
     t0 = time.perf_counter()
     seqs, metrics = source.batch(step)
@@ -183,14 +205,17 @@ def _step(plan: Plan, step, source, policy, ref, frozen, optimizer, scheduler, t
         batch.fields["ref_logps"] = frozen_logps(ref, batch, t.micro_batch_size)
     for role, model in frozen.items():
         batch.fields[f"{role}_logps"] = frozen_logps(model, batch, t.micro_batch_size)
-    if plan.needs.old_logps and t.updates_per_batch > 1:
+    if value_head is not None:  # the critic's values before the update, for GAE (and old log-probs with them)
+        old = frozen_outputs(policy, batch, t.micro_batch_size, value_head)
+        batch.fields["old_logps"], batch.fields["old_values"] = old.logps, old.values
+    elif plan.needs.old_logps and t.updates_per_batch > 1:
         batch.fields["old_logps"] = frozen_logps(policy, batch, t.micro_batch_size)
     batch = algo.prepare(batch)  # after the frozen log-probs, so advantages may use them (KL in the reward)
     sums: dict[str, float] = {}
     for _ in range(t.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         for mb in micro_batches(batch, t.micro_batch_size):
-            out = forward(policy, mb, with_entropy=True, keep_logits=plan.needs.full_vocab)
+            out = forward(policy, mb, with_entropy=True, keep_logits=plan.needs.full_vocab, value_head=value_head)
             if plan.needs.full_vocab and ref is not None:  # per micro-batch, and chunk by chunk where possible
                 out.ref_logits = reference_logits(ref, mb)
             if plan.needs.old_logps and "old_logps" not in mb.fields:
@@ -202,7 +227,8 @@ def _step(plan: Plan, step, source, policy, ref, frozen, optimizer, scheduler, t
             sums["entropy"] = sums.get("entropy", 0.0) + float(ops.masked_mean(out.entropy, mb.completion_mask)) * share
             for k, v in result.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         scheduler.step()
     elapsed = time.perf_counter() - t0
@@ -220,7 +246,7 @@ def _step(plan: Plan, step, source, policy, ref, frozen, optimizer, scheduler, t
     }
 
 
-def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict) -> Path:
+def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, value_head=None) -> Path:
     prov = artifacts.Provenance(
         config=run_config,
         inputs=plan.extra.get("inputs", []),
@@ -233,6 +259,10 @@ def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict) -> Path
     with artifacts.writing(plan.out, "checkpoint", prov, overwrite=True) as w:
         policy.save_pretrained(w.path)
         tokenizer.save_pretrained(w.path)
+        if value_head is not None:  # beside the model: transformers ignores it, PPO can start from it
+            from safetensors.torch import save_file
+
+            save_file(value_head.state_dict(), w.path / checkpoint.VALUE_HEAD)
         shutil.copy(work / "metrics.jsonl", w.path / "metrics.jsonl")
         source_dir = models.resolve_model(plan.cfg.model)[1]
         if source_dir is not None and (source_dir / config.MODEL_DEFAULTS_FILE).is_file():  # the model's recommended settings travel with it
