@@ -37,11 +37,13 @@ def _split_implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, li
 
 
 def normalise(records: list[dict], source: str) -> tuple[str, list[dict]]:
-    """(format, rows). format is 'preference' or 'prompts' (prompt-only or prompt-completion)."""
+    """(format, rows). format is 'preference', 'unpaired' (prompt, completion, boolean label) or
+    'prompts' (prompt-only or prompt-completion)."""
     if not records:
         raise UserError(f"{source}: no records.")
     keys = set(records[0])
     preference = {"chosen", "rejected"} <= keys
+    unpaired = not preference and {"prompt", "completion", "label"} <= keys  # TRL's unpaired preference (KTO)
     rows = []
     for i, rec in enumerate(records):
         where = f"{source} record {i + 1}"
@@ -61,6 +63,10 @@ def normalise(records: list[dict], source: str) -> tuple[str, list[dict]]:
             row["prompt"] = _prompt(rec["prompt"], where)
             if "completion" in rec and rec["completion"] is not None:
                 row["completion"] = completion_text(rec["completion"], where)
+            if unpaired:
+                if not isinstance(rec.get("label"), bool):
+                    raise UserError(f"{where}: 'label' must be true (desirable) or false (undesirable), got {rec.get('label')!r}.")
+                row["label"] = rec["label"]
         elif "messages" in rec and _is_messages(rec["messages"]):
             msgs = rec["messages"]
             if msgs[-1]["role"] != "assistant":
@@ -72,7 +78,7 @@ def normalise(records: list[dict], source: str) -> tuple[str, list[dict]]:
                 "(+ 'completion'), 'chosen'/'rejected' (+ 'prompt'), or 'messages'."
             )
         rows.append(row)
-    return ("preference" if preference else "prompts"), rows
+    return ("preference" if preference else "unpaired" if unpaired else "prompts"), rows
 
 
 def _prompt(prompt: Any, where: str) -> Any:

@@ -23,6 +23,8 @@ def load_rows(source: str, tokenizer, split: str = "train", limit: int | None = 
             row.update(chosen=r["chosen"], rejected=r["rejected"])
         else:
             row["completion"] = r.get("completion")
+            if fmt == "unpaired":
+                row["label"] = r["label"]
         out.append(row)
     return ("pairs" if fmt == "preference" else "prompts"), out, info
 

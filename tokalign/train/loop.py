@@ -93,6 +93,8 @@ def _source(plan: Plan, tokenizer, policy):
                 plan.extra.get("max_new_tokens"))
     if plan.data_kind == "pairs":
         return sources.PairSource(rows, tokenizer, t.batch_size, cfg.seed), None
+    if plan.data_kind == "unpaired":
+        return sources.UnpairedSource(rows, tokenizer, t.batch_size, cfg.seed), None
     rows = [r for r in rows if r.get("completion")]
     return sources.CompletionSource(rows, tokenizer, t.batch_size, cfg.seed), None
 

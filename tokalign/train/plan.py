@@ -43,10 +43,11 @@ class Plan:
 
     def arithmetic(self) -> dict[str, Any]:
         t, r = self.cfg.train, self.cfg.rollout
-        per_item = {"online": r.n, "scored": self.group_size(), "pairs": 2, "completions": 1}[self.data_kind]
+        per_item = {"online": r.n, "scored": self.group_size(), "pairs": 2, "completions": 1, "unpaired": 2}[self.data_kind]
         seqs = t.batch_size * per_item
         micro = t.micro_batch_size or seqs
-        unit = {"online": "prompts", "scored": "groups", "pairs": "pairs", "completions": "examples"}[self.data_kind]
+        unit = {"online": "prompts", "scored": "groups", "pairs": "pairs", "completions": "examples",
+                "unpaired": "labelled examples"}[self.data_kind]
         items = len({r_["group_id"] for r_ in self.rows}) if self.data_kind == "scored" else len(self.rows)
         out = {
             f"{unit} per step": t.batch_size,
@@ -114,13 +115,20 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
         kinds = KIND_OF_ARTIFACT[art.kind]
         if art.kind == "prompts" and not any(r.get("completion") for r in rows):
             kinds = ("online",)
+        elif art.kind == "prompts" and any(r.get("label") is not None for r in rows):
+            kinds = ("unpaired", "online", "completions")
         desc = {"artifact": str(Path(source)), "kind": art.kind}
         extra = {"inputs": [art.ref()], "default_reward": art.manifest.get("default_reward"),
                  "max_new_tokens": _sampler_max_new_tokens(art)}
     else:
         records, info = loaders.load_records(source, "train")
         fmt, rows = formats.normalise(records, source)
-        kinds = ("pairs",) if fmt == "preference" else (("online", "completions") if any(r.get("completion") for r in rows) else ("online",))
+        if fmt == "preference":
+            kinds = ("pairs",)
+        elif fmt == "unpaired":
+            kinds = ("unpaired", "online", "completions")
+        else:
+            kinds = ("online", "completions") if any(r.get("completion") for r in rows) else ("online",)
         desc = {k: v for k, v in info.items() if k not in ("default_reward", "sha256")}
         inputs = [{"path": info.get("path", source), "kind": info["source"], "sha256": info["sha256"]}]
         extra = {"inputs": inputs, "default_reward": info.get("default_reward"), "normalised": True}

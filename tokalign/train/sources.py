@@ -186,3 +186,28 @@ class OnlineSource:
         if self.informative_only:
             metrics.update({"sampling/rounds": rounds, "sampling/informative_groups": len(kept)})
         return scored_seqs(out, [r["prompt_index"] for r in out]), metrics
+
+
+@dataclass
+class UnpairedSource:
+    """Labelled single completions (KTO). Each example is a group of two rows: the example
+    (``label`` 1 desirable / 0 undesirable) and a mismatched KL row (``is_kl`` 1) pairing its prompt
+    with the previous example's completion, cycled within the batch as TRL does."""
+
+    rows: list[dict]
+    tokenizer: Any
+    batch_size: int
+    seed: int
+
+    def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
+        from tokalign.data.render import completion_ids
+
+        idx = indices_for_step(len(self.rows), self.batch_size, step, self.seed)
+        completions = [completion_ids(self.tokenizer, self.rows[i]["completion"]) for i in idx]
+        seqs = []
+        for g, i in enumerate(idx):
+            label = 1.0 if self.rows[i]["label"] else 0.0
+            prompt = list(self.rows[i]["prompt_ids"])
+            seqs.append(Seq(prompt, completions[g], g, row={"label": label, "is_kl": 0.0}, prompt_index=i))
+            seqs.append(Seq(prompt, completions[g - 1], g, row={"label": label, "is_kl": 1.0}, prompt_index=i))
+        return seqs, {"label/desirable_fraction": sum(bool(self.rows[i]["label"]) for i in idx) / len(idx)}
