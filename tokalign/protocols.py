@@ -79,6 +79,7 @@ class Needs:
     reference: bool = False  # frozen reference model log-probs (batch.fields["ref_logps"])
     groups: bool = False  # several samples per prompt (rollout.n > 1)
     old_logps: bool = False  # behaviour-policy log-probs (batch.fields["old_logps"])
+    old_logps_upfront: bool = False  # ... computed before prepare() even with one update per batch (KL in the reward)
     value_head: bool = False  # a trainable critic V(s_t) on the policy's trunk: PolicyOutput.values, fields["old_values"]
     informative_groups: bool = False  # drop groups whose rewards are all equal; online: resample to refill
     full_vocab: bool = False  # PolicyOutput.logits (and .ref_logits with reference=True), per micro-batch

@@ -1,6 +1,12 @@
-"""REINFORCE++-baseline — "REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both Prompt and Reward
-Models", Hu et al. 2025, arXiv:2501.03262. Group-mean baseline, then whitening over the whole batch, trained with
-GRPO's PPO-clip surrogate (verl ``compute_reinforce_plus_plus_baseline_outcome_advantage``).
+"""REINFORCE++ and REINFORCE++-baseline — "REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both
+Prompt and Reward Models", Hu et al. 2025, arXiv:2501.03262.
+
+REINFORCE++ (``reinforce_pp``; verl ``compute_reinforce_plus_plus_outcome_advantage``): per-token rewards
+r_t = −β_KL·k1_t + token_rewards_t + 1[t = last]·R, returns G_t = Σ_{k≥t} γ^{k−t} r_k, whitened over every
+completion token of the batch: A_t = whiten(G)_t. No critic, no groups needed.
+
+REINFORCE++-baseline (``reinforce_pp_baseline``): group-mean baseline, then whitening over the whole batch,
+trained with GRPO's PPO-clip surrogate (verl ``compute_reinforce_plus_plus_baseline_outcome_advantage``).
 
 Shapes: ``rewards``, ``group_ids``, ``advantages``: [B]; ``logps``, ``old_logps``, ``ref_logps``, mask: [B, T].
 
@@ -19,9 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from tokalign import ops
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
-from tokalign.protocols import TokenBatch
+from tokalign.protocols import Needs, TokenBatch
 
 WHITEN_OVER = ("tokens", "seqs")
 
@@ -48,4 +56,36 @@ class ReinforcePPBaseline(GRPO):
         centred = ops.group_advantages(batch.fields["rewards"], batch.fields["group_ids"], c.scale_rewards, c.adv_eps)
         weights = batch.completion_mask.sum(-1) if c.whiten_over == "tokens" else centred.new_ones(centred.shape)
         batch.fields["advantages"] = ops.masked_whiten(centred, weights, c.adv_eps)
+        return batch
+
+
+@dataclass
+class ReinforcePPConfig(GRPOConfig):
+    kl_coef: float = 0.01  # β_KL of the k1 penalty inside the reward (OpenRLHF --init_kl_coef 1e-2); > 0 loads the ref
+    gamma: float = 1.0
+    adv_eps: float = 1e-8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+
+
+class ReinforcePP(GRPO):
+    Config = ReinforcePPConfig
+
+    def __init__(self, config: ReinforcePPConfig):
+        super().__init__(config)
+        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0 or config.kl_coef > 0, old_logps=True,
+                           old_logps_upfront=config.kl_coef > 0)
+
+    def prepare(self, batch: TokenBatch) -> TokenBatch:
+        c, f, mask = self.config, batch.fields, batch.completion_mask
+        reward = ops.last_token_mask(mask) * f["rewards"].unsqueeze(-1)
+        if "token_rewards" in f:
+            reward = reward + f["token_rewards"] * mask
+        if c.kl_coef > 0:
+            reward = reward - c.kl_coef * ops.kl_penalty(f["old_logps"], f["ref_logps"], "k1") * mask
+        returns, _ = ops.gae(reward, torch.zeros_like(reward), mask, c.gamma, 1.0)  # V = 0, λ = 1: discounted returns
+        f["advantages"] = ops.masked_whiten(returns, mask, c.adv_eps) * mask
         return batch

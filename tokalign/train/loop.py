@@ -210,7 +210,7 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
     if value_head is not None:  # the critic's values before the update, for GAE (and old log-probs with them)
         old = frozen_outputs(policy, batch, t.micro_batch_size, value_head)
         batch.fields["old_logps"], batch.fields["old_values"] = old.logps, old.values
-    elif plan.needs.old_logps and t.updates_per_batch > 1:
+    elif plan.needs.old_logps and (t.updates_per_batch > 1 or plan.needs.old_logps_upfront):
         batch.fields["old_logps"] = frozen_logps(policy, batch, t.micro_batch_size)
     batch = algo.prepare(batch)  # after the frozen log-probs, so advantages may use them (KL in the reward)
     sums: dict[str, float] = {}
