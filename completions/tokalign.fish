@@ -42,6 +42,7 @@ complete -c tokalign -n '__fish_seen_subcommand_from train' -l backend
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l batch-size
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l config
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l data
+complete -c tokalign -n '__fish_seen_subcommand_from train' -l dpo-model
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l dry-run
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l help
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l lr

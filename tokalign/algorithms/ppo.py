@@ -55,9 +55,17 @@ class PPO:
         self.config = config
         self.needs = Needs(data=("online", "scored"), reference=config.kl_coef > 0, old_logps=True, value_head=True)
 
+    def outcome(self, rewards: torch.Tensor) -> torch.Tensor:
+        """The sequence reward placed on each row's last token; variants (RTO) clamp it."""
+        return rewards
+
+    def dense_reward(self, batch: TokenBatch):
+        """Extra per-token rewards [B, T] from the algorithm itself (RTO's DPO reward); none in PPO."""
+        return 0.0
+
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         c, f, mask = self.config, batch.fields, batch.completion_mask
-        token_reward = ops.last_token_mask(mask) * f["rewards"].unsqueeze(-1)
+        token_reward = ops.last_token_mask(mask) * self.outcome(f["rewards"]).unsqueeze(-1) + self.dense_reward(batch) * mask
         if "token_rewards" in f:
             token_reward = token_reward + f["token_rewards"] * mask
         if c.kl_coef > 0:

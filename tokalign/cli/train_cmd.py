@@ -22,6 +22,7 @@ def train(
     ref_model: Optional[str] = typer.Option(None, "--ref-model", "--ref", help="Reference model (default: the starting model)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output checkpoint directory (default: runs/checkpoint-<time>)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The 'teacher' model of algorithms that need one (e.g. TGDPO's token-reward model)."),
+    dpo_model: Optional[str] = typer.Option(None, "--dpo-model", help="The 'dpo' model of algorithms that need one (e.g. RTO's dense reward)."),
     with_models: List[str] = typer.Option([], "--with", help="An extra model an algorithm needs, by role: --with ROLE=PATH (repeatable)."),
     config_file: Optional[str] = typer.Option(None, "--config", "-c", help="YAML run config; flags and --set override it."),
     sets: List[str] = typer.Option([], "--set", help="Override any config key: --set train.lr=1e-5 --set algorithm.beta=0.04 (repeatable)."),
@@ -44,6 +45,8 @@ def train(
     extra = dict(_role(item) for item in with_models)
     if teacher:
         extra["teacher"] = teacher
+    if dpo_model:
+        extra["dpo"] = dpo_model
     flags = {
         "data": data, "model": model, "ref_model": ref_model, "reward": list(reward) or None, "seed": seed,
         "models": extra or None,
