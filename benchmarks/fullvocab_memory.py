@@ -1,4 +1,4 @@
-"""Peak memory of the loss path: full-vocabulary TDPO vs plain DPO on the same batch (vocab 32k).
+"""Peak memory of the loss path: full-vocabulary TDPO and AlignDistil vs plain DPO on the same batch (vocab 32k).
 
 Each method runs in a fresh process: a random tiny Qwen2 with a 32,768-token vocabulary, one batch of
 preference pairs through tokalign's own train-loop pieces (collate → reference log-probs → policy
@@ -40,11 +40,15 @@ dev = "cuda" if torch.cuda.is_available() else "cpu"
 policy, ref = policy.to(dev), ref.to(dev)
 batch.input_ids, batch.attention_mask, batch.completion_mask = batch.input_ids.to(dev), batch.attention_mask.to(dev), batch.completion_mask.to(dev)
 batch.fields = {k: v.to(dev) for k, v in batch.fields.items()}
+extra = {role: Qwen2ForCausalLM(cfg).to(dev).eval().requires_grad_(False) for role in algo.needs.models}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 batch.fields["ref_logps"] = frozen_logps(ref, batch, 0)
+for role, m in extra.items():
+    batch.fields[role + "_logps"] = frozen_logps(m, batch, 0)
 out = forward(policy, batch, keep_logits=algo.needs.full_vocab)
 if algo.needs.full_vocab:
     out.ref_logits = reference_logits(ref, batch)
+    out.extra_logits = {role: reference_logits(m, batch) for role, m in extra.items()}
 loss = algo.loss(batch, out).loss
 loss.backward()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -67,11 +71,11 @@ def main() -> None:
     p.add_argument("--len", type=int, default=64)
     p.add_argument("--vocab", type=int, default=32768)
     args = p.parse_args()
-    rows = [run(a, args) for a in ("dpo", "tdpo", "tdpo1")]
+    rows = [run(a, args) for a in ("dpo", "tdpo", "tdpo1", "aligndistil")]
     base = rows[0]["peak_rss_delta_mib"]
     print(f"vocab {args.vocab}, {args.pairs} pairs × {args.len} completion tokens (+16 prompt)")
     for r in rows:
-        print(f"  {r['algo']:6s} loss {r['loss']:.4f}  grad norm {r['grad_norm']:.3f}  peak RSS +{r['peak_rss_delta_mib']:8.1f} MiB  ({r['peak_rss_delta_mib'] / base:.2f}× DPO)")
+        print(f"  {r['algo']:11s} loss {r['loss']:.4f}  grad norm {r['grad_norm']:.3g}  peak RSS +{r['peak_rss_delta_mib']:8.1f} MiB  ({r['peak_rss_delta_mib'] / base:.2f}× DPO)")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ complete -c tokalign -n '__fish_seen_subcommand_from train' -l quiet
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l ref
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l ref-model
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l resume
+complete -c tokalign -n '__fish_seen_subcommand_from train' -l reverse-model
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l seed
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l set
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l teacher

@@ -127,6 +127,8 @@ class PolicyOutput:
     # [B, L-1, V] reference logits (no grad) with full_vocab + reference: a tensor, or an ops.HeadLogits
     # whose .split(rows) yields them chunk by chunk; ops.position_kl takes either
     ref_logits: Any = None
+    # the same for each extra frozen model (Needs.models) when full_vocab: {role: logits or HeadLogits}
+    extra_logits: dict = field(default_factory=dict)
 
 
 @dataclass

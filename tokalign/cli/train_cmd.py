@@ -23,6 +23,7 @@ def train(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output checkpoint directory (default: runs/checkpoint-<time>)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The 'teacher' model of algorithms that need one (e.g. TGDPO's token-reward model)."),
     dpo_model: Optional[str] = typer.Option(None, "--dpo-model", help="The 'dpo' model of algorithms that need one (e.g. RTO's dense reward)."),
+    reverse_model: Optional[str] = typer.Option(None, "--reverse-model", help="The 'reverse' model (a DPO model trained with chosen/rejected swapped; AlignDistil)."),
     with_models: List[str] = typer.Option([], "--with", help="An extra model an algorithm needs, by role: --with ROLE=PATH (repeatable)."),
     config_file: Optional[str] = typer.Option(None, "--config", "-c", help="YAML run config; flags and --set override it."),
     sets: List[str] = typer.Option([], "--set", help="Override any config key: --set train.lr=1e-5 --set algorithm.beta=0.04 (repeatable)."),
@@ -47,6 +48,8 @@ def train(
         extra["teacher"] = teacher
     if dpo_model:
         extra["dpo"] = dpo_model
+    if reverse_model:
+        extra["reverse"] = reverse_model
     flags = {
         "data": data, "model": model, "ref_model": ref_model, "reward": list(reward) or None, "seed": seed,
         "models": extra or None,

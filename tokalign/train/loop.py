@@ -218,8 +218,9 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
         optimizer.zero_grad(set_to_none=True)
         for mb in micro_batches(batch, t.micro_batch_size):
             out = forward(policy, mb, with_entropy=True, keep_logits=plan.needs.full_vocab, value_head=value_head)
-            if plan.needs.full_vocab and ref is not None:  # per micro-batch, and chunk by chunk where possible
-                out.ref_logits = reference_logits(ref, mb)
+            if plan.needs.full_vocab:  # per micro-batch, and chunk by chunk where possible
+                out.ref_logits = reference_logits(ref, mb) if ref is not None else None
+                out.extra_logits = {role: reference_logits(model, mb) for role, model in frozen.items()}
             if plan.needs.old_logps and "old_logps" not in mb.fields:
                 mb.fields["old_logps"] = out.logps.detach()  # one update per batch: on-policy, ratio 1
             result = algo.loss(mb, out)

@@ -173,7 +173,7 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
         models.resolve_model(run_cfg.ref_model)
     for role in algorithm.needs.models:
         if not run_cfg.models.get(role):
-            flag = {"teacher": "--teacher PATH", "dpo": "--dpo-model PATH"}.get(role, f"--with {role}=PATH")
+            flag = {"teacher": "--teacher PATH", "dpo": "--dpo-model PATH", "reverse": "--reverse-model PATH"}.get(role, f"--with {role}=PATH")
             raise UserError(f"'{algo_name}' needs a '{role}' model: pass {flag} (or models.{role} in the config).")
         models.resolve_model(run_cfg.models[role])
     unused = sorted(set(run_cfg.models) - set(algorithm.needs.models))
