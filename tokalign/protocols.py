@@ -81,6 +81,7 @@ class Needs:
     old_logps: bool = False  # behaviour-policy log-probs (batch.fields["old_logps"])
     old_logps_upfront: bool = False  # ... computed before prepare() even with one update per batch (KL in the reward)
     value_head: bool = False  # a trainable critic V(s_t) on the policy's trunk: PolicyOutput.values, fields["old_values"]
+    greedy_baseline: bool = False  # online: one greedy completion per prompt, scored, in fields["baseline"] (ReMax)
     informative_groups: bool = False  # drop groups whose rewards are all equal; online: resample to refill
     full_vocab: bool = False  # PolicyOutput.logits (and .ref_logits with reference=True), per micro-batch
     # roles of extra frozen models (e.g. "teacher"): the user names each with --with ROLE=PATH (or

@@ -50,7 +50,7 @@ def scored_seqs(rows: list[dict], prompt_index: list[int]) -> list[Seq]:
     return [
         Seq(
             list(r["prompt_ids"]), list(r["completion_ids"]), int(r["group_id"]),
-            row={"rewards": float(r["reward"])},
+            row={"rewards": float(r["reward"]), **({"baseline": float(r["baseline"])} if "baseline" in r else {})},
             token={"sampler_logps": r.get("sampler_logps"), "token_rewards": r.get("token_rewards")},
             prompt_index=k,
         )
@@ -160,6 +160,25 @@ class OnlineSource:
     seed: int
     informative_only: bool = False  # DAPO's dynamic sampling: keep sampling until the batch has
     max_rounds: int = 1  # `batch_size` groups whose rewards differ, for at most this many rounds
+    greedy_baseline: bool = False  # ReMax: also decode each prompt greedily and score it (row "baseline")
+
+    def _greedy_baseline(self, rows: list[dict]) -> float:
+        """Score one greedy completion per prompt into each row's ``baseline`` (greedy decoding draws no
+        random numbers, so a resumed run is unaffected)."""
+        from dataclasses import replace
+
+        from tokalign.stages.common import rollout_rows, scored_rows
+
+        firsts = {}
+        for r in rows:
+            firsts.setdefault(r["group_id"], r)
+        prompts = [firsts[g] for g in sorted(firsts)]
+        greedy = self.engine.generate([p["prompt_ids"] for p in prompts], replace(self.spec, n=1, temperature=0.0))
+        scores = scored_rows(rollout_rows(prompts, greedy, self.spec.max_new_tokens), self.rewards)
+        by_group = {g: s["reward"] for g, s in zip(sorted(firsts), scores)}
+        for r in rows:
+            r["baseline"] = by_group[r["group_id"]]
+        return sum(by_group.values()) / len(by_group)
 
     def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
         from tokalign.stages.common import rollout_rows, scored_rows
@@ -183,6 +202,8 @@ class OnlineSource:
             kept = [[{**r, "prompt_index": picked[g]} for r in rows if r["group_id"] == g] for g in range(len(picked))]
         out = [{**r, "group_id": gid} for gid, group in enumerate(kept[: self.batch_size]) for r in group]
         metrics = reward_metrics(sampled)
+        if self.greedy_baseline:
+            metrics["reward/greedy_baseline"] = self._greedy_baseline(out)
         if self.informative_only:
             metrics.update({"sampling/rounds": rounds, "sampling/informative_groups": len(kept)})
         return scored_seqs(out, [r["prompt_index"] for r in out]), metrics
