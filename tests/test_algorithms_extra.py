@@ -18,7 +18,7 @@ from torch.testing import assert_close
 
 from tokalign import ops
 from tokalign.algorithms.dpo import DPO, DPOConfig
-from tokalign.algorithms.grpo import GRPO, GRPOConfig
+from tokalign.algorithms.grpo import GRPO
 from tokalign.algorithms.gspo import GSPO, GSPOConfig
 from tokalign.algorithms.reinforce_pp import ReinforcePPBaseline, ReinforcePPBaselineConfig
 from tokalign.algorithms.rloo import RLOO, RLOOConfig

@@ -13,7 +13,6 @@ from torch.testing import assert_close
 from conftest import cli
 from tokalign import ops
 from tokalign.algorithms.aligndistil import AlignDistil, AlignDistilConfig, token_loss
-from tokalign.protocols import PolicyOutput, TokenBatch
 
 
 def test_zero_iff_student_is_the_teacher():

@@ -45,7 +45,7 @@ def test_existing_output_refused_then_replaced_with_overwrite(tmp_path):
 def test_overwrite_that_fails_keeps_the_old_artifact(tmp_path):
     write(tmp_path / "P")
     with pytest.raises(RuntimeError):
-        with artifacts.writing(tmp_path / "P", "prompts", artifacts.Provenance(), overwrite=True) as w:
+        with artifacts.writing(tmp_path / "P", "prompts", artifacts.Provenance(), overwrite=True):
             raise RuntimeError("killed")
     assert len(artifacts.read(tmp_path / "P", ["prompts"]).rows()) == 1
 

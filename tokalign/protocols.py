@@ -108,6 +108,16 @@ class TokenBatch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def aggregate(self, values: "torch.Tensor", mode: str) -> "torch.Tensor":
+        """Reduce per-token ``values`` [B, L-1] over the completion tokens with one of
+        ``ops.AGGREGATIONS``, normalised by the whole optimiser batch's totals (so micro-batch
+        results sum to the full-batch value)."""
+        from tokalign import ops
+
+        t = self.totals
+        return ops.aggregate(values, self.completion_mask, mode, total_tokens=t.get("tokens"), total_seqs=t.get("seqs"),
+                             max_len=t.get("max_completion_len"))
+
     def select(self, index: "torch.Tensor") -> "TokenBatch":
         """Rows ``index`` of every tensor; totals are kept (they are global)."""
         return TokenBatch(

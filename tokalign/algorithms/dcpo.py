@@ -169,6 +169,5 @@ class DCPO:
         if c.aggregation == OTM:
             loss = only_token_mean(per_token, mask, t.get("seqs"))
         else:
-            loss = ops.aggregate(per_token, mask, c.aggregation, total_tokens=t.get("tokens"), total_seqs=t.get("seqs"),
-                                 max_len=t.get("max_completion_len"))
+            loss = batch.aggregate(per_token, c.aggregation)
         return LossOutput(loss, metrics)

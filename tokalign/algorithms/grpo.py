@@ -68,14 +68,16 @@ class GRPO:
         per_token, clipped = ops.clipped_surrogate(out.logps, old, adv, c.epsilon_low, c.epsilon_high)
         metrics = {"clip_fraction": float(ops.masked_mean(clipped.float(), mask)),
                    "advantage/abs_mean": float(ops.masked_mean(adv.abs().expand_as(mask), mask))}
+        return self.finish(per_token, batch, out, metrics)
+
+    def finish(self, per_token, batch: TokenBatch, out: PolicyOutput, metrics: dict) -> LossOutput:
+        """Add β·KL to the reference (when β > 0) and aggregate: the tail every GRPO variant shares."""
+        c = self.config
         if c.beta > 0:
             kl = ops.kl_penalty(out.logps, batch.fields["ref_logps"], c.kl_estimator)
             per_token = per_token + c.beta * kl
-            metrics["kl"] = float(ops.masked_mean(kl.detach(), mask))
-        t = batch.totals
-        loss = ops.aggregate(per_token, mask, c.aggregation, total_tokens=t.get("tokens"), total_seqs=t.get("seqs"),
-                             max_len=t.get("max_completion_len"))
-        return LossOutput(loss, metrics)
+            metrics["kl"] = float(ops.masked_mean(kl.detach(), batch.completion_mask))
+        return LossOutput(batch.aggregate(per_token, c.aggregation), metrics)
 
 
 @dataclass

@@ -141,11 +141,4 @@ class HAPO(GRPO):
                    "advantage/redistributed_fraction": float(ops.masked_mean((adv != base).float(), mask))}
         if "grpo_fallback" in batch.fields:
             metrics["advantage/grpo_fallback_fraction"] = float(batch.fields["grpo_fallback"].mean())
-        if c.beta > 0:
-            kl = ops.kl_penalty(out.logps, batch.fields["ref_logps"], c.kl_estimator)
-            per_token = per_token + c.beta * kl
-            metrics["kl"] = float(ops.masked_mean(kl.detach(), mask))
-        t = batch.totals
-        loss = ops.aggregate(per_token, mask, c.aggregation, total_tokens=t.get("tokens"), total_seqs=t.get("seqs"),
-                             max_len=t.get("max_completion_len"))
-        return LossOutput(loss, metrics)
+        return self.finish(per_token, batch, out, metrics)

@@ -107,14 +107,7 @@ class REC(GRPO):
         per_token = -w * lp * keep * self.policy_scale()
         if c.regularizer == "k2":
             per_token = per_token + c.tau * (lp - batch.fields["old_logps"]).square()
-        if c.beta > 0:
-            kl = ops.kl_penalty(lp, batch.fields["ref_logps"], c.kl_estimator)
-            per_token = per_token + c.beta * kl
-            metrics["kl"] = float(ops.masked_mean(kl.detach(), mask))
-        t = batch.totals
-        loss = ops.aggregate(per_token, mask, c.aggregation, total_tokens=t.get("tokens"), total_seqs=t.get("seqs"),
-                             max_len=t.get("max_completion_len"))
-        return LossOutput(loss, metrics)
+        return self.finish(per_token, batch, out, metrics)
 
     def _uses_ratio(self) -> bool:
         c = self.config

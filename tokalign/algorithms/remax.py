@@ -59,8 +59,6 @@ class ReMax:
         return batch
 
     def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
-        t = batch.totals
         per_token = -batch.fields["advantages"] * out.logps
-        loss = ops.aggregate(per_token, batch.completion_mask, self.config.aggregation,
-                             total_tokens=t.get("tokens"), total_seqs=t.get("seqs"), max_len=t.get("max_completion_len"))
+        loss = batch.aggregate(per_token, self.config.aggregation)
         return LossOutput(loss, {"advantage/abs_mean": float(ops.masked_mean(batch.fields["advantages"].abs(), batch.completion_mask))})

@@ -31,7 +31,5 @@ class SFT:
         return batch
 
     def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
-        t = batch.totals
-        nll = ops.aggregate(-out.logps, batch.completion_mask, self.config.aggregation,
-                            total_tokens=t.get("tokens"), total_seqs=t.get("seqs"), max_len=t.get("max_completion_len"))
+        nll = batch.aggregate(-out.logps, self.config.aggregation)
         return LossOutput(nll, {})

@@ -28,7 +28,5 @@ class ReinforceMean:
 
     def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
         per_token = -batch.fields["advantages"].unsqueeze(-1) * out.logps
-        t = batch.totals
-        loss = ops.aggregate(per_token, batch.completion_mask, self.config.aggregation,
-                             total_tokens=t["tokens"], total_seqs=t["seqs"], max_len=t["max_completion_len"])
+        loss = batch.aggregate(per_token, self.config.aggregation)
         return LossOutput(loss, {"advantage/abs_mean": float(batch.fields["advantages"].abs().mean())})
