@@ -62,9 +62,12 @@ def pair_loss(margin: torch.Tensor, config: DPOConfig) -> torch.Tensor:
 def split_pairs(per_row: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """[B] per-row values -> (chosen [P], rejected [P]); each group holds one chosen and one rejected row."""
     chosen = batch.fields["is_chosen"] > 0.5
+    rejected = ~chosen
+    if "is_gold" in batch.fields:  # triples (TPO): the gold row is neither side of the pair
+        rejected = rejected & (batch.fields["is_gold"] < 0.5)
     order_c = torch.argsort(batch.fields["group_ids"][chosen], stable=True)
-    order_r = torch.argsort(batch.fields["group_ids"][~chosen], stable=True)
-    return per_row[chosen][order_c], per_row[~chosen][order_r]
+    order_r = torch.argsort(batch.fields["group_ids"][rejected], stable=True)
+    return per_row[chosen][order_c], per_row[rejected][order_r]
 
 
 class DPO:

@@ -91,8 +91,8 @@ def _source(plan: Plan, tokenizer, policy):
     if plan.data_kind == "scored":
         return (sources.ScoredSource(rows, t.batch_size, cfg.seed, informative_only=plan.needs.informative_groups),
                 plan.extra.get("max_new_tokens"))
-    if plan.data_kind == "pairs":
-        return sources.PairSource(rows, tokenizer, t.batch_size, cfg.seed), None
+    if plan.data_kind in ("pairs", "triples"):
+        return sources.PairSource(rows, tokenizer, t.batch_size, cfg.seed, with_gold=plan.data_kind == "triples"), None
     if plan.data_kind == "unpaired":
         return sources.UnpairedSource(rows, tokenizer, t.batch_size, cfg.seed), None
     rows = [r for r in rows if r.get("completion")]

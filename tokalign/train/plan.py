@@ -43,11 +43,11 @@ class Plan:
 
     def arithmetic(self) -> dict[str, Any]:
         t, r = self.cfg.train, self.cfg.rollout
-        per_item = {"online": r.n, "scored": self.group_size(), "pairs": 2, "completions": 1, "unpaired": 2}[self.data_kind]
+        per_item = {"online": r.n, "scored": self.group_size(), "pairs": 2, "completions": 1, "unpaired": 2, "triples": 3}[self.data_kind]
         seqs = t.batch_size * per_item
         micro = t.micro_batch_size or seqs
         unit = {"online": "prompts", "scored": "groups", "pairs": "pairs", "completions": "examples",
-                "unpaired": "labelled examples"}[self.data_kind]
+                "unpaired": "labelled examples", "triples": "triples"}[self.data_kind]
         items = len({r_["group_id"] for r_ in self.rows}) if self.data_kind == "scored" else len(self.rows)
         out = {
             f"{unit} per step": t.batch_size,
@@ -132,6 +132,9 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
         desc = {k: v for k, v in info.items() if k not in ("default_reward", "sha256")}
         inputs = [{"path": info.get("path", source), "kind": info["source"], "sha256": info["sha256"]}]
         extra = {"inputs": inputs, "default_reward": info.get("default_reward"), "normalised": True}
+    encoded = artifacts.is_artifact(source)  # artifact rows keep 'reference' JSON-encoded
+    if "pairs" in kinds and rows and all(_gold_text(r.get("reference"), encoded) for r in rows):
+        kinds = (*kinds, "triples")  # preference data with a gold response in 'reference'
     for kind in accepts:
         if kind in kinds:
             if kind == "pairs" and desc.get("kind") == "scored":
@@ -146,6 +149,13 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
         f"'{algo_name}' trains on {' or '.join(accepts)} data, but '{source}' provides {' or '.join(kinds)}."
         + (" Run `tokalign rollout` and `tokalign score` first, or pass prompts for online training." if "scored" in accepts else "")
     )
+
+
+def _gold_text(reference, encoded: bool) -> bool:
+    """A reference usable as a gold completion: non-empty text."""
+    if encoded and isinstance(reference, str):
+        reference = json.loads(reference)
+    return isinstance(reference, str) and bool(reference.strip())
 
 
 def _sampler_max_new_tokens(art) -> int | None:

@@ -117,9 +117,11 @@ class PairSource:
     tokenizer: Any
     batch_size: int
     seed: int
+    with_gold: bool = False  # triples (TPO): a third row per group, the gold ``reference`` completion
 
     def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
         from tokalign.data.render import completion_ids
+        from tokalign.stages.common import loads
 
         seqs = []
         for gid, i in enumerate(indices_for_step(len(self.rows), self.batch_size, step, self.seed)):
@@ -127,6 +129,9 @@ class PairSource:
             for side, flag in (("chosen", 1.0), ("rejected", 0.0)):
                 ids = r.get(f"{side}_ids") or completion_ids(self.tokenizer, r[side])  # sampled pairs keep their ids
                 seqs.append(Seq(list(r["prompt_ids"]), ids, gid, row={"is_chosen": flag}, prompt_index=i))
+            if self.with_gold:
+                gold = completion_ids(self.tokenizer, loads(r["reference"]))
+                seqs.append(Seq(list(r["prompt_ids"]), gold, gid, row={"is_chosen": 0.0, "is_gold": 1.0}, prompt_index=i))
         return seqs, {}
 
 
