@@ -35,3 +35,22 @@ def sh(script: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run a bash pipeline with the venv's `tokalign` on PATH."""
     env = {**CLI_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{CLI_ENV.get('PATH', '')}"}
     return subprocess.run(["bash", "-o", "pipefail", "-c", script], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def token_batch(mask, fields=None, totals=None):
+    """A TokenBatch around a per-token mask [B, T] (hand-made loss tests); input ids are dummies of width T + 1."""
+    import torch
+
+    from tokalign.protocols import TokenBatch
+
+    mask = torch.as_tensor(mask, dtype=torch.float32)
+    b, t = mask.shape
+    return TokenBatch(torch.ones(b, t + 1, dtype=torch.long), torch.ones(b, t + 1, dtype=torch.long), mask,
+                      dict(fields or {}), dict(totals or {}))
+
+
+def leaf(x):
+    """A float32 tensor that collects gradients (stands in for the policy's per-token log-probs)."""
+    import torch
+
+    return torch.as_tensor(x, dtype=torch.float32).clone().requires_grad_(True)

@@ -17,25 +17,10 @@ from tokalign import ops
 from tokalign.algorithms.dpo import DPO, DPOConfig, sigmoid_loss
 from tokalign.algorithms.grpo import DAPO, GRPO, DAPOConfig, DrGRPO, DrGRPOConfig, GRPOConfig
 from tokalign.algorithms.sft import SFT, SFTConfig
-from tokalign.protocols import PolicyOutput, TokenBatch
+from tokalign.protocols import PolicyOutput
 from tokalign.train.batching import Seq, collate, micro_batches
+from conftest import leaf as _leaf, token_batch as _batch
 
-
-def _batch(mask, fields=None, totals=None) -> TokenBatch:
-    """A TokenBatch around a per-token mask [B, T]; input ids are dummies of width T + 1."""
-    mask = torch.as_tensor(mask, dtype=torch.float32)
-    b, t = mask.shape
-    return TokenBatch(
-        input_ids=torch.ones(b, t + 1, dtype=torch.long),
-        attention_mask=torch.ones(b, t + 1, dtype=torch.long),
-        completion_mask=mask,
-        fields=dict(fields or {}),
-        totals=dict(totals or {}),
-    )
-
-
-def _leaf(x) -> torch.Tensor:
-    return torch.as_tensor(x, dtype=torch.float32).clone().requires_grad_(True)
 
 
 # ---------------------------------------------------------------------------------------------------

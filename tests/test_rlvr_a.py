@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, leaf as _leaf, token_batch as _batch
 from torch.testing import assert_close
 
 from tokalign.algorithms.bnpo import BNPO, BNPOConfig, beta_pdf, fit_beta
@@ -24,17 +24,6 @@ from tokalign.algorithms.tempo import TEMPO, TEMPOConfig, prefix_td
 from tokalign.protocols import PolicyOutput, TokenBatch
 from tokalign.train.batching import Seq, collate, micro_batches
 
-
-def _batch(mask, fields=None, totals=None) -> TokenBatch:
-    """A TokenBatch around a per-token mask [B, T]; input ids are dummies of width T + 1."""
-    mask = torch.as_tensor(mask, dtype=torch.float32)
-    b, t = mask.shape
-    return TokenBatch(torch.ones(b, t + 1, dtype=torch.long), torch.ones(b, t + 1, dtype=torch.long), mask,
-                      dict(fields or {}), dict(totals or {}))
-
-
-def _leaf(x) -> torch.Tensor:
-    return torch.as_tensor(x, dtype=torch.float32).clone().requires_grad_(True)
 
 
 def _groups(completions, rewards, group_ids, token=None) -> TokenBatch:

@@ -20,7 +20,7 @@ import time
 
 import pytest
 import torch
-from conftest import CLI_ENV, cli
+from conftest import CLI_ENV, cli, leaf as _leaf, token_batch as _batch
 from torch.testing import assert_close
 
 from tokalign import ops
@@ -30,17 +30,6 @@ from tokalign.algorithms.hapo import HAPO, HAPOConfig, entropy_h_hat, token_grou
 from tokalign.protocols import PolicyOutput, TokenBatch
 from tokalign.train.batching import Seq, collate, micro_batches
 
-
-def _batch(mask, fields=None, totals=None) -> TokenBatch:
-    """A TokenBatch around a per-token mask [B, T]; input ids are dummies of width T + 1."""
-    mask = torch.as_tensor(mask, dtype=torch.float32)
-    b, t = mask.shape
-    return TokenBatch(torch.ones(b, t + 1, dtype=torch.long), torch.ones(b, t + 1, dtype=torch.long), mask,
-                      dict(fields or {}), dict(totals or {}))
-
-
-def _leaf(x) -> torch.Tensor:
-    return torch.as_tensor(x, dtype=torch.float32).clone().requires_grad_(True)
 
 
 def _group(rewards, prompt=7) -> TokenBatch:
