@@ -54,3 +54,42 @@ def leaf(x):
     import torch
 
     return torch.as_tensor(x, dtype=torch.float32).clone().requires_grad_(True)
+
+
+def micro_batch_check(algo, batch, size: int = 2, logps=lambda b: b.fields["pol"], entropy=None):
+    """The loss and per-token gradients of the whole batch against those of its micro-batches of ``size`` rows.
+
+    ``logps(b)`` / ``entropy(b)`` give a (micro-)batch's policy log-probs / entropies. Returns
+    (full loss, sum of micro-batch losses, full gradient, micro-batch gradients, number of micro-batches), the
+    gradients flattened over completion tokens."""
+    import torch
+
+    from tokalign.protocols import PolicyOutput
+    from tokalign.train.batching import micro_batches
+
+    def run(b):
+        lp = leaf(logps(b))
+        loss = algo.loss(b, PolicyOutput(lp, entropy=entropy(b) if entropy else None)).loss
+        loss.backward()
+        return loss.detach(), lp.grad[b.completion_mask.bool()]
+
+    full, full_grad = run(batch)
+    parts = [run(mb) for mb in micro_batches(batch, size)]
+    return full, sum(p[0] for p in parts), full_grad, torch.cat([p[1] for p in parts]), len(parts)
+
+
+def run_and_kill(args: list[str], out: str, checkpoint_name: str, cwd: Path, timeout: float = 300) -> None:
+    """Start ``tokalign ARGS --out OUT`` and SIGKILL its whole process group as soon as
+    ``OUT.partial/CHECKPOINT_NAME`` exists (a real kill mid-run, for resume tests)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "tokalign", *args, "--out", out], cwd=cwd, env=CLI_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + timeout
+    while not (cwd / f"{out}.partial" / checkpoint_name).exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

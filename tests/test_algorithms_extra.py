@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import cli, leaf as _leaf, token_batch as _batch
+from conftest import cli, leaf as _leaf, token_batch as _batch, micro_batch_check
 from torch.testing import assert_close
 
 from tokalign import ops
@@ -203,20 +203,11 @@ def test_gspo_defaults_and_micro_batches():
     batch = collate(seqs, pad_id=0)
     algo = GSPO(c)
     algo.prepare(batch)
-    full_lp = _leaf(batch.fields["pol"])
-    full = algo.loss(batch, PolicyOutput(full_lp)).loss
-    full.backward()
-    parts, grads = [], []
-    for mb in micro_batches(batch, 2):
-        lp = _leaf(mb.fields["pol"])
-        loss = algo.loss(mb, PolicyOutput(lp)).loss
-        loss.backward()
-        parts.append(loss.detach())
-        grads.append(lp.grad[mb.completion_mask.bool()])
-    assert len(parts) == 3
-    assert_close(sum(parts), full.detach())
-    assert_close(torch.cat(grads), full_lp.grad[batch.completion_mask.bool()])
-    assert float(full_lp.grad.abs().max()) > 1e-3
+    full, summed, full_grad, mb_grad, n = micro_batch_check(algo, batch)
+    assert n == 3
+    assert_close(summed, full)
+    assert_close(mb_grad, full_grad)
+    assert float(full_grad.abs().max()) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from tokalign.algorithms.grpo import DAPO, GRPO, DAPOConfig, DrGRPO, DrGRPOConfi
 from tokalign.algorithms.sft import SFT, SFTConfig
 from tokalign.protocols import PolicyOutput
 from tokalign.train.batching import Seq, collate, micro_batches
-from conftest import leaf as _leaf, token_batch as _batch
+from conftest import leaf as _leaf, token_batch as _batch, micro_batch_check
 
 
 
@@ -162,23 +162,10 @@ def test_grpo_micro_batches_sum_to_full_batch(aggregation):
     algo.prepare(batch)
     batch.fields["ref_logps"] = batch.fields["old_logps"].flip(0) * batch.completion_mask  # arbitrary, fixed
 
-    full_logps = _leaf(batch.fields["pol"])
-    full = algo.loss(batch, PolicyOutput(full_logps)).loss
-    full.backward()
-
-    parts, grads = [], {}
-    for mb in micro_batches(batch, 2):
-        lp = _leaf(mb.fields["pol"])
-        loss = algo.loss(mb, PolicyOutput(lp)).loss
-        loss.backward()
-        parts.append(loss.detach())
-        grads[len(parts)] = (mb, lp.grad)
-    assert len(parts) == 3
-    assert_close(sum(parts), full.detach())
-    # gradients: compare per completion token
-    flat_full = full_logps.grad[batch.completion_mask.bool()]
-    flat_mb = torch.cat([gr[mb.completion_mask.bool()] for mb, gr in grads.values()])
-    assert_close(flat_mb, flat_full)
+    full, summed, full_grad, mb_grad, n = micro_batch_check(algo, batch)
+    assert n == 3
+    assert_close(summed, full)
+    assert_close(mb_grad, full_grad)  # per completion token
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,23 +297,13 @@ def test_dpo_pairs_average_and_micro_batches():
                                    "ref_logps": (-torch.rand(n, generator=g) * 3).tolist()}))
     batch = collate(seqs, pad_id=0)
     algo = DPO(DPOConfig(beta=0.3))
-    lp = _leaf(batch.fields["pol"])
-    full = algo.loss(batch, PolicyOutput(lp)).loss
-    full.backward()
     delta = ((batch.fields["pol"] - batch.fields["ref_logps"]) * batch.completion_mask).sum(-1)
     h = delta[0::2] - delta[1::2]
-    assert_close(full.detach(), (-torch.nn.functional.logsigmoid(0.3 * h)).mean())
-
-    parts, grads = [], []
-    for mb in micro_batches(batch, 2):
-        assert len(mb) == 2 and mb.fields["is_chosen"].tolist() == [1.0, 0.0]
-        mlp = _leaf(mb.fields["pol"])
-        loss = algo.loss(mb, PolicyOutput(mlp)).loss
-        loss.backward()
-        parts.append(loss.detach())
-        grads.append(mlp.grad[mb.completion_mask.bool()])
-    assert_close(sum(parts), full.detach())
-    assert_close(torch.cat(grads), lp.grad[batch.completion_mask.bool()])
+    assert all(len(mb) == 2 and mb.fields["is_chosen"].tolist() == [1.0, 0.0] for mb in micro_batches(batch, 2))
+    full, summed, full_grad, mb_grad, _ = micro_batch_check(algo, batch)
+    assert_close(full, (-torch.nn.functional.logsigmoid(0.3 * h)).mean())
+    assert_close(summed, full)
+    assert_close(mb_grad, full_grad)
 
 
 def test_dpo_config_validation():

@@ -4,16 +4,11 @@ on CPU with a fixed seed, ends with exactly the weights of an uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import CLI_ENV, cli
+from conftest import cli, run_and_kill
 
 pytestmark = pytest.mark.slow
 ARGS = ["train", "grpo", "--data", "arith", "--max-steps", "8", "--batch-size", "4", "--n", "4", "--lr", "1e-3",
@@ -23,15 +18,7 @@ ARGS = ["train", "grpo", "--data", "arith", "--max-steps", "8", "--batch-size", 
 def test_killed_run_resumes_to_identical_weights(tmp_path):
     cli(*ARGS, "--out", "full", cwd=tmp_path)
 
-    proc = subprocess.Popen([sys.executable, "-m", "tokalign", *ARGS, "--out", "cut"], cwd=tmp_path, env=CLI_ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while not (tmp_path / "cut.partial" / "checkpoint-4").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_and_kill(ARGS, "cut", "checkpoint-4", tmp_path)
     assert not (tmp_path / "cut").exists()  # no half artifact, only the resume point
 
     again = cli(*ARGS, "--out", "cut", cwd=tmp_path, check=False)

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import cli, leaf as _leaf, token_batch as _batch
+from conftest import cli, leaf as _leaf, token_batch as _batch, micro_batch_check
 from torch.testing import assert_close
 
 from tokalign.algorithms.bnpo import BNPO, BNPOConfig, beta_pdf, fit_beta
@@ -22,7 +22,7 @@ from tokalign.algorithms.grpo import GRPO, GRPOConfig
 from tokalign.algorithms.rec import OPMD, REC, OPMDConfig, RECConfig
 from tokalign.algorithms.tempo import TEMPO, TEMPOConfig, prefix_td
 from tokalign.protocols import PolicyOutput, TokenBatch
-from tokalign.train.batching import Seq, collate, micro_batches
+from tokalign.train.batching import Seq, collate
 
 
 
@@ -417,20 +417,11 @@ def test_micro_batches_sum_to_full_batch(name):
     batch = collate(seqs, pad_id=0)
     algo = _ALGOS[name]()
     algo.prepare(batch)
-    full_lp = _leaf(batch.fields["pol"])
-    full = algo.loss(batch, PolicyOutput(full_lp, entropy=batch.fields["ent"])).loss
-    full.backward()
-    parts, grads = [], []
-    for mb in micro_batches(batch, 2):
-        lp = _leaf(mb.fields["pol"])
-        loss = algo.loss(mb, PolicyOutput(lp, entropy=mb.fields["ent"])).loss
-        loss.backward()
-        parts.append(loss.detach())
-        grads.append(lp.grad[mb.completion_mask.bool()])
-    assert len(parts) == 3
-    assert_close(sum(parts), full.detach())
-    assert_close(torch.cat(grads), full_lp.grad[batch.completion_mask.bool()])
-    assert float(full_lp.grad.abs().max()) > 1e-3
+    full, summed, full_grad, mb_grad, n = micro_batch_check(algo, batch, entropy=lambda b: b.fields["ent"])
+    assert n == 3
+    assert_close(summed, full)
+    assert_close(mb_grad, full_grad)
+    assert float(full_grad.abs().max()) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------

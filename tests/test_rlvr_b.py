@@ -12,15 +12,10 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import CLI_ENV, cli, leaf as _leaf, token_batch as _batch
+from conftest import cli, leaf as _leaf, token_batch as _batch, micro_batch_check, run_and_kill
 from torch.testing import assert_close
 
 from tokalign import ops
@@ -209,19 +204,10 @@ def test_dcpo_otm_and_token_mean_micro_batches():
     assert_close(per_row, smtm)
     assert not torch.isclose(per_row, tm.loss(batch, PolicyOutput(pol)).loss)  # OTM depends on the split
 
-    full_lp = _leaf(pol)
-    full = tm.loss(batch, PolicyOutput(full_lp)).loss
-    full.backward()
-    parts, grads = [], []
-    for mb in micro_batches(batch, 2):
-        lp = _leaf(mb.fields["pol"])
-        loss = tm.loss(mb, PolicyOutput(lp)).loss
-        loss.backward()
-        parts.append(loss.detach())
-        grads.append(lp.grad[mb.completion_mask.bool()])
-    assert len(parts) == 3
-    assert_close(sum(parts), full.detach())
-    assert_close(torch.cat(grads), full_lp.grad[batch.completion_mask.bool()])
+    full, summed, full_grad, mb_grad, n = micro_batch_check(tm, batch)
+    assert n == 3
+    assert_close(summed, full)
+    assert_close(mb_grad, full_grad)
 
 
 def test_dcpo_defaults_needs_and_validation():
@@ -317,25 +303,15 @@ def test_hapo_micro_batches_and_per_micro_batch_h_hat():
     batch = _random_groups(4, [2, 3, 1, 4, 2, 2], [0, 0, 1, 1, 2, 2], [1, 0, 0.5, 0.2, 1, 0])
     algo = HAPO(HAPOConfig())
     algo.prepare(batch)
-    pol = batch.fields["pol"] + 0.2
     for ent_key, consistent in [(None, True), ("ent", False)]:
-        ent = torch.full_like(pol, 0.9) if ent_key is None else batch.fields[ent_key]
-        full_lp = _leaf(pol)
-        full = algo.loss(batch, PolicyOutput(full_lp, entropy=ent)).loss
-        full.backward()
-        parts, grads = [], []
-        for mb in micro_batches(batch, 2):
-            lp = _leaf(mb.fields["pol"] + 0.2)
-            e = torch.full_like(lp, 0.9) if ent_key is None else mb.fields[ent_key]
-            loss = algo.loss(mb, PolicyOutput(lp, entropy=e)).loss
-            loss.backward()
-            parts.append(loss.detach())
-            grads.append(lp.grad[mb.completion_mask.bool()])
+        entropy = (lambda b: torch.full_like(b.fields["pol"], 0.9)) if ent_key is None else (lambda b: b.fields["ent"])
+        full, summed, full_grad, mb_grad, _ = micro_batch_check(algo, batch, logps=lambda b: b.fields["pol"] + 0.2,
+                                                                entropy=entropy)
         if consistent:
-            assert_close(sum(parts), full.detach())
-            assert_close(torch.cat(grads), full_lp.grad[batch.completion_mask.bool()])
+            assert_close(summed, full)
+            assert_close(mb_grad, full_grad)
         else:
-            assert not torch.isclose(sum(parts), full.detach())
+            assert not torch.isclose(summed, full)
 
 
 def test_hapo_defaults_needs_and_validation():
@@ -405,15 +381,7 @@ def test_cli_dcpo_killed_run_resumes_its_statistics(tmp_path):
             "--set", "rollout.max_new_tokens=6", "--set", "train.save_every=2", "--quiet"]
     cli(*args, "--out", "full", cwd=tmp_path)
 
-    proc = subprocess.Popen([sys.executable, "-m", "tokalign", *args, "--out", "cut"], cwd=tmp_path, env=CLI_ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while not (tmp_path / "cut.partial" / "checkpoint-2").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_and_kill(args, "cut", "checkpoint-2", tmp_path)
     ckpt = checkpoint.latest(tmp_path / "cut.partial")
     state = torch.load(ckpt / checkpoint.STATE, weights_only=False)
     step = state["step"]
