@@ -323,6 +323,29 @@ def _tk_batch(prompt_ids, completion_ids, cmask, advantages, old, ref, pad_id, m
 GRPO_CASES = [(lt, beta) for lt in ("dapo", "grpo", "dr_grpo", "bnpo") for beta in (0.0, 0.04)]
 
 
+def _random_logps_parity(trainer, algo, seed: int, lengths=(5, 2, 4, 1), noise: float = 0.4):
+    """Random per-token policy log-probs (behaviour = policy + ``noise``·N(0,1), reference = policy + 0.3·N(0,1)
+    when β > 0) and random advantages through TRL's ``_compute_loss`` and tokalign's ``algo.loss``.
+    Returns (tokalign result, tokalign logps, TRL loss, TRL logps); both logps hold their gradients."""
+    tok = trainer.processing_class
+    prompt_ids, completion_ids, cmask, adv, g = _grpo_case(len(tok), tok.pad_token_id, seed=seed, lengths=lengths)
+    p, c = prompt_ids.shape[1], completion_ids.shape[1]
+    logps = -torch.rand(len(lengths), p + c - 1, generator=g) * 4  # [B, L-1]; completion token j at column p-1+j
+    comp = logps[:, p - 1:]
+    old = comp + noise * torch.randn(comp.shape, generator=g)
+    ref = comp + 0.3 * torch.randn(comp.shape, generator=g) if algo.config.beta > 0 else None
+
+    trl_logps = logps.clone().requires_grad_(True)
+    trl_loss = trainer._compute_loss(LogpStub(trl_logps), _trl_inputs(prompt_ids, completion_ids, cmask, adv, old, ref))
+    trl_loss.backward()
+
+    batch = _tk_batch(prompt_ids, completion_ids, cmask, adv, old, ref, tok.pad_token_id, trainer.max_completion_length)
+    tk_logps = logps.clone().requires_grad_(True)
+    res = algo.loss(batch, PolicyOutput(tk_logps))
+    res.loss.backward()
+    return res, tk_logps, trl_loss, trl_logps
+
+
 @pytest.mark.parametrize(("loss_type", "beta"), GRPO_CASES)
 @pytest.mark.parametrize(("eps_low", "eps_high"), [(0.2, 0.28), (0.1, 0.1)])
 def test_grpo_parity_random_logps(tiny_model, tmp_path, loss_type, beta, eps_low, eps_high):
@@ -330,23 +353,8 @@ def test_grpo_parity_random_logps(tiny_model, tmp_path, loss_type, beta, eps_low
     random advantages, 4 completions of lengths 5, 2, 4, 1: tokalign GRPO with the matching aggregation equals
     GRPOTrainer._compute_loss, loss and gradient w.r.t. every per-token policy log-prob."""
     trainer = _grpo_trainer(tiny_model, tmp_path, loss_type=loss_type, beta=beta, epsilon=eps_low, epsilon_high=eps_high)
-    tok = trainer.processing_class
-    prompt_ids, completion_ids, cmask, adv, g = _grpo_case(len(tok), tok.pad_token_id, seed=30)
-    p, c = prompt_ids.shape[1], completion_ids.shape[1]
-    logps = -torch.rand(4, p + c - 1, generator=g) * 4  # [B, L-1]; completion token j at column p-1+j
-    comp = logps[:, p - 1:]
-    old = comp + 0.4 * torch.randn(comp.shape, generator=g)
-    ref = comp + 0.3 * torch.randn(comp.shape, generator=g) if beta > 0 else None
-
-    trl_logps = logps.clone().requires_grad_(True)
-    trl_loss = trainer._compute_loss(LogpStub(trl_logps), _trl_inputs(prompt_ids, completion_ids, cmask, adv, old, ref))
-    trl_loss.backward()
-
-    batch = _tk_batch(prompt_ids, completion_ids, cmask, adv, old, ref, tok.pad_token_id, trainer.max_completion_length)
     algo = GRPO(GRPOConfig(epsilon_low=eps_low, epsilon_high=eps_high, beta=beta, aggregation=AGGREGATION[loss_type]))
-    tk_logps = logps.clone().requires_grad_(True)
-    res = algo.loss(batch, PolicyOutput(tk_logps))
-    res.loss.backward()
+    res, tk_logps, trl_loss, trl_logps = _random_logps_parity(trainer, algo, seed=30)
 
     assert 0.0 < res.metrics["clip_fraction"] < 1.0
     print(f"\nGRPO {loss_type} β={beta} ε=({eps_low},{eps_high}) random logps: |Δloss| = "

@@ -34,11 +34,11 @@ trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from test_trl_parity import (  # noqa: E402
     ATOL,
-    LogpStub,
     _assert_same_grads,
     _grpo_case,
     _max_abs,
     _param_grads,
+    _random_logps_parity,
     _reward_constant,
     _tk_batch,
     _trl_inputs,
@@ -93,23 +93,8 @@ def test_gspo_parity_random_logps(tiny_model, tmp_path, loss_type, beta, eps_low
     8 completions of lengths 1–5: tokalign GSPO equals GRPOTrainer._compute_loss with importance_sampling_level=
     "sequence" — loss and gradient w.r.t. every per-token policy log-prob; some sequences are clipped, some not."""
     trainer = _gspo_trainer(tiny_model, tmp_path, loss_type=loss_type, beta=beta, epsilon=eps_low, epsilon_high=eps_high)
-    tok = trainer.processing_class
-    prompt_ids, completion_ids, cmask, adv, g = _grpo_case(len(tok), tok.pad_token_id, seed=45, lengths=LENGTHS)
-    p, c = prompt_ids.shape[1], completion_ids.shape[1]
-    logps = -torch.rand(len(LENGTHS), p + c - 1, generator=g) * 4
-    comp = logps[:, p - 1:]
-    old = comp + noise * torch.randn(comp.shape, generator=g)
-    ref = comp + 0.3 * torch.randn(comp.shape, generator=g) if beta > 0 else None
-
-    trl_logps = logps.clone().requires_grad_(True)
-    trl_loss = trainer._compute_loss(LogpStub(trl_logps), _trl_inputs(prompt_ids, completion_ids, cmask, adv, old, ref))
-    trl_loss.backward()
-
-    batch = _tk_batch(prompt_ids, completion_ids, cmask, adv, old, ref, tok.pad_token_id, trainer.max_completion_length)
     algo = GSPO(GSPOConfig(epsilon_low=eps_low, epsilon_high=eps_high, beta=beta, aggregation=AGGREGATION[loss_type]))
-    tk_logps = logps.clone().requires_grad_(True)
-    res = algo.loss(batch, PolicyOutput(tk_logps))
-    res.loss.backward()
+    res, tk_logps, trl_loss, trl_logps = _random_logps_parity(trainer, algo, seed=45, lengths=LENGTHS, noise=noise)
 
     assert 0.0 < res.metrics["clip_fraction"] < 1.0
     print(f"\nGSPO {loss_type} β={beta} ε=({eps_low},{eps_high}) random logps: |Δloss| = "
