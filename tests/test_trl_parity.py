@@ -363,19 +363,18 @@ def test_grpo_parity_random_logps(tiny_model, tmp_path, loss_type, beta, eps_low
     assert_close(tk_logps.grad, trl_logps.grad, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize(("loss_type", "beta"), GRPO_CASES)
-def test_grpo_parity_tiny_model(tiny_model, tmp_path, loss_type, beta):
-    """Real forward passes of the tiny model: TRL's fused-head log-probs vs tokalign's ``train.loop.forward``;
-    behaviour/reference log-probs = the model's own ± seeded noise; losses and all parameter gradients match."""
-    trainer = _grpo_trainer(tiny_model, tmp_path, loss_type=loss_type, beta=beta)
+def _tiny_model_parity(trainer, algo, seed: int, lengths=(5, 2, 4, 1), noise: float = 0.4):
+    """Real forward passes of the trainer's tiny model: behaviour log-probs = the model's own + ``noise``·N(0,1),
+    reference = + 0.3·N(0,1) when β > 0; TRL's ``_compute_loss`` (fused-head log-probs) vs ``algo.loss`` on
+    ``train.loop.forward``. Returns (tokalign result, TRL loss, tokalign parameter grads, TRL parameter grads)."""
     model, tok = trainer.model, trainer.processing_class
-    prompt_ids, completion_ids, cmask, adv, g = _grpo_case(len(tok), tok.pad_token_id, seed=31)
+    prompt_ids, completion_ids, cmask, adv, g = _grpo_case(len(tok), tok.pad_token_id, seed=seed, lengths=lengths)
     p = prompt_ids.shape[1]
     plain = _tk_batch(prompt_ids, completion_ids, cmask, adv, torch.zeros(cmask.shape), None, tok.pad_token_id, 5)
     with torch.no_grad():
         comp = forward(model, plain).logps[:, p - 1:]
-    old = comp + 0.4 * torch.randn(comp.shape, generator=g)
-    ref = comp + 0.3 * torch.randn(comp.shape, generator=g) if beta > 0 else None
+    old = comp + noise * torch.randn(comp.shape, generator=g)
+    ref = comp + 0.3 * torch.randn(comp.shape, generator=g) if algo.config.beta > 0 else None
 
     model.zero_grad()
     trl_loss = trainer._compute_loss(model, _trl_inputs(prompt_ids, completion_ids, cmask, adv, old, ref))
@@ -384,10 +383,19 @@ def test_grpo_parity_tiny_model(tiny_model, tmp_path, loss_type, beta):
 
     model.zero_grad()
     batch = _tk_batch(prompt_ids, completion_ids, cmask, adv, old, ref, tok.pad_token_id, trainer.max_completion_length)
+    res = algo.loss(batch, forward(model, batch))
+    res.loss.backward()
+    return res, trl_loss, _param_grads(model), g_trl
+
+
+@pytest.mark.parametrize(("loss_type", "beta"), GRPO_CASES)
+def test_grpo_parity_tiny_model(tiny_model, tmp_path, loss_type, beta):
+    """Real forward passes of the tiny model: TRL's fused-head log-probs vs tokalign's ``train.loop.forward``;
+    behaviour/reference log-probs = the model's own ± seeded noise; losses and all parameter gradients match."""
+    trainer = _grpo_trainer(tiny_model, tmp_path, loss_type=loss_type, beta=beta)
     algo = GRPO(GRPOConfig(epsilon_low=0.2, epsilon_high=0.28, beta=beta, aggregation=AGGREGATION[loss_type]))
-    tk_loss = algo.loss(batch, forward(model, batch)).loss
-    tk_loss.backward()
-    g_tk = _param_grads(model)
+    res, trl_loss, g_tk, g_trl = _tiny_model_parity(trainer, algo, seed=31)
+    tk_loss = res.loss
 
     assert_close(tk_loss, trl_loss, atol=ATOL, rtol=0)
     worst = _assert_same_grads(g_trl, g_tk)

@@ -35,13 +35,11 @@ from datasets import Dataset  # noqa: E402
 from test_trl_parity import (  # noqa: E402
     ATOL,
     _assert_same_grads,
-    _grpo_case,
     _max_abs,
     _param_grads,
     _random_logps_parity,
+    _tiny_model_parity,
     _reward_constant,
-    _tk_batch,
-    _trl_inputs,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig as TRLGRPOConfig  # noqa: E402
@@ -110,25 +108,8 @@ def test_gspo_parity_tiny_model(tiny_model, tmp_path, beta):
     log-probs = the model's own + 1e-3 noise, GSPO's default band and aggregation: losses and all parameter gradients
     match."""
     trainer = _gspo_trainer(tiny_model, tmp_path, loss_type="grpo", beta=beta, epsilon=3e-4, epsilon_high=4e-4)
-    model, tok = trainer.model, trainer.processing_class
-    prompt_ids, completion_ids, cmask, adv, g = _grpo_case(len(tok), tok.pad_token_id, seed=41, lengths=LENGTHS)
-    p = prompt_ids.shape[1]
-    plain = _tk_batch(prompt_ids, completion_ids, cmask, adv, torch.zeros(cmask.shape), None, tok.pad_token_id, 5)
-    with torch.no_grad():
-        comp = forward(model, plain).logps[:, p - 1:]
-    old = comp + 1e-3 * torch.randn(comp.shape, generator=g)
-    ref = comp + 0.3 * torch.randn(comp.shape, generator=g) if beta > 0 else None
-
-    model.zero_grad()
-    trl_loss = trainer._compute_loss(model, _trl_inputs(prompt_ids, completion_ids, cmask, adv, old, ref))
-    trl_loss.backward()
-    g_trl = _param_grads(model)
-
-    model.zero_grad()
-    batch = _tk_batch(prompt_ids, completion_ids, cmask, adv, old, ref, tok.pad_token_id, trainer.max_completion_length)
-    res = GSPO(GSPOConfig(beta=beta)).loss(batch, forward(model, batch))
-    res.loss.backward()
-    g_tk = _param_grads(model)
+    res, trl_loss, g_tk, g_trl = _tiny_model_parity(trainer, GSPO(GSPOConfig(beta=beta)), seed=41, lengths=LENGTHS,
+                                                    noise=1e-3)
 
     assert 0.0 < res.metrics["clip_fraction"] < 1.0
     assert_close(res.loss, trl_loss, atol=ATOL, rtol=0)
