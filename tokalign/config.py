@@ -191,8 +191,13 @@ def model_defaults(model_dir: Path | None) -> dict:
     return load_yaml(model_dir / MODEL_DEFAULTS_FILE, what="model defaults")
 
 
-def resolve(layers: list[dict]) -> RunConfig:
+def merge(layers: list[dict]) -> dict:
+    """Later layers override earlier ones, key by key (nested mappings merge)."""
     merged: dict = {}
     for layer in layers:
         merged = deep_merge(merged, layer or {})
-    return build(RunConfig, merged)
+    return merged
+
+
+def resolve(layers: list[dict]) -> RunConfig:
+    return build(RunConfig, merge(layers))

@@ -73,11 +73,6 @@ def collisions(kind: str) -> tuple[str, ...]:
     return _scan(kind)[1]
 
 
-def clear_cache() -> None:
-    _scan.cache_clear()
-    _load_value.cache_clear()
-
-
 @lru_cache(maxsize=None)
 def _load_value(value: str):
     module_name, _, attr = value.partition(":")

@@ -6,7 +6,6 @@ the per-token contract: ``token_values`` must have one value per completion toke
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -117,7 +116,7 @@ def score_samples(rewards: list[ResolvedReward], samples: list[Sample]) -> list[
                 token_total = [a + r.weight * b for a, b in zip(token_total, rw.token_values)]
         rows.append(
             {
-                "reward": total if not math.isnan(total) else float("nan"),
+                "reward": total,
                 "rewards": {r.name: per_fn[r.name][i].value for r in rewards},
                 "verdicts": {r.name: per_fn[r.name][i].info for r in rewards if per_fn[r.name][i].info},
                 "token_rewards": token_total,

@@ -171,9 +171,7 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
     """Validate everything cheap: algorithm + its config, data + its kind, rewards, models, output."""
     from tokalign import rewards as rewards_mod
 
-    merged: dict = {}
-    for layer in layers:
-        merged = config.deep_merge(merged, layer or {})
+    merged = config.merge(layers)
     algo_overrides = merged.pop("algorithm", {}) or {}
     run_cfg = config.build(config.RunConfig, merged)
     algorithm, algo_cfg = _algorithm(algo_name, algo_overrides)
