@@ -28,6 +28,13 @@ def completion_text(x: Any, where: str) -> str:
     raise UserError(f"{where}: expected text or a list of {{role, content}} messages, got {type(x).__name__}.")
 
 
+def _margins(value: Any, key: str, where: str) -> list[float]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise UserError(f"{where}: '{key}' must be a number or a list of numbers (one per other objective), got {value!r}.")
+    return [float(v) for v in values]
+
+
 def _split_implicit_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
     """TRL's implicit-prompt preference format: the shared leading messages are the prompt."""
     n = 0
@@ -59,6 +66,9 @@ def normalise(records: list[dict], source: str) -> tuple[str, list[dict]]:
                     raise UserError(f"{where}: no 'prompt' column and chosen/rejected are not conversations (implicit prompt needs messages).")
                 prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
             row.update(prompt=_prompt(prompt, where), chosen=completion_text(chosen, where), rejected=completion_text(rejected, where))
+            for side in ("chosen", "rejected"):  # other objectives' scores of each side (MODPO's margins)
+                if f"{side}_margins" in rec:
+                    row[f"{side}_margins"] = _margins(rec[f"{side}_margins"], f"{side}_margins", where)
         elif "prompt" in rec:
             row["prompt"] = _prompt(rec["prompt"], where)
             if "completion" in rec and rec["completion"] is not None:

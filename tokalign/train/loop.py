@@ -87,7 +87,8 @@ def _source(plan: Plan, tokenizer, policy):
         r = cfg.rollout
         spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
         return sources.OnlineSource(rows, HFEngine(policy, tokenizer), plan.rewards, spec, t.batch_size, cfg.seed,
-                                    plan.needs.informative_groups, r.max_sampling_rounds, plan.needs.greedy_baseline), r.max_new_tokens
+                                    plan.needs.informative_groups, r.max_sampling_rounds, plan.needs.greedy_baseline,
+                                    getattr(plan.algorithm, "prompt_weights", None), getattr(plan.algorithm, "adaptive_sampling", None)), r.max_new_tokens
     if plan.data_kind == "scored":
         return (sources.ScoredSource(rows, t.batch_size, cfg.seed, informative_only=plan.needs.informative_groups),
                 plan.extra.get("max_new_tokens"))

@@ -45,12 +45,15 @@ def informative(group: list[dict]) -> bool:
     return len({float(r["reward"]) for r in group}) > 1
 
 
+ROW_SCALARS = ("baseline", "pool_mean", "pool_std", "pool_size")  # per-row numbers a source may add for the algorithm
+
+
 def scored_seqs(rows: list[dict], prompt_index: list[int]) -> list[Seq]:
     """``prompt_index[k]``: the stable index of row k's prompt in the data source."""
     return [
         Seq(
             list(r["prompt_ids"]), list(r["completion_ids"]), int(r["group_id"]),
-            row={"rewards": float(r["reward"]), **({"baseline": float(r["baseline"])} if "baseline" in r else {})},
+            row={"rewards": float(r["reward"]), **{k: float(r[k]) for k in ROW_SCALARS if k in r}},
             token={"sampler_logps": r.get("sampler_logps"), "token_rewards": r.get("token_rewards")},
             prompt_index=k,
         )
@@ -128,7 +131,8 @@ class PairSource:
             r = self.rows[i]
             for side, flag in (("chosen", 1.0), ("rejected", 0.0)):
                 ids = r.get(f"{side}_ids") or completion_ids(self.tokenizer, r[side])  # sampled pairs keep their ids
-                seqs.append(Seq(list(r["prompt_ids"]), ids, gid, row={"is_chosen": flag}, prompt_index=i))
+                margins = {f"margin_{k}": m for k, m in enumerate(r.get(f"{side}_margins") or [])}
+                seqs.append(Seq(list(r["prompt_ids"]), ids, gid, row={"is_chosen": flag, **margins}, prompt_index=i))
             if self.with_gold:
                 gold = completion_ids(self.tokenizer, loads(r["reference"]))
                 seqs.append(Seq(list(r["prompt_ids"]), gold, gid, row={"is_chosen": 0.0, "is_gold": 1.0}, prompt_index=i))
@@ -166,37 +170,82 @@ class OnlineSource:
     informative_only: bool = False  # DAPO's dynamic sampling: keep sampling until the batch has
     max_rounds: int = 1  # `batch_size` groups whose rewards differ, for at most this many rounds
     greedy_baseline: bool = False  # ReMax: also decode each prompt greedily and score it (row "baseline")
+    prompt_weights: Any = None  # the algorithm's prompt_weights(n_prompts) hook: prioritised prompt sampling
+    adaptive: Any = None  # the algorithm's AdaptiveSampling: per-prompt multi-round sampling (Reinforce-Ada)
 
-    def _greedy_baseline(self, rows: list[dict]) -> float:
-        """Score one greedy completion per prompt into each row's ``baseline`` (greedy decoding draws no
-        random numbers, so a resumed run is unaffected)."""
+    def _pick(self, step: int, round_: int) -> list[int]:
+        """Prompts of round ``round_`` of step ``step``: a function of (seed, step, round) and the algorithm's
+        state only, so a resumed run draws the same ones."""
+        weights = self.prompt_weights(len(self.rows)) if self.prompt_weights is not None else None
+        if weights is None:
+            return indices_for_step(len(self.rows), self.batch_size, step, self.seed + 7919 * round_)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + step * 7919 + round_)
+        w = torch.tensor(weights, dtype=torch.float64)
+        return torch.multinomial(w, self.batch_size, replacement=self.batch_size > len(self.rows), generator=gen).tolist()
+
+    def _sample(self, prompts: list[dict], **spec) -> list[dict]:
+        """Sample (``spec`` overrides the sampling spec, e.g. n) and score; group_id k = prompts[k]."""
         from dataclasses import replace
 
         from tokalign.stages.common import rollout_rows, scored_rows
 
+        completions = self.engine.generate([p["prompt_ids"] for p in prompts], replace(self.spec, **spec))
+        return scored_rows(rollout_rows(prompts, completions, self.spec.max_new_tokens), self.rewards)
+
+    def _adaptive_batch(self, step: int) -> tuple[list[dict], dict[str, float]]:
+        """Reinforce-Ada: sample ``round_n`` more completions for every unfinished prompt, round after round,
+        until the algorithm's ``select`` accepts a prompt's pool; then each group is the selection, and its rows
+        carry the whole pool's reward mean/std/size."""
+        a = self.adaptive
+        picked = self._pick(step, 0)
+        pools: list[list[dict]] = [[] for _ in picked]
+        done: dict[int, list[dict]] = {}
+        rounds = 0
+        for rounds in range(1, a.max_rounds + 1):
+            active = [g for g in range(len(picked)) if g not in done]
+            if not active:
+                break
+            rows = self._sample([self.rows[picked[g]] for g in active], n=a.round_n)
+            for k, g in enumerate(active):
+                pools[g] += [r for r in rows if r["group_id"] == k]
+                chosen = a.select(pools[g], self.spec.n, final=False)
+                if chosen is not None:
+                    done[g] = chosen
+        out = []
+        for g, pool in enumerate(pools):
+            group = done.get(g) or a.select(pool, self.spec.n, final=True)
+            rewards = torch.tensor([float(r["reward"]) for r in pool], dtype=torch.float64)
+            stats = {"pool_mean": float(rewards.mean()), "pool_std": float(rewards.std()) if len(pool) > 1 else 0.0,
+                     "pool_size": float(len(pool)), "prompt_index": picked[g]}
+            out += [{**r, **stats, "group_id": g} for r in group]
+        metrics = reward_metrics([r for p in pools for r in p])
+        metrics.update({"sampling/rounds": rounds, "sampling/finished_prompts": len(done),
+                        "sampling/pool_size_mean": sum(map(len, pools)) / len(pools)})
+        return out, metrics
+
+    def _greedy_baseline(self, rows: list[dict]) -> float:
+        """Score one greedy completion per prompt into each row's ``baseline`` (greedy decoding draws no
+        random numbers, so a resumed run is unaffected)."""
         firsts = {}
         for r in rows:
             firsts.setdefault(r["group_id"], r)
-        prompts = [firsts[g] for g in sorted(firsts)]
-        greedy = self.engine.generate([p["prompt_ids"] for p in prompts], replace(self.spec, n=1, temperature=0.0))
-        scores = scored_rows(rollout_rows(prompts, greedy, self.spec.max_new_tokens), self.rewards)
+        scores = self._sample([firsts[g] for g in sorted(firsts)], n=1, temperature=0.0)
         by_group = {g: s["reward"] for g, s in zip(sorted(firsts), scores)}
         for r in rows:
             r["baseline"] = by_group[r["group_id"]]
         return sum(by_group.values()) / len(by_group)
 
     def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
-        from tokalign.stages.common import rollout_rows, scored_rows
-
+        if self.adaptive is not None:
+            out, metrics = self._adaptive_batch(step)
+            return scored_seqs(out, [r["prompt_index"] for r in out]), metrics
         kept: list[list[dict]] = []
         sampled: list[dict] = []
         rounds = 0
         while rounds < max(1, self.max_rounds) and len(kept) < self.batch_size:
             # round r of step s draws its own prompts, a function of (seed, step, round) only: resumable
-            picked = indices_for_step(len(self.rows), self.batch_size, step, self.seed + 7919 * rounds)
-            prompts = [self.rows[i] for i in picked]
-            completions = self.engine.generate([p["prompt_ids"] for p in prompts], self.spec)
-            rows = scored_rows(rollout_rows(prompts, completions, self.spec.max_new_tokens), self.rewards)
+            picked = self._pick(step, rounds)
+            rows = self._sample([self.rows[i] for i in picked])
             sampled += rows
             for g in range(len(picked)):
                 group = [{**r, "prompt_index": picked[g]} for r in rows if r["group_id"] == g]

@@ -1,0 +1,307 @@
+"""PURE, MODPO, Single-stream PO and Reinforce-Ada: hand cases (expected numbers worked out in each docstring),
+limiting cases from /work/shared/reference/algorithms.md, and a slow run of each through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import CLI_ENV, ROOT, cli, leaf, token_batch
+from torch.testing import assert_close
+
+from tokalign.algorithms.dpo import DPO, DPOConfig
+from tokalign.algorithms.modpo import MODPO, MODPOConfig
+from tokalign.algorithms.pure import PURE, PUREConfig, min_form_weights, step_lengths
+from tokalign.algorithms.reinforce_ada import AdaptiveSampling, ReinforceAda, ReinforceAdaConfig
+from tokalign.algorithms.sspo import SSPO, SSPOConfig
+from tokalign.errors import UserError
+from tokalign.protocols import PolicyOutput
+
+# ---------------------------------------------------------------------------------------------------
+# PURE
+
+
+def test_pure_min_form_is_soft_minimum():
+    """r = (0.9, −0.5, 0.8) on three step ends: as T → 0, Σ_k softmax(−r/T)_k r_k → min r = −0.5. At T = 1 the
+    weights are softmax(−0.9, 0.5, −0.8) = (0.1673, 0.6784, 0.1849)/…, worked out below."""
+    r = torch.tensor([[0.9, 0.0, -0.5, 0.8]])
+    steps = r != 0
+    assert_close((min_form_weights(r, steps, 1e-3) * r).sum(), torch.tensor(-0.5))
+    e = [math.exp(-0.9), math.exp(0.5), math.exp(-0.8)]
+    w = [x / sum(e) for x in e]
+    assert_close(min_form_weights(r, steps, 1.0), torch.tensor([[w[0], 0.0, w[1], w[2]]]))
+    assert_close(min_form_weights(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool), 0.1), torch.zeros(1, 3))
+
+
+def test_pure_step_lengths():
+    """Completion tokens per step: steps end at t = 1 and 4 of a 5-token completion that starts at t = 0 → 2 and 3."""
+    mask = torch.tensor([[1.0, 1, 1, 1, 1, 0]])
+    steps = torch.tensor([[False, True, False, False, True, False]])
+    assert_close(step_lengths(steps, mask), torch.tensor([[0.0, 2, 0, 0, 3, 0]]))
+
+
+def _pure_batch():
+    """G = 2, two tokens each. Row 0: one step (score 0.5 at t = 1), verifiable 1 → R = 1.5. Row 1: two steps (0.2,
+    −0.4), verifiable 0 → R = −0.2."""
+    return token_batch(torch.ones(2, 2), {"token_rewards": torch.tensor([[0.0, 0.5], [0.2, -0.4]]),
+                                          "rewards": torch.tensor([1.5, -0.2]), "group_ids": torch.tensor([0, 0])})
+
+
+def test_pure_step_baseline_hand():
+    """Summation (min_form false), step baseline: per-step means (0.5, −0.1), leave-one-out → baselines (−0.1, 0.5):
+    row 0 (0, 0.6), row 1 (−0.3, −0.9); verifiable v = (1, 0) → LOO (1, −1) on the last token: (0, 1.6), (−0.3, −1.9);
+    returns (1.6, 1.6), (−2.2, −1.9)."""
+    batch = PURE(PUREConfig(min_form=False, baseline="step")).prepare(_pure_batch())
+    assert_close(batch.fields["advantages"], torch.tensor([[1.6, 1.6], [-2.2, -1.9]]))
+
+
+def test_pure_token_baseline_hand():
+    """Token baseline: the others' reward per token, row 0: −0.2/2 = −0.1, row 1: 0.5/2 = 0.25, times the step's length
+    (row 0: one step of 2 tokens; row 1: two of 1): row 0 (0, 0.7), row 1 (−0.05, −0.65); plus v: (0, 1.7),
+    (−0.05, −1.65); returns (1.7, 1.7), (−1.7, −1.65)."""
+    batch = PURE(PUREConfig(min_form=False)).prepare(_pure_batch())
+    assert_close(batch.fields["advantages"], torch.tensor([[1.7, 1.7], [-1.7, -1.65]]))
+
+
+def test_pure_min_form_changes_only_the_process_part():
+    """Min-form with T = 0.1 on row 1's steps (0.2, −0.4): w ∝ (e^−2, e^4) → r' ≈ (0.2·0.00247, −0.4·0.99753); row 0's
+    single step keeps weight 1. The verifiable remainder v = R − Σ raw token values is unchanged, and a loss step is
+    finite with gradient −A_t/… (GRPO's surrogate)."""
+    algo = PURE(PUREConfig(baseline="step", verifiable_coef=0.0))
+    batch = algo.prepare(_pure_batch())
+    w = torch.softmax(torch.tensor([-2.0, 4.0]), 0)
+    r1 = torch.tensor([0.2, -0.4]) * w
+    per_step = torch.tensor([0.5, float(r1.sum()) / 2])
+    expected_row1 = r1 - per_step[0]
+    returns1 = torch.tensor([expected_row1.sum(), expected_row1[1]])
+    assert_close(batch.fields["advantages"][1], returns1)
+    batch.fields["old_logps"] = torch.zeros(2, 2)
+    lp = leaf(torch.zeros(2, 2))
+    out = algo.loss(batch, PolicyOutput(lp))
+    out.loss.backward()
+    assert_close(lp.grad, -batch.fields["advantages"] / 4)
+
+
+def test_pure_without_token_rewards_is_a_user_error():
+    batch = token_batch(torch.ones(2, 2), {"rewards": torch.tensor([1.0, 0.0]), "group_ids": torch.tensor([0, 0])})
+    with pytest.raises(UserError, match="per-token process reward"):
+        PURE(PUREConfig()).prepare(batch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MODPO
+
+
+def _pair_batch(fields):
+    return token_batch(torch.ones(2, 1), {"is_chosen": torch.tensor([1.0, 0.0]), "group_ids": torch.tensor([0, 0]),
+                                          "ref_logps": torch.zeros(2, 1), **fields}, {"groups": 1.0})
+
+
+def test_modpo_hand_with_data_margins():
+    """β = 0.1, w = (0.5, 0.5), Δ_w = 2, Δ_l = −1, m_w = 0.2, m_l = 0: r_w = (0.2 − 0.1)/0.5 = 0.2,
+    r_l = (−0.1 − 0)/0.5 = −0.2, L = −log σ(0.4) = 0.513015."""
+    algo = MODPO(MODPOConfig(margin_source="data"))
+    assert algo.needs.models == () and algo.needs.reference
+    batch = algo.prepare(_pair_batch({"margin_0": torch.tensor([0.2, 0.0])}))
+    out = algo.loss(batch, PolicyOutput(leaf([[2.0], [-1.0]])))
+    assert_close(out.loss, torch.tensor(math.log1p(math.exp(-0.4))))
+
+
+def test_modpo_no_margins_w0_1_is_dpo():
+    """No margin objectives and w_0 = 1: MODPO ≡ DPO (loss and gradients)."""
+    torch.manual_seed(0)
+    pol = torch.randn(2, 3)
+    batch = _pair_batch({"ref_logps": torch.randn(2, 3)})
+    batch.completion_mask = torch.ones(2, 3)
+    algo = MODPO(MODPOConfig(weights=[1.0], margin_source="data"))
+    a, b = leaf(pol), leaf(pol)
+    la = algo.loss(algo.prepare(batch), PolicyOutput(a)).loss
+    lb = DPO(DPOConfig()).loss(batch, PolicyOutput(b)).loss
+    la.backward()
+    lb.backward()
+    assert_close(la, lb)
+    assert_close(a.grad, b.grad)
+
+
+def test_modpo_margin_model_is_its_implicit_reward():
+    """margin_source model: m(y) = β_m Σ_t (ℓ^margin − ℓ^ref) = 0.1·(3 − 0) = 0.3 for the chosen row, 0.1·(−1) for the
+    rejected; the loss then uses those as data margins would."""
+    algo = MODPO(MODPOConfig(margin_beta=0.1))
+    assert algo.needs.models == ("margin",)
+    batch = algo.prepare(_pair_batch({"margin_logps": torch.tensor([[3.0], [-1.0]])}))
+    assert_close(batch.fields["margins"], torch.tensor([[0.3], [-0.1]]))
+    data = MODPO(MODPOConfig(margin_source="data")).prepare(_pair_batch({"margin_0": torch.tensor([0.3, -0.1])}))
+    pol = leaf([[1.0], [0.5]])
+    assert_close(algo.loss(batch, PolicyOutput(pol)).loss, MODPO(MODPOConfig(margin_source="data")).loss(data, PolicyOutput(pol)).loss)
+
+
+def test_modpo_validation():
+    with pytest.raises(ValueError, match="w_0"):
+        MODPOConfig(weights=[0.0, 1.0])
+    with pytest.raises(ValueError, match="one margin objective"):
+        MODPOConfig(weights=[0.5, 0.3, 0.2])
+    with pytest.raises(UserError, match="chosen_margins"):
+        MODPO(MODPOConfig(margin_source="data")).prepare(_pair_batch({}))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Single-stream PO
+
+
+def test_sspo_hand_advantages_and_tracker():
+    """Unseen prompts: p̂ = 0.5. R = (1, 0, 1) for prompts (0, 1, 0): A = (0.5, −0.5, 0.5) → batch-normalised
+    (unbiased std 1/√3 of deviations (1/3, −2/3, 1/3)) = (0.57735, −1.15470, 0.57735). Tracker, ρ = 0.96, row by row:
+    prompt 0: (0.96·0.5 + 1, 0.96·0.5) = (1.48, 0.48) then (0.96·1.48 + 1, 0.96·0.48) = (2.4208, 0.4608);
+    prompt 1: (0.48, 1.48)."""
+    algo = SSPO(SSPOConfig())
+    assert not algo.needs.groups
+    batch = token_batch(torch.ones(3, 1), {"rewards": torch.tensor([1.0, 0.0, 1.0]), "prompt_index": torch.tensor([0, 1, 0]),
+                                           "group_ids": torch.tensor([0, 1, 2])})
+    algo.prepare(batch)
+    s = 1 / math.sqrt(3)
+    assert_close(batch.fields["advantages"], torch.tensor([(1 / 3) / s, (-2 / 3) / s, (1 / 3) / s]))
+    assert algo.tracker[0] == pytest.approx((2.4208, 0.4608))
+    assert algo.tracker[1] == pytest.approx((0.48, 1.48))
+    assert algo.prompt_weights(3)[2] == pytest.approx(0.55)  # unseen: √(0.25) + 0.05
+    clone = SSPO(SSPOConfig())
+    clone.load_state_dict(json.loads(json.dumps(algo.state_dict())))
+    assert clone.tracker == algo.tracker
+
+
+def test_sspo_constant_reward_drives_p_hat_to_r():
+    """Constant R = 1 and ρ: α → 1/(1 − ρ), β → 0, so p̂ → 1 and the raw advantage R − p̂ → 0."""
+    algo = SSPO(SSPOConfig())
+    for _ in range(400):
+        algo.prepare(token_batch(torch.ones(1, 1), {"rewards": torch.tensor([1.0]), "prompt_index": torch.tensor([0]),
+                                                    "group_ids": torch.tensor([0])}))
+    assert 1 - algo.p_hat(0) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reinforce-Ada
+
+
+def _pool(rewards):
+    return [{"id": str(i), "reward": r} for i, r in enumerate(rewards)]
+
+
+def test_reinforce_ada_balanced_selection():
+    """n = 4, balanced: needs 2 positives (R ≥ 0.7) and 2 negatives. (1, 1, 1) → keep sampling; (1, 1, 0, 1, 0) →
+    2 positives + 2 negatives; at the last round (1, 1, 1) keeps what it has."""
+    a = AdaptiveSampling("balanced", 4, 4, 0.7)
+    assert a.select(_pool([1, 1, 1]), 4, final=False) is None
+    chosen = a.select(_pool([1, 1, 0, 1, 0]), 4, final=False)
+    assert [r["reward"] for r in chosen] == [1, 1, 0, 0]
+    assert [r["reward"] for r in a.select(_pool([1, 1, 1]), 4, final=True)] == [1, 1, 1]
+    assert [r["reward"] for r in a.select(_pool([1, 0, 0, 0, 0]), 4, final=True)] == [1, 0, 0, 0]
+
+
+def test_reinforce_ada_positive_focused_selection():
+    a = AdaptiveSampling("positive_focused", 4, 4, 0.7)
+    assert a.select(_pool([0, 0, 0, 0]), 4, final=False) is None
+    assert [r["reward"] for r in a.select(_pool([0, 0, 1, 0, 0]), 4, final=False)] == [1, 0, 0, 0]
+
+
+def test_reinforce_ada_pool_baseline():
+    """A = R − mean_pool (scale_rewards none): pool mean 0.25 → (0.75, −0.25); with group scaling ÷ (pool std + 1e-6).
+    Without pool fields (offline scored data) it is GRPO's group advantage."""
+    f = {"rewards": torch.tensor([1.0, 0.0]), "group_ids": torch.tensor([0, 0]), "pool_mean": torch.tensor([0.25, 0.25]),
+         "pool_std": torch.tensor([0.5, 0.5])}
+    batch = ReinforceAda(ReinforceAdaConfig()).prepare(token_batch(torch.ones(2, 1), dict(f)))
+    assert_close(batch.fields["advantages"], torch.tensor([0.75, -0.25]))
+    batch = ReinforceAda(ReinforceAdaConfig(scale_rewards="group")).prepare(token_batch(torch.ones(2, 1), dict(f)))
+    assert_close(batch.fields["advantages"], torch.tensor([0.75, -0.25]) / (0.5 + 1e-6))
+    del f["pool_mean"], f["pool_std"]
+    batch = ReinforceAda(ReinforceAdaConfig()).prepare(token_batch(torch.ones(2, 1), f))
+    assert_close(batch.fields["advantages"], torch.tensor([0.5, -0.5]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the real CLI
+
+STEP_REWARD = '''
+from tokalign.protocols import Reward
+
+class Steps:
+    """A per-token test reward: +0.5 on even completion tokens after the first, -0.25 on odd ones, 0 on token 0."""
+    def __call__(self, samples):
+        out = []
+        for s in samples:
+            vals = [0.0] + [0.5 if i % 2 == 0 else -0.25 for i in range(1, len(s.completion_ids))]
+            out.append(Reward(sum(vals), vals))
+        return out
+'''
+
+
+def _weights_changed(out) -> bool:
+    from safetensors.torch import load_file
+
+    from tokalign.models import BUNDLED_MODEL
+
+    base, trained = load_file(BUNDLED_MODEL / "model.safetensors"), load_file(out / "model.safetensors")
+    return max(float((trained[k] - base[k]).abs().max()) for k in base) > 0
+
+
+def _check_run(out, steps=2):
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert _weights_changed(out)
+    return metrics
+
+
+@pytest.mark.slow
+def test_cli_pure_with_a_token_level_reward(tmp_path):
+    (tmp_path / "steps_reward.py").write_text(STEP_REWARD)
+    out = tmp_path / "pure"
+    env = {**CLI_ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{CLI_ENV.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "tokalign", "train", "pure", "--data", "arith", "--n", "4", "--reward", "exact_match",
+                           "--reward", "steps_reward:Steps", "--max-steps", "2", "--batch-size", "2", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    _check_run(out)
+
+
+@pytest.mark.slow
+def test_cli_pure_without_token_reward_is_one_line(tmp_path):
+    proc = cli("train", "pure", "--data", "arith", "--n", "2", "--max-steps", "1", "--batch-size", "1",
+               "--out", str(tmp_path / "p"), "--quiet", check=False)
+    assert proc.returncode == 2 and "per-token process reward" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_modpo_data_and_model_margins(tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "chosen": c, "rejected": r, "chosen_margins": [m], "rejected_margins": 0.0}) + "\n"
+                            for (q, c, r), m in zip([("1+1=", "2", "3"), ("2+3=", "5", "6"), ("4+4=", "8", "9")], (0.1, 0.2, 0.3))))
+    out = tmp_path / "modpo-data"
+    cli("train", "modpo", "--data", str(data), "--set", "algorithm.margin_source=data", "--max-steps", "2", "--batch-size", "2",
+        "--out", str(out), "--quiet")
+    _check_run(out)
+    from tokalign.models import BUNDLED_MODEL
+
+    out = tmp_path / "modpo-model"
+    cli("train", "modpo", "--data", str(data), "--with", f"margin={BUNDLED_MODEL}", "--max-steps", "2", "--batch-size", "2",
+        "--out", str(out), "--quiet")
+    _check_run(out)
+
+
+@pytest.mark.slow
+def test_cli_sspo_single_stream(tmp_path):
+    out = tmp_path / "sspo"
+    cli("train", "sspo", "--data", "arith", "--n", "1", "--max-steps", "2", "--batch-size", "4", "--out", str(out), "--quiet")
+    _check_run(out)
+
+
+@pytest.mark.slow
+def test_cli_reinforce_ada_adaptive_rounds(tmp_path):
+    out = tmp_path / "ada"
+    cli("train", "reinforce_ada", "--data", "arith", "--n", "4", "--set", "algorithm.round_n=4", "--set", "algorithm.max_rounds=2",
+        "--max-steps", "2", "--batch-size", "2", "--out", str(out), "--quiet")
+    metrics = _check_run(out)
+    assert all(1 <= m["sampling/rounds"] <= 2 and m["sampling/pool_size_mean"] >= 4 for m in metrics)
