@@ -5,7 +5,7 @@ _tokalign() {
     prev="${COMP_WORDS[COMP_CWORD-1]}"
     cmd="${COMP_WORDS[1]}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=( $(compgen -W "eval plugins prepare rollout score train --debug --version --help" -- "$cur") )
+        COMPREPLY=( $(compgen -W "eval inspect plot plugins prepare rollout score train --debug --version --help" -- "$cur") )
         return 0
     fi
     case "$prev" in
@@ -17,7 +17,9 @@ _tokalign() {
         return 0
     fi
     case "$cmd" in
-        eval) opts="--backend --data --help --max-new-tokens --model --n --out --overwrite --quiet --seed --temperature --top-p --verifier -d -m -o -q" ;;
+        eval) opts="--backend --compare --data --help --json --max-new-tokens --model --n --out --overwrite --quiet --seed --temperature --top-p --verifier -d -m -o -q" ;;
+        inspect) opts="--color --forward --help --html --id --limit --model --no-forward -c -m -n" ;;
+        plot) opts="--help --label --metrics --out --smooth --title -o" ;;
         plugins) opts="--check --help --json --names" ;;
         prepare) opts="--help --limit --model --out --overwrite --split -m -o" ;;
         rollout) opts="--backend --help --max-new-tokens --model --n --out --overwrite --seed --temperature --top-p -m -o" ;;

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from tokalign import __version__
-from tokalign.cli import eval_cmd, plugins_cmd, prepare_cmd, rollout_cmd, score_cmd, train_cmd
+from tokalign.cli import eval_cmd, inspect_cmd, plot_cmd, plugins_cmd, prepare_cmd, rollout_cmd, score_cmd, train_cmd
 
 app = typer.Typer(
     name="tokalign",
@@ -24,6 +24,8 @@ app.command("score")(score_cmd.score)
 app.command("train", context_settings={"help_option_names": ["-h", "--help"]})(train_cmd.train)
 app.command("eval")(eval_cmd.evaluate)
 app.command("plugins")(plugins_cmd.plugins)
+app.command("inspect")(inspect_cmd.inspect)
+app.command("plot")(plot_cmd.plot)
 
 
 def _version(value: bool):

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -20,8 +20,15 @@ def evaluate(
     out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP),
     overwrite: bool = OVERWRITE,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the results table on stderr."),
+    compare: bool = typer.Option(False, "--compare", help="Instead of evaluating: compare RESULTS side by side, with deltas against the first."),
+    compared: Optional[List[str]] = typer.Argument(None, metavar="RESULTS", help="With --compare: eval artifacts or their results.json files."),
+    as_json: bool = typer.Option(False, "--json", help="With --compare: print the comparison as JSON."),
 ):
-    """Evaluate a model: pass@k (unbiased), mean reward, length → `eval` artifact with results.json."""
+    """Evaluate a model: pass@k (unbiased), mean reward, length → `eval` artifact with results.json.
+
+    `tokalign eval --compare A B` prints A's and B's results side by side instead."""
+    if compare or compared or as_json:
+        return _compare(compare, compared or [], as_json)
     from tokalign.stages.evaluate import evaluate as run
 
     src = input_path(data, "prompts artifact")
@@ -31,3 +38,22 @@ def evaluate(
         shown = ", ".join(f"{k} {v:.3f}" for k, v in results.items() if k.startswith("pass@") or k == "mean_reward")
         err_console().print(f"[bold]eval[/] {model or '(bundled model)'}: {shown}  ({results['num_prompts']} prompts × {n})")
     emit(path)
+
+
+def _compare(compare: bool, results: list[str], as_json: bool) -> None:
+    import json
+    import sys
+
+    from tokalign.errors import UserError
+    from tokalign.inspect.compare import compare as run, render
+
+    if not compare:
+        raise UserError("Paths after `tokalign eval` and --json are for --compare (`tokalign eval --compare A B`); "
+                        "to evaluate, pass the prompts artifact with --data.")
+    cmp = run(results)
+    if as_json:
+        sys.stdout.write(json.dumps(cmp, indent=2) + "\n")
+        return
+    from rich.console import Console
+
+    render(cmp, Console(highlight=False))
