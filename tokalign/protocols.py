@@ -19,8 +19,11 @@ Plug-in kinds:
   per step, after ``ref_logps``/``old_logps`` are in ``batch.fields``) computes
   advantages/targets without gradients; ``loss(batch, out) -> LossOutput``. An algorithm with
   state across steps (e.g. running statistics per prompt, keyed by ``batch.fields["prompt_index"]``)
-  defines ``state_dict()``/``load_state_dict(d)`` and resumes with the run. The train loop never
-  branches on algorithm names.
+  defines ``state_dict()``/``load_state_dict(d)`` and resumes with the run. Optional hooks the online
+  source uses: ``prompt_weights(n_prompts)`` (prioritised prompt sampling) and ``adaptive_sampling``
+  (an object with ``max_rounds``, ``round_n`` and ``select(pool, n, final)``: per-prompt multi-round
+  sampling); with ``needs.trained_models``, ``aux_lr(role)`` and ``aux_loss(role, batch, out)``. The
+  train loop never branches on algorithm names.
 """
 
 from __future__ import annotations
@@ -87,6 +90,11 @@ class Needs:
     # roles of extra frozen models (e.g. "teacher"): the user names each with --with ROLE=PATH (or
     # --teacher PATH) and the loop puts their per-token log-probs in batch.fields["<role>_logps"]
     models: tuple[str, ...] = ()
+    # roles of extra models the algorithm *trains* beside the policy (PRIME's implicit PRM): each starts from
+    # --with ROLE=PATH or else the starting model, has its own optimiser (lr from the algorithm's aux_lr(role)),
+    # is updated once per step on aux_loss(role, batch, out) before prepare(), and its per-token log-probs from
+    # that update's forward pass (before the update) are in batch.fields["<role>_logps"]; saved in <out>/<role>/
+    trained_models: tuple[str, ...] = ()
 
 
 @dataclass

@@ -29,7 +29,8 @@ def latest(work: Path) -> Path | None:
 
 
 def save(work: Path, step: int, model, tokenizer, optimizer, scheduler, config_sha256: str, algorithm=None,
-         value_head=None) -> Path:
+         value_head=None, trained: dict | None = None) -> Path:
+    """``trained``: {role: (model, optimizer)} of the algorithm's auxiliary trained models, saved in <ckpt>/<role>/."""
     final = work / f"checkpoint-{step}"
     tmp = work / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -39,6 +40,8 @@ def save(work: Path, step: int, model, tokenizer, optimizer, scheduler, config_s
         from safetensors.torch import save_file
 
         save_file(value_head.state_dict(), tmp / VALUE_HEAD)
+    for role, (aux, _) in (trained or {}).items():
+        aux.save_pretrained(tmp / role)
     torch.save(
         {
             "step": step,
@@ -50,6 +53,7 @@ def save(work: Path, step: int, model, tokenizer, optimizer, scheduler, config_s
             "config_sha256": config_sha256,
             # algorithms with state across steps (running statistics per prompt, ...) resume it too
             "algorithm": algorithm.state_dict() if hasattr(algorithm, "state_dict") else None,
+            "aux_optimizers": {role: opt.state_dict() for role, (_, opt) in (trained or {}).items()},
         },
         tmp / STATE,
     )

@@ -147,6 +147,7 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
     if plan.needs.reference:
         ref = models.load_model(cfg.ref_model or cfg.model, t.dtype).eval().requires_grad_(False)
     frozen = {role: models.load_model(cfg.models[role], t.dtype).eval().requires_grad_(False) for role in plan.needs.models}
+    trained = _trained_models(plan, ckpt)
     source, max_completion_len = _source(plan, tokenizer, policy)
     value_head = _value_head(policy, ckpt) if plan.needs.value_head else None
     params = list(policy.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
@@ -161,6 +162,8 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
         checkpoint.restore_rng(state)
         if state.get("algorithm") is not None:
             plan.algorithm.load_state_dict(state["algorithm"])
+        for role, opt_state in (state.get("aux_optimizers") or {}).items():
+            trained[role][1].load_state_dict(opt_state)
         start = state["step"]
         checkpoint.trim_metrics(metrics_path, start)
     elif metrics_path.exists():
@@ -171,17 +174,49 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
         with open(metrics_path, "a") as log:
             for step in range(start, t.max_steps):
                 metrics = _step(plan, step, source, policy, ref, frozen, value_head, optimizer, scheduler, tokenizer,
-                                max_completion_len, device)
+                                max_completion_len, device, trained)
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
                 progress.update(metrics)
                 if not math.isfinite(metrics["loss"]):
                     raise UserError(f"Loss became {metrics['loss']} at step {step + 1}; lower train.lr or check the data. Resume point: '{work}'.")
                 if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.max_steps:
-                    checkpoint.save(work, step + 1, policy, tokenizer, optimizer, scheduler, config_sha, plan.algorithm, value_head)
+                    checkpoint.save(work, step + 1, policy, tokenizer, optimizer, scheduler, config_sha, plan.algorithm, value_head,
+                                    trained)
     finally:
         progress.close()
-    return _finish(plan, work, policy, tokenizer, run_config, value_head)
+    return _finish(plan, work, policy, tokenizer, run_config, value_head, trained)
+
+
+def _trained_models(plan: Plan, ckpt: Path | None) -> dict:
+    """{role: (model, optimiser)} for the algorithm's auxiliary trained models (from the checkpoint when resuming)."""
+    cfg, t, out = plan.cfg, plan.cfg.train, {}
+    for role in plan.needs.trained_models:
+        source = ckpt / role if ckpt is not None and (ckpt / role).is_dir() else (cfg.models.get(role) or cfg.model)
+        model = models.load_model(str(source), t.dtype)
+        model.train()
+        out[role] = (model, torch.optim.AdamW(model.parameters(), lr=plan.algorithm.aux_lr(role), weight_decay=t.weight_decay))
+    return out
+
+
+def _train_aux(plan: Plan, role: str, model, optimizer, batch: TokenBatch) -> tuple[torch.Tensor, dict]:
+    """One update of an auxiliary trained model on the algorithm's aux_loss; returns its per-token log-probs from the
+    forward pass before the update (padded to the batch width) and its metrics under ``<role>/``."""
+    t, width = plan.cfg.train, batch.completion_mask.shape[1]
+    optimizer.zero_grad(set_to_none=True)
+    logps, sums = [], {}
+    for mb in micro_batches(batch, t.micro_batch_size):
+        out = forward(model, mb)
+        logps.append(torch.nn.functional.pad(out.logps.detach(), (0, width - out.logps.shape[1])))
+        result = plan.algorithm.aux_loss(role, mb, out)
+        result.loss.backward()
+        share = len(mb) / len(batch)
+        sums["loss"] = sums.get("loss", 0.0) + float(result.loss.detach())
+        for k, v in result.metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * share
+    grad = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    return torch.cat(logps), {f"{role}/{k}": v for k, v in {**sums, "grad_norm": float(grad)}.items()}
 
 
 def _value_head(policy, ckpt: Path | None):
@@ -197,7 +232,8 @@ def _value_head(policy, ckpt: Path | None):
     return head
 
 
-def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, scheduler, tokenizer, max_completion_len, device) -> dict:
+def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, scheduler, tokenizer, max_completion_len, device,
+          trained=None) -> dict:
     t, algo = plan.cfg.train, plan.algorithm
     t0 = time.perf_counter()
     seqs, metrics = source.batch(step)
@@ -208,6 +244,9 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
         batch.fields["ref_logps"] = frozen_logps(ref, batch, t.micro_batch_size)
     for role, model in frozen.items():
         batch.fields[f"{role}_logps"] = frozen_logps(model, batch, t.micro_batch_size)
+    for role, (model, aux_opt) in (trained or {}).items():
+        batch.fields[f"{role}_logps"], aux_metrics = _train_aux(plan, role, model, aux_opt, batch)
+        metrics = {**metrics, **aux_metrics}
     if value_head is not None:  # the critic's values before the update, for GAE (and old log-probs with them)
         old = frozen_outputs(policy, batch, t.micro_batch_size, value_head)
         batch.fields["old_logps"], batch.fields["old_values"] = old.logps, old.values
@@ -250,7 +289,7 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
     }
 
 
-def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, value_head=None) -> Path:
+def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, value_head=None, trained=None) -> Path:
     prov = artifacts.Provenance(
         config=run_config,
         inputs=plan.extra.get("inputs", []),
@@ -267,6 +306,9 @@ def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, value_h
             from safetensors.torch import save_file
 
             save_file(value_head.state_dict(), w.path / checkpoint.VALUE_HEAD)
+        for role, (model, _) in (trained or {}).items():  # e.g. PRIME's trained PRM: a model of its own, loadable as is
+            model.save_pretrained(w.path / role)
+            tokenizer.save_pretrained(w.path / role)
         shutil.copy(work / "metrics.jsonl", w.path / "metrics.jsonl")
         source_dir = models.resolve_model(plan.cfg.model)[1]
         if source_dir is not None and (source_dir / config.MODEL_DEFAULTS_FILE).is_file():  # the model's recommended settings travel with it

@@ -120,6 +120,10 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
         desc = {"artifact": str(Path(source)), "kind": art.kind}
         extra = {"inputs": [art.ref()], "default_reward": art.manifest.get("default_reward"),
                  "max_new_tokens": _sampler_max_new_tokens(art)}
+        if art.kind == "scored":
+            from tokalign.stages.common import failed_reward_rows
+
+            extra.update(reward_failures=failed_reward_rows(rows), scored_rows=len(rows))
     else:
         records, info = loaders.load_records(source, "train")
         fmt, rows = formats.normalise(records, source)
@@ -184,9 +188,13 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
             flag = {"teacher": "--teacher PATH", "dpo": "--dpo-model PATH", "reverse": "--reverse-model PATH"}.get(role, f"--with {role}=PATH")
             raise UserError(f"'{algo_name}' needs a '{role}' model: pass {flag} (or models.{role} in the config).")
         models.resolve_model(run_cfg.models[role])
-    unused = sorted(set(run_cfg.models) - set(algorithm.needs.models))
+    for role in algorithm.needs.trained_models:  # optional: they start from the starting model
+        if run_cfg.models.get(role):
+            models.resolve_model(run_cfg.models[role])
+    takes = (*algorithm.needs.models, *algorithm.needs.trained_models)
+    unused = sorted(set(run_cfg.models) - set(takes))
     if unused:
-        raise UserError(f"'{algo_name}' uses no model for role(s) {', '.join(unused)}; it takes: {', '.join(algorithm.needs.models) or 'none'}.")
+        raise UserError(f"'{algo_name}' uses no model for role(s) {', '.join(unused)}; it takes: {', '.join(takes) or 'none'}.")
     check_backend(run_cfg.rollout.backend)
     t = run_cfg.train
     for key in ("max_steps", "batch_size"):
@@ -202,12 +210,15 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
         specs = run_cfg.reward or ([extra["default_reward"]] if extra.get("default_reward") else [])
         if not specs:
             raise UserError("Online training needs a reward: pass --reward <name> (see `tokalign plugins`).")
-        plan.rewards = rewards_mod.resolve(specs)
+        plan.rewards = rewards_mod.resolve(specs, run_cfg.reward_options)
         run_cfg.reward = list(specs)  # the manifest records what was used, defaults included
         if algorithm.needs.groups and run_cfg.rollout.n < 2:
             plan.warnings.append(f"rollout.n={run_cfg.rollout.n}: group-normalised advantages are all zero with one sample per prompt.")
-    elif run_cfg.reward:
-        plan.warnings.append(f"--reward is ignored for {kind} data (it is used to score online rollouts).")
+    elif run_cfg.reward or run_cfg.reward_options:
+        plan.warnings.append(f"--reward/--reward-opt are ignored for {kind} data (they score online rollouts).")
+    if extra.get("reward_failures"):
+        plan.warnings.append(f"{extra['reward_failures']} of {extra['scored_rows']} scored rows had a reward fail on them (scored 0 for it); "
+                             "see their reward_errors column, or re-score.")
     if hasattr(algorithm, "warnings"):
         plan.warnings += list(algorithm.warnings(run_cfg))
     if out is not None:
