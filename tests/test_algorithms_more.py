@@ -364,3 +364,64 @@ def test_cli_prime_trains_policy_and_prm(tmp_path):
     base, prm = load_file(BUNDLED_MODEL / "model.safetensors"), load_file(out / "prm" / "model.safetensors")
     assert max(float((prm[k] - base[k]).abs().max()) for k in base) > 0
     assert AutoModelForCausalLM.from_pretrained(out / "prm") is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# PAR
+
+from tokalign.algorithms.par import PAR, PARConfig, par_reward  # noqa: E402
+
+
+def test_par_reward_hand_and_limits():
+    """k = 1: r = r_ref ⇒ 0.5; r = 1 against references (0, 1) ⇒ (σ(1) + 0.5)/2 = 0.615529; bounded in (0, 1) and
+    monotone in r."""
+    assert_close(par_reward(torch.tensor([0.3]), torch.tensor([[0.3, 0.3]]), 1.0), torch.tensor([0.5]))
+    assert_close(par_reward(torch.tensor([1.0]), torch.tensor([[0.0, 1.0]]), 1.0), torch.tensor([(1 / (1 + math.exp(-1)) + 0.5) / 2]))
+    r = torch.linspace(-10, 10, 101)
+    shaped = par_reward(r, torch.zeros(101, 3), 1.0)
+    assert bool((shaped > 0).all() and (shaped < 1).all() and (shaped.diff() >= 0).all())
+
+
+def test_par_prepare_shapes_then_group_advantages():
+    """Two samples of one prompt, R = (2, 0), references (1,): shaped (σ(1), σ(−1)) → GRPO's ±0.7071."""
+    algo = PAR(PARConfig(num_references=1))
+    assert algo.needs.reference_samples == 1 and algo.needs.reference and algo.needs.data == ("online",)
+    batch = token_batch(torch.ones(2, 1), {"rewards": torch.tensor([2.0, 0.0]), "group_ids": torch.tensor([0, 0]),
+                                           "ref_reward_0": torch.tensor([1.0, 1.0])})
+    algo.prepare(batch)
+    assert_close(batch.fields["rewards"], torch.sigmoid(torch.tensor([1.0, -1.0])))
+    assert_close(batch.fields["advantages"], torch.tensor([0.70710, -0.70710]), atol=1e-4, rtol=0)
+
+
+def test_online_source_reference_rewards_are_seeded_per_prompt(tiny_model):
+    """The reference samples of a prompt do not move the policy's RNG, and a fresh source (a resumed run) gets the
+    same rewards for it."""
+    from tokalign import models, rewards
+    from tokalign.data.arith import Arith
+    from tokalign.rollout import SamplingSpec
+    from tokalign.rollout.hf import HFEngine
+    from tokalign.stages.common import dumps, retokenize
+    from tokalign.train.sources import OnlineSource
+
+    tok, model = models.load_tokenizer(str(tiny_model)), models.load_model(str(tiny_model), "float32")
+    rows = retokenize([{**r, "prompt": dumps(r["prompt"]), "reference": dumps(r.get("reference"))}
+                       for r in Arith().records("train")[:3]], tok)
+
+    def source():
+        return OnlineSource(rows, HFEngine(model, tok), rewards.resolve(["exact_match"]), SamplingSpec(n=2, max_new_tokens=4), 2, 0,
+                            reference_engine=HFEngine(model, tok), reference_samples=3)
+
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first = source()._reference_rewards(1)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(first) == 3 and source()._reference_rewards(1) == first
+
+
+@pytest.mark.slow
+def test_cli_par(tmp_path):
+    out = tmp_path / "par"
+    cli("train", "par", "--data", "arith", "--n", "4", "--set", "algorithm.num_references=2", "--max-steps", "2", "--batch-size", "2",
+        "--out", str(out), "--quiet")
+    metrics = _check_run(out)
+    assert all(0 <= m["reward/reference_mean"] <= 1 for m in metrics)

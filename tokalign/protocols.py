@@ -95,6 +95,9 @@ class Needs:
     # is updated once per step on aux_loss(role, batch, out) before prepare(), and its per-token log-probs from
     # that update's forward pass (before the update) are in batch.fields["<role>_logps"]; saved in <out>/<role>/
     trained_models: tuple[str, ...] = ()
+    # online: this many completions per prompt sampled from the *reference* model (seeded per prompt, cached) and
+    # scored with the run's rewards, in fields["ref_reward_0" ...] (PAR's reference rewards)
+    reference_samples: int = 0
 
 
 @dataclass

@@ -70,7 +70,7 @@ def _schedule(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-def _source(plan: Plan, tokenizer, policy):
+def _source(plan: Plan, tokenizer, policy, ref=None):
     from tokalign.rollout import SamplingSpec
     from tokalign.stages.common import dumps, retokenize
     from tokalign.train import sources
@@ -88,7 +88,9 @@ def _source(plan: Plan, tokenizer, policy):
         spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
         return sources.OnlineSource(rows, HFEngine(policy, tokenizer), plan.rewards, spec, t.batch_size, cfg.seed,
                                     plan.needs.informative_groups, r.max_sampling_rounds, plan.needs.greedy_baseline,
-                                    getattr(plan.algorithm, "prompt_weights", None), getattr(plan.algorithm, "adaptive_sampling", None)), r.max_new_tokens
+                                    getattr(plan.algorithm, "prompt_weights", None), getattr(plan.algorithm, "adaptive_sampling", None),
+                                    HFEngine(ref, tokenizer) if plan.needs.reference_samples else None,
+                                    plan.needs.reference_samples), r.max_new_tokens
     if plan.data_kind == "scored":
         return (sources.ScoredSource(rows, t.batch_size, cfg.seed, informative_only=plan.needs.informative_groups),
                 plan.extra.get("max_new_tokens"))
@@ -148,7 +150,7 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
         ref = models.load_model(cfg.ref_model or cfg.model, t.dtype).eval().requires_grad_(False)
     frozen = {role: models.load_model(cfg.models[role], t.dtype).eval().requires_grad_(False) for role in plan.needs.models}
     trained = _trained_models(plan, ckpt)
-    source, max_completion_len = _source(plan, tokenizer, policy)
+    source, max_completion_len = _source(plan, tokenizer, policy, ref)
     value_head = _value_head(policy, ckpt) if plan.needs.value_head else None
     params = list(policy.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)

@@ -48,12 +48,16 @@ def informative(group: list[dict]) -> bool:
 ROW_SCALARS = ("baseline", "pool_mean", "pool_std", "pool_size")  # per-row numbers a source may add for the algorithm
 
 
+def _row_scalars(r: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in r.items() if k in ROW_SCALARS or k.startswith("ref_reward_")}
+
+
 def scored_seqs(rows: list[dict], prompt_index: list[int]) -> list[Seq]:
     """``prompt_index[k]``: the stable index of row k's prompt in the data source."""
     return [
         Seq(
             list(r["prompt_ids"]), list(r["completion_ids"]), int(r["group_id"]),
-            row={"rewards": float(r["reward"]), **{k: float(r[k]) for k in ROW_SCALARS if k in r}},
+            row={"rewards": float(r["reward"]), **_row_scalars(r)},
             token={"sampler_logps": r.get("sampler_logps"), "token_rewards": r.get("token_rewards")},
             prompt_index=k,
         )
@@ -172,6 +176,28 @@ class OnlineSource:
     greedy_baseline: bool = False  # ReMax: also decode each prompt greedily and score it (row "baseline")
     prompt_weights: Any = None  # the algorithm's prompt_weights(n_prompts) hook: prioritised prompt sampling
     adaptive: Any = None  # the algorithm's AdaptiveSampling: per-prompt multi-round sampling (Reinforce-Ada)
+    reference_engine: Any = None  # samples of the reference model (PAR), ``reference_samples`` per prompt
+    reference_samples: int = 0
+
+    def __post_init__(self):
+        self._ref_rewards: dict[int, list[float]] = {}
+
+    def _reference_rewards(self, prompt_index: int) -> list[float]:
+        """Rewards of ``reference_samples`` completions of the reference model for one prompt. Sampled under an RNG
+        seeded by (seed, prompt) and cached, so they do not disturb the policy's sampling and a resumed run (which
+        starts with an empty cache) sees the same values."""
+        if prompt_index not in self._ref_rewards:
+            from dataclasses import replace
+
+            from tokalign.stages.common import rollout_rows, scored_rows
+
+            prompt = self.rows[prompt_index]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 1_000_003 + prompt_index)
+                completions = self.reference_engine.generate([prompt["prompt_ids"]], replace(self.spec, n=self.reference_samples))
+            scored = scored_rows(rollout_rows([prompt], completions, self.spec.max_new_tokens), self.rewards)
+            self._ref_rewards[prompt_index] = [float(r["reward"]) for r in scored]
+        return self._ref_rewards[prompt_index]
 
     def _pick(self, step: int, round_: int) -> list[int]:
         """Prompts of round ``round_`` of step ``step``: a function of (seed, step, round) and the algorithm's
@@ -256,6 +282,11 @@ class OnlineSource:
             kept = [[{**r, "prompt_index": picked[g]} for r in rows if r["group_id"] == g] for g in range(len(picked))]
         out = [{**r, "group_id": gid} for gid, group in enumerate(kept[: self.batch_size]) for r in group]
         metrics = reward_metrics(sampled)
+        if self.reference_samples:
+            for r in out:
+                r.update({f"ref_reward_{k}": v for k, v in enumerate(self._reference_rewards(r["prompt_index"]))})
+            metrics["reward/reference_mean"] = sum(v for r in out for k, v in r.items() if k.startswith("ref_reward_")) / (
+                len(out) * self.reference_samples)
         if self.greedy_baseline:
             metrics["reward/greedy_baseline"] = self._greedy_baseline(out)
         if self.informative_only:
