@@ -14,9 +14,12 @@ complete -c tokalign -n '__fish_seen_subcommand_from eval' -l n
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l out
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l overwrite
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l quiet
+complete -c tokalign -n '__fish_seen_subcommand_from eval' -l reward-opt
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l seed
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l temperature
+complete -c tokalign -n '__fish_seen_subcommand_from eval' -l timeout
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l top-p
+complete -c tokalign -n '__fish_seen_subcommand_from eval' -l workers
 complete -c tokalign -n '__fish_seen_subcommand_from inspect' -l color
 complete -c tokalign -n '__fish_seen_subcommand_from inspect' -l forward
 complete -c tokalign -n '__fish_seen_subcommand_from inspect' -l help
@@ -52,8 +55,12 @@ complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l seed
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l temperature
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l top-p
 complete -c tokalign -n '__fish_seen_subcommand_from score' -l help
+complete -c tokalign -n '__fish_seen_subcommand_from score' -l no-cache
 complete -c tokalign -n '__fish_seen_subcommand_from score' -l out
 complete -c tokalign -n '__fish_seen_subcommand_from score' -l overwrite
+complete -c tokalign -n '__fish_seen_subcommand_from score' -l reward-opt
+complete -c tokalign -n '__fish_seen_subcommand_from score' -l timeout
+complete -c tokalign -n '__fish_seen_subcommand_from score' -l workers
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l backend
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l batch-size
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l config
@@ -72,6 +79,7 @@ complete -c tokalign -n '__fish_seen_subcommand_from train' -l ref
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l ref-model
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l resume
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l reverse-model
+complete -c tokalign -n '__fish_seen_subcommand_from train' -l reward-opt
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l seed
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l set
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l teacher

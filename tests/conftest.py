@@ -21,10 +21,10 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_random(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
-def cli(*args: str, cwd: Path | None = None, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `tokalign ARGS` as a user would; returns the completed process (text mode)."""
+def cli(*args: str, cwd: Path | None = None, stdin: str | None = None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `tokalign ARGS` as a user would; returns the completed process (text mode). ``env`` adds variables."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tokalign", *args], cwd=cwd, input=stdin, capture_output=True, text=True, env=CLI_ENV,
+        [sys.executable, "-m", "tokalign", *args], cwd=cwd, input=stdin, capture_output=True, text=True, env={**CLI_ENV, **(env or {})},
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"tokalign {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")

@@ -1,3 +1,4 @@
 from tokalign.cli.app import main
 
-main()
+if __name__ == "__main__":  # importing this module (tooling, multiprocessing) must not run the CLI
+    main()

@@ -49,6 +49,7 @@ class RunConfig:
     models: dict[str, str] = field(default_factory=dict)  # extra frozen models by role, e.g. {teacher: path}
     data: str = ""
     reward: list[str] = field(default_factory=list)  # online: rewards/verifiers; "name" or "name*weight"
+    reward_options: dict[str, dict] = field(default_factory=dict)  # {reward name: {option: value}}, checked against its Config
     seed: int = 0
     train: TrainSection = field(default_factory=TrainSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)

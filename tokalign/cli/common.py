@@ -14,6 +14,7 @@ from tokalign.artifacts import read_path_from_stdin
 OUT_HELP = "Output artifact directory (default: runs/<stage>-<time>). Refused if it exists, unless --overwrite."
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing --out (the old one is removed only once the new one is complete).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress output on stderr.")
+REWARD_OPT_HELP = "A reward's option: NAME.key=value (repeatable; values typed like --set), e.g. --reward-opt math.tolerance=1e-6. Keys: the fields of the reward's Config."
 
 
 def default_out(stage: str, out: str | None) -> str:

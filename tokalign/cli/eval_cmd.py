@@ -4,13 +4,16 @@ from typing import List, Optional
 
 import typer
 
-from tokalign.cli.common import OUT_HELP, OVERWRITE, default_out, emit, sampling_spec, err_console, input_path
+from tokalign.cli.common import OUT_HELP, OVERWRITE, REWARD_OPT_HELP, default_out, emit, sampling_spec, err_console, input_path
 
 
 def evaluate(
     data: Optional[str] = typer.Option(None, "--data", "-d", help="A prompts artifact (with reference answers); omitted: stdin."),
     model: str = typer.Option("", "--model", "-m", help="Model dir, tokalign checkpoint or hub id (default: the bundled tiny model)."),
     verifier: str = typer.Option("exact_match", "--verifier", help="Verifier (or reward) deciding pass/fail."),
+    reward_opt: List[str] = typer.Option([], "--reward-opt", help=REWARD_OPT_HELP),
+    workers: int = typer.Option(1, "--workers", "-j", min=0, help="Verifier worker processes (1 = in-process, 0 = one per CPU), as in `score`."),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.0, help="Seconds per sample; past it the sample counts as failed (0 = no limit)."),
     n: int = typer.Option(4, "--n", min=1, help="Samples per prompt; pass@k is reported for k = 1, 2, 4, … ≤ n."),
     backend: str = typer.Option("hf", "--backend", help="hf or vllm."),
     temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0),
@@ -33,7 +36,11 @@ def evaluate(
 
     src = input_path(data, "prompts artifact")
     spec = sampling_spec(model, n, temperature, top_p, max_new_tokens, seed)
-    path, results = run(src, default_out("eval", out), model=model, verifier=verifier, backend=backend, spec=spec, overwrite=overwrite)
+    from tokalign.rewards import parse_options
+
+    options = parse_options(list(reward_opt))
+    path, results = run(src, default_out("eval", out), model=model, verifier=verifier, backend=backend, spec=spec, overwrite=overwrite,
+                        reward_options=options, workers=workers, timeout=timeout)
     if not quiet:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in results.items() if k.startswith("pass@") or k == "mean_reward")
         err_console().print(f"[bold]eval[/] {model or '(bundled model)'}: {shown}  ({results['num_prompts']} prompts × {n})")

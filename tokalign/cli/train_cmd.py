@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from tokalign.cli.common import OVERWRITE, QUIET, default_out, emit
+from tokalign.cli.common import OVERWRITE, QUIET, REWARD_OPT_HELP, default_out, emit
 
 
 def _algorithms_help() -> str:
@@ -28,6 +28,7 @@ def train(
     config_file: Optional[str] = typer.Option(None, "--config", "-c", help="YAML run config; flags and --set override it."),
     sets: List[str] = typer.Option([], "--set", help="Override any config key: --set train.lr=1e-5 --set algorithm.beta=0.04 (repeatable)."),
     reward: List[str] = typer.Option([], "--reward", "-r", help="Online: reward/verifier (repeatable, name*weight). Default: the task's."),
+    reward_opt: List[str] = typer.Option([], "--reward-opt", help=REWARD_OPT_HELP + " Config key: reward_options."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Training steps (batches)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts / groups / pairs / examples per step."),
@@ -41,6 +42,7 @@ def train(
 ):
     """Train ALGO on online prompts or offline artifacts; writes a `checkpoint` artifact."""
     from tokalign import config, models
+    from tokalign.rewards import parse_options
     from tokalign.train.plan import make_plan
 
     extra = dict(_role(item) for item in with_models)
@@ -52,6 +54,7 @@ def train(
         extra["reverse"] = reverse_model
     flags = {
         "data": data, "model": model, "ref_model": ref_model, "reward": list(reward) or None, "seed": seed,
+        "reward_options": parse_options(list(reward_opt)) or None,
         "models": extra or None,
         "train": {"max_steps": max_steps, "lr": lr, "batch_size": batch_size},
         "rollout": {"n": n, "backend": backend},

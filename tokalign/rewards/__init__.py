@@ -1,16 +1,24 @@
-"""Resolve reward specs ("name" or "name*weight") to batched callables, verifiers included.
+"""Resolve reward specs ("name" or "name*weight") to per-sample callables, verifiers included.
 
 A verifier becomes a reward whose value is its ``Verdict.score``. Every reward is checked against
 the per-token contract: ``token_values`` must have one value per completion token.
+
+Options: a reward or verifier class may define a nested ``Config`` dataclass; it is then built as
+``Cls(Cls.Config(**options))`` from ``--reward-opt NAME.key=value`` / ``reward_options: {NAME:
+{key: value}}`` (values typed like ``--set``). A class without ``Config`` is built as ``Cls()`` and
+takes no options.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import hashlib
+import sys
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tokalign import registry
-from tokalign.errors import UserError
+from tokalign.errors import UserError, did_you_mean
 from tokalign.protocols import Reward, Sample, Verdict
 
 
@@ -21,6 +29,9 @@ class ResolvedReward:
     fn: Callable[[list[Sample]], list[Reward]]
     plugin: registry.PluginInfo
     is_verifier: bool
+    options: dict[str, Any] = field(default_factory=dict)  # as the user gave them (a worker rebuilds from these)
+    config: dict[str, Any] | None = None  # the resolved Config (defaults included), None without a Config
+    fingerprint: str = ""  # plug-in identity + version + source hash + resolved options: the score cache's key part
 
 
 def parse_spec(spec: str) -> tuple[str, float]:
@@ -33,7 +44,22 @@ def parse_spec(spec: str) -> tuple[str, float]:
         raise UserError(f"Bad reward weight in '{spec}': write name*weight, e.g. exact_match*0.5.") from None
 
 
-def _lookup(name: str) -> tuple[Any, registry.PluginInfo, bool]:
+def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """['math.tolerance=1e-6', 'length.target=64'] -> {'math': {'tolerance': 1e-06}, 'length': {'target': 64}}.
+    The key is what follows the last dot, so ``pkg.mod:Cls.key=v`` names the reward ``pkg.mod:Cls``."""
+    from tokalign.config import _scalar
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        lhs, eq, raw = item.partition("=")
+        name, dot, key = lhs.strip().rpartition(".")
+        if not eq or not dot or not name or not key.isidentifier():
+            raise UserError(f"--reward-opt expects NAME.key=value (e.g. --reward-opt math.tolerance=1e-6), got '{item}'.")
+        out.setdefault(name, {})[key] = _scalar(raw)
+    return out
+
+
+def _lookup(name: str) -> tuple[Any, registry.PluginInfo, str]:
     """A name is looked up among rewards, then verifiers; a module:attr path is loaded directly."""
     rewards, verifiers = registry.available("reward"), registry.available("verifier")
     if ":" in name or name in rewards:
@@ -44,21 +70,85 @@ def _lookup(name: str) -> tuple[Any, registry.PluginInfo, bool]:
         from tokalign.errors import unknown
 
         raise unknown("reward", name, set(rewards) | set(verifiers))
-    if isinstance(obj, type):
-        obj = obj()
-    return obj, registry.info(kind, name), kind == "verifier" or (not callable(obj) and hasattr(obj, "verify"))
+    return obj, registry.info(kind, name), kind
 
 
-def resolve(specs: list[str]) -> list[ResolvedReward]:
+def _construct(name: str, obj: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+    """``Cls(Cls.Config(**options))``, ``Cls()``, or the object itself (a function or an instance)."""
+    if not isinstance(options, dict):
+        raise UserError(f"reward_options.{name} must be a mapping of option: value, got {options!r}.")
+    cfg_cls = getattr(obj, "Config", None) if isinstance(obj, type) else None
+    if cfg_cls is None:
+        if options:
+            raise UserError(f"reward '{name}' takes no options (it defines no Config dataclass); got {', '.join(sorted(options))}.")
+        if not isinstance(obj, type):
+            return obj, None
+        try:
+            return obj(), None
+        except Exception as e:
+            raise UserError(f"reward '{name}' failed to construct: {type(e).__name__}: {e}") from e
+    if not dataclasses.is_dataclass(cfg_cls):
+        raise UserError(f"reward '{name}' has a Config that is not a dataclass; its author must decorate it with @dataclass.")
+    valid = [f.name for f in dataclasses.fields(cfg_cls)]
+    for key in options:
+        if key not in valid:
+            raise UserError(f"reward '{name}' has no option '{key}'.{did_you_mean(key, valid)} Valid options: {', '.join(valid) or '(none)'}.")
+    from tokalign import config
+
+    try:
+        cfg = config.build(cfg_cls, options, prefix=f"{name}.")
+    except UserError as e:
+        raise UserError(f"reward '{name}': bad option value: {e} Valid options: {', '.join(valid)}.") from e
+    try:
+        return obj(cfg), dataclasses.asdict(cfg)
+    except (ValueError, TypeError) as e:  # the plug-in rejecting a value names it
+        raise UserError(f"reward '{name}': {e} (options: {options}).") from e
+    except Exception as e:
+        raise UserError(f"reward '{name}' failed to construct: {type(e).__name__}: {e}") from e
+
+
+def _source_hash(obj: Any) -> str:
+    """Hash of the source file that defines ``obj``: editing a local or editable plug-in invalidates cached scores."""
+    module = sys.modules.get(getattr(obj, "__module__", None) or type(obj).__module__)
+    path = getattr(module, "__file__", None)
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return ""
+
+
+def build(name: str, options: dict[str, Any] | None = None) -> tuple[Callable, registry.PluginInfo, bool, dict | None, str]:
+    """(per-sample callable, plug-in info, is_verifier, resolved Config as a dict, fingerprint) for one reward name."""
+    import json
+
+    options = options if options is not None else {}
+    raw, info, kind = _lookup(name)
+    obj, cfg = _construct(name, raw, options)
+    is_verifier = kind == "verifier" or (not callable(obj) and hasattr(obj, "verify"))
+    problem = registry.check_obj("verifier" if is_verifier else "reward", obj)
+    if problem:
+        raise UserError(f"reward '{name}' ({info.distribution}) does not satisfy the protocol: {problem}.")
+    fn = _verifier_as_reward(obj) if is_verifier else obj
+    ident = [info.value, info.distribution, info.version, _source_hash(raw), cfg if cfg is not None else options]
+    fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    return fn, info, is_verifier, cfg, fingerprint
+
+
+def resolve(specs: list[str], options: dict[str, dict] | None = None) -> list[ResolvedReward]:
+    """``options`` maps a reward name (as written in its spec, without the weight) to its options."""
+    options = dict(options or {})
     out = []
     for spec in specs:
         name, weight = parse_spec(spec)
-        obj, info, is_verifier = _lookup(name)
-        problem = registry.check_obj("verifier" if is_verifier else "reward", obj)
-        if problem:
-            raise UserError(f"reward '{name}' ({info.distribution}) does not satisfy the protocol: {problem}.")
-        fn = _verifier_as_reward(obj) if is_verifier else obj
-        out.append(ResolvedReward(name, weight, fn, info, is_verifier))
+        opts = options.get(name) or {}
+        fn, info, is_verifier, cfg, fingerprint = build(name, opts)
+        out.append(ResolvedReward(name, weight, fn, info, is_verifier, dict(opts), cfg, fingerprint))
+    names = [r.name for r in out]
+    for name in options:
+        if name not in names:
+            raise UserError(f"Options given for reward '{name}', which this run does not use.{did_you_mean(name, names)} "
+                            f"Rewards in this run: {', '.join(names) or '(none)'}.")
     return out
 
 
@@ -92,34 +182,8 @@ def normalise(name: str, sample: Sample, value: Any) -> Reward:
     return value
 
 
-def score_samples(rewards: list[ResolvedReward], samples: list[Sample]) -> list[dict[str, Any]]:
-    """Run every reward on the samples; returns per-sample dicts with reward, rewards, verdicts, token_rewards."""
-    per_fn: dict[str, list[Reward]] = {}
-    for r in rewards:
-        try:
-            values = list(r.fn(samples))
-        except UserError:
-            raise
-        except Exception as e:  # the plug-in's failure, named as such, not a tokalign traceback
-            raise UserError(f"reward '{r.name}' ({r.plugin.distribution} {r.plugin.version}) raised {type(e).__name__}: {e}") from e
-        if len(values) != len(samples):
-            raise UserError(f"reward '{r.name}' returned {len(values)} values for {len(samples)} samples.")
-        per_fn[r.name] = [normalise(r.name, s, v) for s, v in zip(samples, values)]
-    rows = []
-    for i, s in enumerate(samples):
-        total, token_total = 0.0, None
-        for r in rewards:
-            rw = per_fn[r.name][i]
-            total += r.weight * rw.value
-            if rw.token_values is not None:
-                token_total = token_total or [0.0] * len(s.completion_ids)
-                token_total = [a + r.weight * b for a, b in zip(token_total, rw.token_values)]
-        rows.append(
-            {
-                "reward": total,
-                "rewards": {r.name: per_fn[r.name][i].value for r in rewards},
-                "verdicts": {r.name: per_fn[r.name][i].info for r in rewards if per_fn[r.name][i].info},
-                "token_rewards": token_total,
-            }
-        )
-    return rows
+def score_samples(rewards: list[ResolvedReward], samples: list[Sample], **kwargs) -> list[dict[str, Any]]:
+    """Per-sample dicts with reward, rewards, verdicts, token_rewards, reward_errors (see ``tokalign.scoring``)."""
+    from tokalign.scoring import score_samples as run
+
+    return run(rewards, samples, **kwargs)[0]

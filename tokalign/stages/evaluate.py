@@ -42,24 +42,35 @@ def summarise(rows: list[dict], n: int, verifier: str) -> dict:
 
 
 def evaluate(prompts: str, out: str, *, model: str = "", verifier: str = "exact_match", backend: str = "hf",
-             spec: SamplingSpec = SamplingSpec(n=4), overwrite: bool = False) -> tuple[Path, dict]:
-    from tokalign.stages.common import retokenize, scored_rows
+             spec: SamplingSpec = SamplingSpec(n=4), overwrite: bool = False, reward_options: dict | None = None,
+             workers: int = 1, timeout: float | None = 30.0) -> tuple[Path, dict]:
+    """A sample whose verifier raises or times out counts as failed (score 0); ``results["reward_failures"]`` counts them."""
+    import sys
+
+    from tokalign.scoring import resolve_workers
+    from tokalign.stages.common import retokenize, score_rows
     from tokalign.stages.rollout import check_backend, sample
     from tokalign.stages.score import plugin_refs
 
     check_backend(backend)
 
     out_path = artifacts.check_output(out, overwrite)
+    n_workers = resolve_workers(workers)
     src = artifacts.read(prompts, ["prompts"])
-    resolved = rewards.resolve([verifier])
+    resolved = rewards.resolve([verifier], reward_options)
     tokenizer = models.load_tokenizer(model)
     rows = retokenize(src.rows(), tokenizer)
-    scored = scored_rows(sample(rows, model, backend, spec, tokenizer), resolved)
+    scored, report = score_rows(sample(rows, model, backend, spec, tokenizer), resolved, workers=n_workers, timeout=timeout or None)
+    if report.failed_samples:
+        sys.stderr.write(f"eval: {report.summary()}\n")
     results = summarise(scored, spec.n, resolved[0].name)
-    results.update(model=model or "(bundled)", temperature=spec.temperature, max_new_tokens=spec.max_new_tokens)
+    results.update(model=model or "(bundled)", temperature=spec.temperature, max_new_tokens=spec.max_new_tokens,
+                   reward_failures=report.failed_samples)
     prov = artifacts.Provenance(
-        config={"verifier": verifier, "backend": backend, "model": model or "(bundled)", **spec.__dict__},
+        config={"verifier": verifier, "backend": backend, "model": model or "(bundled)", **spec.__dict__,
+                **({"reward_options": reward_options} if reward_options else {})},
         inputs=[src.ref()], plugins=plugin_refs(resolved), model=models.identity(model), seed=spec.seed,
+        extra={"scoring": report.to_dict()},
     )
     with artifacts.writing(out_path, "eval", prov, overwrite) as w:
         w.write_rows(scored)

@@ -1,7 +1,13 @@
-"""Stage ``score``: rollouts + rewards/verifiers -> a ``scored`` artifact (the inputs are untouched)."""
+"""Stage ``score``: rollouts + rewards/verifiers -> a ``scored`` artifact (the inputs are untouched).
+
+Rewards run one sample per call, in-process (``workers=1``) or in worker processes, with a per-sample
+timeout; results are cached on disk by (reward fingerprint, sample content). A reward failing on a
+sample scores 0 there and says why in ``reward_errors``; the run goes on (see ``tokalign.scoring``).
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from tokalign import artifacts, rewards
@@ -9,20 +15,41 @@ from tokalign import artifacts, rewards
 
 def plugin_refs(resolved) -> list[dict]:
     return [{"kind": r.plugin.kind, "name": r.name, "distribution": r.plugin.distribution,
-             "version": r.plugin.version, "weight": r.weight} for r in resolved]
+             "version": r.plugin.version, "weight": r.weight, **({"options": r.config} if r.config is not None else {})}
+            for r in resolved]
 
 
-def score(rollouts: str, out: str, *, reward: list[str], overwrite: bool = False) -> Path:
-    from tokalign.stages.common import scored_rows
+def score(rollouts: str, out: str, *, reward: list[str], overwrite: bool = False, reward_options: dict | None = None,
+          workers: int = 1, timeout: float | None = 30.0, cache: bool = True) -> Path:
+    """``workers``: 1 in-process, N > 1 processes, 0 one per CPU. ``timeout``: seconds per sample and
+    reward (None or 0: none). ``cache``: read and write the score cache (``scoring.cache``)."""
+    from tokalign.errors import UserError
+    from tokalign.scoring import resolve_workers
+    from tokalign.stages.common import SCORE_COLUMNS, score_rows
 
     out_path = artifacts.check_output(out, overwrite)
+    if timeout is not None and timeout < 0:
+        raise UserError(f"--timeout must be ≥ 0 seconds (0 = no limit), got {timeout:g}.")
+    n_workers = resolve_workers(workers)
     src = artifacts.read(rollouts, ["rollouts", "scored"])
-    resolved = rewards.resolve(reward)
+    resolved = rewards.resolve(reward, reward_options)
     rows = src.rows()
     if src.kind == "scored":  # re-score: drop the old scores, keep the rollouts
-        rows = [{k: v for k, v in r.items() if k not in ("reward", "rewards", "verdicts", "token_rewards")} for r in rows]
-    out_rows = scored_rows(rows, resolved)
-    prov = artifacts.Provenance(config={"reward": reward}, inputs=[src.ref()], plugins=plugin_refs(resolved))
+        rows = [{k: v for k, v in r.items() if k not in SCORE_COLUMNS} for r in rows]
+    store = None
+    if cache:
+        from tokalign.scoring.cache import ScoreCache
+
+        store = ScoreCache()
+    try:
+        out_rows, report = score_rows(rows, resolved, workers=n_workers, timeout=timeout or None, cache=store)
+    finally:
+        if store is not None:
+            store.close()
+    sys.stderr.write(f"score: {report.summary()}\n")
+    config = {"reward": reward, "reward_options": dict(reward_options or {}), "timeout_s": timeout or None}
+    prov = artifacts.Provenance(config=config, inputs=[src.ref()], plugins=plugin_refs(resolved),
+                                extra={"scoring": report.to_dict()})
     with artifacts.writing(out_path, "scored", prov, overwrite) as w:
         w.write_rows(out_rows)
     return out_path

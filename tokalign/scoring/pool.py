@@ -1,0 +1,214 @@
+"""Worker processes for CPU-bound rewards.
+
+Each worker is a fresh ``spawn``ed interpreter (safe after torch or threads are loaded, the same on
+every OS) that rebuilds the rewards from their names and options, then scores chunks of samples,
+one sample per reward call. The parent hands one chunk at a time to each worker and reads results
+as they come, so order is restored by position, not by arrival.
+
+Timeouts: a worker interrupts a sample at ``timeout`` with SIGALRM (``calls.Alarm``). A worker that
+does not come back (stuck in C code, ignoring the alarm) is killed at a hard deadline: that sample
+is recorded as timed out, the rest of its chunk goes back in the queue, and a new worker starts.
+A worker that dies (segfault, ``os._exit``, the OOM killer) fails only the sample it was running.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokalign.errors import UserError
+from tokalign.scoring.calls import ERROR, TIMEOUT, Alarm, call_one, one_line
+
+POLL_S = 0.05
+MAX_FRUITLESS_DEATHS = 3  # workers dying while running no sample: a broken environment, not a bad sample
+
+
+def hard_deadline(timeout: float | None) -> float | None:
+    """Seconds after a sample's start at which its worker is killed: the alarm gets its chance first."""
+    return None if not timeout or timeout <= 0 else timeout + max(2.0, 0.5 * timeout)
+
+
+def chunk_size(n_items: int, workers: int) -> int:
+    """About four chunks per worker (load balance) and no more than 64 samples each (a killed worker
+    loses little); per-chunk overhead is a pickle and a pipe round trip, ~0.1 ms."""
+    return max(1, min(64, math.ceil(n_items / (4 * workers))))
+
+
+def _worker_main(conn, refs: list[tuple[str, dict]], timeout: float | None, slot) -> None:
+    """slot = [reward index, position, start time (0 = idle)], shared with the parent."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
+    except (ValueError, OSError):
+        pass
+    try:
+        from tokalign.rewards import build
+
+        fns = [build(name, options)[0] for name, options in refs]
+    except BaseException as e:
+        conn.send(("init_error", one_line(f"{type(e).__name__}: {e}")))
+        return
+    conn.send(("ready", os.getpid()))
+    with Alarm(timeout) as alarm:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return
+            if msg is None:
+                return
+            task_id, ri, items = msg
+            out = []
+            for pos, sample in items:
+                slot[2] = 0.0
+                slot[0], slot[1] = ri, pos
+                slot[2] = time.monotonic()
+                out.append(call_one(fns[ri], refs[ri][0], sample, alarm))
+            slot[2] = 0.0
+            conn.send((task_id, out))
+
+
+@dataclass
+class _Worker:
+    proc: Any
+    conn: Any
+    slot: Any
+    ready: bool = False
+    task: int | None = None  # the task id it is working on
+
+
+@dataclass
+class _Run:
+    refs: list[tuple[str, dict]]
+    timeout: float | None
+    ctx: Any
+    queue: deque = field(default_factory=deque)  # (ri, [(pos, sample)])
+    tasks: dict = field(default_factory=dict)  # task id -> (ri, items)
+    results: dict = field(default_factory=dict)  # (ri, pos) -> (status, payload)
+    next_id: int = 0
+    fruitless: int = 0
+
+    def start(self) -> _Worker:
+        parent, child = self.ctx.Pipe()
+        slot = self.ctx.Array("d", 3, lock=False)
+        proc = self.ctx.Process(target=_worker_main, args=(child, self.refs, self.timeout, slot), daemon=True)
+        proc.start()
+        child.close()  # only the worker holds its end: its death reads as EOF here
+        return _Worker(proc, parent, slot)
+
+    def dispatch(self, w: _Worker) -> None:
+        if w.ready and w.task is None and self.queue:
+            ri, items = self.queue.popleft()
+            task_id, self.next_id = self.next_id, self.next_id + 1
+            self.tasks[task_id] = (ri, items)
+            w.task = task_id
+            w.conn.send((task_id, ri, items))
+
+    def receive(self, w: _Worker, msg) -> None:
+        kind, payload = msg
+        if kind == "ready":
+            w.ready = True
+        elif kind == "init_error":
+            raise UserError(f"A reward worker process could not load the rewards: {payload}")
+        else:
+            ri, items = self.tasks.pop(kind)
+            for (pos, _), result in zip(items, payload):
+                self.results[(ri, pos)] = result
+            w.task = None
+
+    def bury(self, w: _Worker, killed_at_start: float | None = None) -> None:
+        """Account for a dead (or just killed) worker: its running sample fails, the rest is re-queued."""
+        try:
+            while w.conn.poll():  # results it sent before dying still count
+                self.receive(w, w.conn.recv())
+        except (EOFError, OSError):
+            pass
+        w.proc.join(5)
+        code = w.proc.exitcode
+        if not w.ready:
+            raise UserError(f"A reward worker process exited (code {code}) before loading the rewards; run with --workers 1 to see the error.")
+        ri, pos, start = int(w.slot[0]), int(w.slot[1]), w.slot[2]
+        failed = None
+        if w.task is not None and start and (killed_at_start is None or start == killed_at_start):
+            failed = (ri, pos)
+            if killed_at_start is not None:
+                self.results[failed] = (TIMEOUT, f"timed out after {self.timeout:g}s (worker killed)")
+            else:
+                self.results[failed] = (ERROR, f"the worker process died (exit code {code}) on this sample")
+        if w.task is not None:
+            t_ri, items = self.tasks.pop(w.task)
+            rest = [(p, s) for p, s in items if (t_ri, p) != failed and (t_ri, p) not in self.results]
+            if rest:
+                self.queue.appendleft((t_ri, rest))
+        if failed is None and killed_at_start is None:
+            self.fruitless += 1
+            if self.fruitless > MAX_FRUITLESS_DEATHS:
+                raise UserError(f"Reward worker processes keep dying (last exit code {code}) while running no sample; check memory limits, or use --workers 1.")
+        w.conn.close()
+
+
+def run(refs: list[tuple[str, dict]], items: list[tuple[int, int, Any]], workers: int, timeout: float | None) -> dict:
+    """Score ``items`` = [(reward index, position, sample)] in ``workers`` processes.
+    Returns {(reward index, position): (status, payload)} as ``calls.call_one`` gives them."""
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    r = _Run(refs, timeout, mp.get_context("spawn"))
+    size = chunk_size(len(items), workers)
+    by_reward: dict[int, list] = {}
+    for ri, pos, sample in items:
+        by_reward.setdefault(ri, []).append((pos, sample))
+    for ri, entries in by_reward.items():
+        for i in range(0, len(entries), size):
+            r.queue.append((ri, entries[i : i + size]))
+    hard = hard_deadline(timeout)
+    pool = [r.start() for _ in range(min(workers, len(r.queue)))]
+    clean = False
+    try:
+        while r.queue or any(w.task is not None for w in pool):
+            for w in pool:
+                r.dispatch(w)
+            waitables = [w.conn for w in pool] + [w.proc.sentinel for w in pool]
+            ready = set(wait(waitables, timeout=POLL_S if hard else None))
+            alive = []
+            for w in pool:
+                dead = w.proc.sentinel in ready
+                if w.conn in ready and not dead:
+                    try:
+                        r.receive(w, w.conn.recv())
+                    except (EOFError, OSError):
+                        dead = True
+                killed_at = None
+                if not dead and hard and w.task is not None:
+                    start = w.slot[2]
+                    if start and time.monotonic() - start > hard:
+                        w.proc.kill()
+                        killed_at, dead = start, True
+                if dead:
+                    r.bury(w, killed_at)
+                    if r.queue:
+                        alive.append(r.start())
+                else:
+                    alive.append(w)
+            pool = alive
+        clean = True
+    finally:
+        for w in pool:
+            if clean:
+                try:
+                    w.conn.send(None)
+                except (OSError, ValueError):
+                    pass
+            else:
+                w.proc.kill()
+        for w in pool:
+            w.proc.join(2 if clean else 5)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join(5)
+            w.conn.close()
+    return r.results
