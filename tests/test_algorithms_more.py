@@ -425,3 +425,64 @@ def test_cli_par(tmp_path):
         "--out", str(out), "--quiet")
     metrics = _check_run(out)
     assert all(0 <= m["reward/reference_mean"] <= 1 for m in metrics)
+
+
+# ---------------------------------------------------------------------------------------------------
+# SPO (segments)
+
+from tokalign.algorithms.spo import SPO, SegmentHook, SPOConfig  # noqa: E402
+
+
+def test_spo_cut_points_hand():
+    """p = (0.95, 0.5, 0.99, 0.3, 0.2), threshold 0.9: low-probability tokens 1, 3, 4; every 2nd from the first → 1, 4."""
+    logps = [math.log(p) for p in (0.95, 0.5, 0.99, 0.3, 0.2)]
+    assert SegmentHook(0.9, 2, 4).cut_points(logps) == [1, 4]
+    assert SegmentHook(0.9, 1, 4).cut_points(logps) == [1, 3, 4]
+
+
+def test_spo_one_segment_is_r_minus_root_value_with_probability_mask():
+    """No cut: every token gets R − V(root) = 1 − 0.25; a token with π_old = 0.95 > 0.9 gets 0 (probability mask off:
+    it keeps 0.75)."""
+    f = {"segment_value_start": torch.full((1, 3), 0.25), "segment_value_end": torch.ones(1, 3),
+         "sampler_logps": torch.log(torch.tensor([[0.5, 0.95, 0.2]])), "rewards": torch.ones(1), "group_ids": torch.zeros(1)}
+    batch = SPO(SPOConfig()).prepare(token_batch(torch.ones(1, 3), dict(f)))
+    assert_close(batch.fields["advantages"], torch.tensor([[0.75, 0.0, 0.75]]))
+    batch = SPO(SPOConfig(probability_mask=False)).prepare(token_batch(torch.ones(1, 3), dict(f)))
+    assert_close(batch.fields["advantages"], torch.full((1, 3), 0.75))
+
+
+def test_online_source_segment_values_hand():
+    """A completion (1, 2, 3, 4) with reward 0 cut at token 2 (the only π_old < 0.9); each continuation appends token 7
+    and the test reward is len(completion_ids)/10: V(0) = 0.1 (prefix () + 7), V(2) = 0.3 (1, 2, 7), V(end) = R = 0.
+    Tokens 0–1: (0.1 → 0.3); tokens 2–3: (0.3 → 0)."""
+    from tokalign.protocols import Reward
+    from tokalign.rewards import ResolvedReward
+    from tokalign.rollout import Completion, SamplingSpec
+    from tokalign.train.sources import OnlineSource
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    class Engine:
+        tokenizer = Tok()
+
+        def generate(self, prompts, spec):
+            return [[Completion([7], [0.0], "stop", "7") for _ in range(spec.n)] for _ in prompts]
+
+    reward = ResolvedReward("len", 1.0, lambda samples: [Reward(len(s.completion_ids) / 10) for s in samples], None, False)
+    src = OnlineSource([], Engine(), [reward], SamplingSpec(n=1, max_new_tokens=8), 1, 0, segments=SegmentHook(0.9, 1, 3))
+    row = {"id": "a#0", "prompt": '"q"', "prompt_ids": [5], "reference": None, "completion": "1 2 3 4", "completion_ids": [1, 2, 3, 4],
+           "sampler_logps": [math.log(p) for p in (0.99, 0.99, 0.5, 0.99)], "finish_reason": "stop", "reward": 0.0}
+    assert src._segment_values([row]) == 2
+    assert row["segment_value_start"] == pytest.approx([0.1, 0.1, 0.3, 0.3])
+    assert row["segment_value_end"] == pytest.approx([0.3, 0.3, 0.0, 0.0])
+
+
+@pytest.mark.slow
+def test_cli_spo(tmp_path):
+    out = tmp_path / "spo"
+    cli("train", "spo", "--data", "arith", "--n", "2", "--set", "algorithm.rollouts=2", "--max-steps", "2", "--batch-size", "4",
+        "--out", str(out), "--quiet")
+    metrics = _check_run(out)
+    assert all(m["segments/per_completion"] >= 1 for m in metrics)

@@ -90,7 +90,7 @@ def _source(plan: Plan, tokenizer, policy, ref=None):
                                     plan.needs.informative_groups, r.max_sampling_rounds, plan.needs.greedy_baseline,
                                     getattr(plan.algorithm, "prompt_weights", None), getattr(plan.algorithm, "adaptive_sampling", None),
                                     HFEngine(ref, tokenizer) if plan.needs.reference_samples else None,
-                                    plan.needs.reference_samples), r.max_new_tokens
+                                    plan.needs.reference_samples, getattr(plan.algorithm, "segments", None)), r.max_new_tokens
     if plan.data_kind == "scored":
         return (sources.ScoredSource(rows, t.batch_size, cfg.seed, informative_only=plan.needs.informative_groups),
                 plan.extra.get("max_new_tokens"))

@@ -58,7 +58,7 @@ def scored_seqs(rows: list[dict], prompt_index: list[int]) -> list[Seq]:
         Seq(
             list(r["prompt_ids"]), list(r["completion_ids"]), int(r["group_id"]),
             row={"rewards": float(r["reward"]), **_row_scalars(r)},
-            token={"sampler_logps": r.get("sampler_logps"), "token_rewards": r.get("token_rewards")},
+            token={k: r.get(k) for k in ("sampler_logps", "token_rewards", "segment_value_start", "segment_value_end")},
             prompt_index=k,
         )
         for r, k in zip(rows, prompt_index)
@@ -178,6 +178,43 @@ class OnlineSource:
     adaptive: Any = None  # the algorithm's AdaptiveSampling: per-prompt multi-round sampling (Reinforce-Ada)
     reference_engine: Any = None  # samples of the reference model (PAR), ``reference_samples`` per prompt
     reference_samples: int = 0
+    segments: Any = None  # the algorithm's segment hook (SPO): cut_points(sampler_logps) and rollouts per cut
+
+    def _segment_values(self, rows: list[dict]) -> float:
+        """Monte-Carlo values at each row's cut points: V(c) = mean reward of ``segments.rollouts`` continuations of
+        prompt + completion[:c] (c = 0 is the prompt alone); V(end) = the row's own reward. Each completion token gets
+        the values at the start and at the end of its segment (token fields ``segment_value_start``/``_end``)."""
+        from dataclasses import replace
+
+        from tokalign.rollout import Completion
+        from tokalign.stages.common import scored_rows
+
+        h, tok = self.segments, self.engine.tokenizer
+        cuts = [sorted({0, *h.cut_points(r["sampler_logps"])} - {len(r["completion_ids"])}) for r in rows]
+        jobs = [(i, c) for i, cs in enumerate(cuts) for c in cs]
+        conts = self.engine.generate([rows[i]["prompt_ids"] + rows[i]["completion_ids"][:c] for i, c in jobs],
+                                     replace(self.spec, n=h.rollouts))
+        mc_rows = []
+        for (i, c), samples in zip(jobs, conts):
+            prefix, room = rows[i]["completion_ids"][:c], self.spec.max_new_tokens - c
+            for k in samples:
+                ids = prefix + k.ids[:room]
+                cut = Completion(ids, [], "length" if len(k.ids) > room else k.finish_reason, tok.decode(ids, skip_special_tokens=True))
+                mc_rows.append({**rows[i], "completion": cut.text, "completion_ids": cut.ids, "finish_reason": cut.finish_reason})
+        scores = [float(r["reward"]) for r in scored_rows(mc_rows, self.rewards)] if mc_rows else []
+        values: dict[tuple[int, int], float] = {}
+        for j, job in enumerate(jobs):
+            part = scores[j * h.rollouts : (j + 1) * h.rollouts]
+            values[job] = sum(part) / len(part)
+        for i, r in enumerate(rows):
+            n, bounds = len(r["completion_ids"]), cuts[i] + [len(r["completion_ids"])]
+            start, end = [0.0] * n, [0.0] * n
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                v_end = values[(i, b)] if b < n else float(r["reward"])
+                for t in range(a, b):
+                    start[t], end[t] = values[(i, a)], v_end
+            r["segment_value_start"], r["segment_value_end"] = start, end
+        return len(jobs) / len(rows)  # cut points (segments) per completion
 
     def __post_init__(self):
         self._ref_rewards: dict[int, list[float]] = {}
@@ -282,6 +319,8 @@ class OnlineSource:
             kept = [[{**r, "prompt_index": picked[g]} for r in rows if r["group_id"] == g] for g in range(len(picked))]
         out = [{**r, "group_id": gid} for gid, group in enumerate(kept[: self.batch_size]) for r in group]
         metrics = reward_metrics(sampled)
+        if self.segments is not None:
+            metrics["segments/per_completion"] = self._segment_values(out)
         if self.reference_samples:
             for r in out:
                 r.update({f"ref_reward_{k}": v for k, v in enumerate(self._reference_rewards(r["prompt_index"]))})
