@@ -98,6 +98,7 @@ class Needs:
     # online: this many completions per prompt sampled from the *reference* model (seeded per prompt, cached) and
     # scored with the run's rewards, in fields["ref_reward_0" ...] (PAR's reference rewards)
     reference_samples: int = 0
+    hidden_states: bool = False  # PolicyOutput.hidden: the policy's final hidden states (detached), per micro-batch
 
 
 @dataclass
@@ -151,6 +152,7 @@ class PolicyOutput:
     ref_logits: Any = None
     # the same for each extra frozen model (Needs.models) when full_vocab: {role: logits or HeadLogits}
     extra_logits: dict = field(default_factory=dict)
+    hidden: "torch.Tensor | None" = None  # [B, L-1, H] final hidden states (no grad), only with Needs.hidden_states
 
 
 @dataclass

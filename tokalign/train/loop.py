@@ -22,15 +22,19 @@ from tokalign.train.batching import collate, micro_batches, truncate
 from tokalign.train.plan import Plan
 
 
-def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: bool = False, value_head=None) -> PolicyOutput:
+def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: bool = False, value_head=None,
+            keep_hidden: bool = False) -> PolicyOutput:
     """Per-token log-probs of each next token, [B, L-1] (and the logits [B, L-1, V] if asked; the
-    values V(s_t) [B, L-1] of a value head on the final hidden states, if one is given)."""
-    res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=value_head is not None)
+    values V(s_t) [B, L-1] of a value head on the final hidden states, if one is given; the final
+    hidden states [B, L-1, H], detached, if asked)."""
+    res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                output_hidden_states=value_head is not None or keep_hidden)
     logits = res.logits[:, :-1]
     logps = ops.selective_log_softmax(logits, batch.input_ids[:, 1:])
     entropy = ops.entropy_from_logits(logits.detach()) if with_entropy else None
     values = value_head(res.hidden_states[-1][:, :-1]).squeeze(-1).float() if value_head is not None else None
-    return PolicyOutput(logps=logps, entropy=entropy, logits=logits if keep_logits else None, values=values)
+    hidden = res.hidden_states[-1][:, :-1].detach() if keep_hidden else None
+    return PolicyOutput(logps=logps, entropy=entropy, logits=logits if keep_logits else None, values=values, hidden=hidden)
 
 
 @torch.no_grad()
@@ -259,7 +263,8 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
     for _ in range(t.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         for mb in micro_batches(batch, t.micro_batch_size):
-            out = forward(policy, mb, with_entropy=True, keep_logits=plan.needs.full_vocab, value_head=value_head)
+            out = forward(policy, mb, with_entropy=True, keep_logits=plan.needs.full_vocab, value_head=value_head,
+                          keep_hidden=plan.needs.hidden_states)
             if plan.needs.full_vocab:  # per micro-batch, and chunk by chunk where possible
                 out.ref_logits = reference_logits(ref, mb) if ref is not None else None
                 out.extra_logits = {role: reference_logits(model, mb) for role, model in frozen.items()}
