@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 from tokalign.protocols import Reward, Sample
+from tokalign.rewards.length import completion_length, sampler_limit
 
 
 class Overlong:
@@ -24,7 +25,7 @@ class Overlong:
     factor = 1.0
 
     def __call__(self, samples: list[Sample]) -> list[Reward]:
-        return [self.score(len(s.completion_ids), s.metadata.get("max_new_tokens")) for s in samples]
+        return [self.score(completion_length(s), sampler_limit(s)) for s in samples]
 
     def score(self, length: int, max_len: int | None) -> Reward:
         if not max_len:

@@ -1,0 +1,517 @@
+"""Run untrusted Python (model-written code) in a throw-away sandbox on Linux.
+
+Each run is one child process tree. What is enforced:
+
+* **No network** — the child gets a fresh network namespace (only a loopback interface, left
+  down): the internet *and* localhost are unreachable, and abstract Unix sockets are the
+  namespace's own. Without namespaces the sandbox refuses to run unless ``allow_network=True``.
+* **Writes only in a fresh temp dir** — the child gets its own mount namespace in which every
+  mount is remounted read-only, and its working directory (also ``HOME`` and ``TMPDIR``) is a new
+  tmpfs of ``disk_mb`` MB that vanishes with the run. A root parent also drops the child to an
+  unprivileged uid of its own (random, from a high range) with no capabilities and
+  ``no_new_privs``, so it cannot undo the read-only mounts, open root-only devices or sockets, or
+  signal anyone else's processes. A non-root parent uses an unprivileged user namespace instead
+  (same mounts; the child keeps the user's uid, so user-owned Unix sockets stay reachable).
+* **Resources** — ``resource`` limits in the child: RLIMIT_CPU (CPU seconds), RLIMIT_AS (address
+  space), RLIMIT_FSIZE (size of any written file, stdout/stderr included: they go to files),
+  RLIMIT_NPROC (processes of the sandbox uid), RLIMIT_NOFILE, RLIMIT_CORE = 0.
+* **Wall time** — the whole process group is SIGKILLed at ``timeout_s``. The child also runs in its
+  own PID namespace whose init is ours: when the program ends or is killed, every process it
+  started dies with it, even one that left the process group (``setsid``). If the scoring process
+  itself dies, PR_SET_PDEATHSIG takes the sandbox down too.
+
+Not enforced: reading files (everything world-readable stays readable; a root parent hides a
+blocked directory such as ``/root`` behind an empty tmpfs only where the interpreter lives
+below it), CPU share and memory bandwidth (no cgroups), and Unix sockets on the filesystem that
+the sandbox uid may open. It is a guard against accidents and sloppy or greedy programs, not a
+hardened jail against an attacker with a kernel exploit.
+
+The module is also the launcher script: ``python -I -S sandbox.py CONFIG.json`` (stdlib only, so
+no import of tokalign or its dependencies happens in the child).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+SETUP_FAILED = 125  # launcher exit code when the sandbox could not be set up (details on the status pipe)
+_UID_BASE, _UID_SPAN = 1_900_000_000, 50_000_000  # sandbox uids (root parent): far above any real account
+
+# pseudo file systems whose remount may be refused; their files are root-owned (the sandbox uid
+# cannot write them) and they hold no user data
+_PSEUDO_FS = {
+    "proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "debugfs", "tracefs", "securityfs", "pstore",
+    "bpf", "configfs", "fusectl", "hugetlbfs", "binfmt_misc", "autofs", "efivarfs", "nsfs", "rpc_pipefs",
+}
+
+
+@dataclass
+class Limits:
+    timeout_s: float = 5.0  # wall clock per run; the process group is killed at this point
+    cpu_s: int = 5  # RLIMIT_CPU
+    memory_mb: int = 1024  # RLIMIT_AS (address space: Python itself takes ~30 MB of it)
+    file_size_mb: int = 16  # RLIMIT_FSIZE, also bounds captured stdout/stderr
+    disk_mb: int = 64  # size of the tmpfs working directory
+    max_processes: int = 32  # RLIMIT_NPROC for the sandbox uid
+    max_open_files: int = 256  # RLIMIT_NOFILE
+    allow_network: bool = False  # True: no network namespace (and run even where namespaces are impossible)
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "cpu_s", "memory_mb", "file_size_mb", "disk_mb", "max_processes", "max_open_files"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"sandbox limit {name} must be a positive number, got {value!r}")
+        for name in ("cpu_s", "memory_mb", "file_size_mb", "disk_mb", "max_processes", "max_open_files"):
+            if int(getattr(self, name)) != getattr(self, name):
+                raise ValueError(f"sandbox limit {name} must be a whole number, got {getattr(self, name)!r}")
+            setattr(self, name, int(getattr(self, name)))
+        if not isinstance(self.allow_network, bool):
+            raise ValueError(f"allow_network must be true or false, got {self.allow_network!r}")
+
+
+@dataclass
+class Job:
+    """One program run: ``files`` (name -> text) are placed in the working directory, then
+    ``python -I -B script`` runs there with ``stdin``. ``secret`` (bytes), when given, is readable
+    once on file descriptor 3 (a harness can prove it ran to its end by echoing it)."""
+
+    files: dict[str, str]
+    script: str
+    stdin: str = ""
+    secret: bytes | None = None
+
+
+@dataclass
+class Result:
+    exit_code: int | None  # None when killed by a signal
+    signal: int | None  # the signal that ended the program, if any
+    timed_out: bool  # killed at the wall-clock limit
+    stdout: str
+    stderr: str
+    wall_s: float
+    isolation: str = ""  # what the launcher set up, e.g. "netns,mountns,pidns,uid"
+    setup_error: str | None = None  # the sandbox could not be built (not the program's fault)
+    details: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and self.setup_error is None
+
+    def reason(self) -> str:
+        """One short phrase for a failed run."""
+        import signal as _signal
+
+        if self.setup_error:
+            return f"sandbox error: {self.setup_error}"
+        if self.timed_out:
+            return "wall-clock timeout"
+        if self.signal is not None:
+            name = {_signal.SIGXCPU: "CPU time limit", _signal.SIGXFSZ: "file size limit",
+                    _signal.SIGKILL: "killed (SIGKILL)", _signal.SIGSEGV: "segfault"}.get(self.signal)
+            return name or f"killed by signal {self.signal}"
+        last = [line for line in self.stderr.strip().splitlines() if line.strip()]
+        tail = last[-1].strip()[:200] if last else ""
+        return f"exit code {self.exit_code}" + (f": {tail}" if tail else "")
+
+
+# ------------------------------------------------------------------ parent side
+
+
+def _exposures(python: str) -> list[list]:
+    """[[blocked_dir, [child, ...]], ...]: directories on the interpreter's paths that a non-root
+    uid cannot traverse (e.g. /root for a pyenv in /root/.pyenv). The launcher hides each behind an
+    empty tmpfs and binds back only the named children."""
+    real = os.path.realpath(python)
+    if os.path.realpath(sys.executable) == real:
+        paths = {real, *(os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, sys.exec_prefix))}
+    else:  # another interpreter: its binary and the prefix above its bin/
+        paths = {real, os.path.dirname(os.path.dirname(real))}
+    plan: dict[str, set[str]] = {}
+    for p in sorted(paths):
+        parts = p.strip("/").split("/")
+        cur = "/"
+        for i, part in enumerate(parts[:-1]):
+            cur = os.path.join(cur, part)
+            try:
+                mode = os.stat(cur).st_mode
+            except OSError:
+                break
+            if not mode & 0o001:  # no search permission for others
+                plan.setdefault(cur, set()).add(parts[i + 1])
+                break
+    return [[d, sorted(children)] for d, children in sorted(plan.items())]
+
+
+class _Running:
+    def __init__(self, job: Job, limits: Limits, python: str):
+        import secrets
+        import subprocess
+        import tempfile
+        import time
+
+        self.limits = limits
+        self.dir = tempfile.mkdtemp(prefix="tokalign-sbx-")
+        os.chmod(self.dir, 0o755)  # the sandbox uid must reach work/ below it
+        indir = os.path.join(self.dir, "in")
+        os.mkdir(indir, 0o755)
+        os.mkdir(os.path.join(self.dir, "work"), 0o755)
+        for name, text in job.files.items():
+            if "/" in name or name.startswith("."):
+                raise ValueError(f"sandbox file names are plain names, got {name!r}")
+            with open(os.path.join(indir, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        root = os.geteuid() == 0
+        cfg = {
+            "dir": self.dir,
+            "python": python,
+            "script": job.script,
+            "files": sorted(job.files),
+            "limits": {k: getattr(limits, k) for k in ("cpu_s", "memory_mb", "file_size_mb", "disk_mb",
+                                                        "max_processes", "max_open_files")},
+            "allow_network": limits.allow_network,
+            "uid": _UID_BASE + secrets.randbelow(_UID_SPAN) if root else None,
+            "expose": _exposures(python) if root else [],
+        }
+        with open(os.path.join(self.dir, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        self.out = tempfile.TemporaryFile(dir=self.dir)
+        self.err = tempfile.TemporaryFile(dir=self.dir)
+        stdin = tempfile.TemporaryFile(dir=self.dir)
+        stdin.write(job.stdin.encode("utf-8"))
+        stdin.seek(0)
+        self.status_r, status_w = os.pipe()
+        secret_r, secret_w = os.pipe()
+        os.write(secret_w, job.secret or b"")
+        os.close(secret_w)
+        cfg_fds = {"status_fd": status_w, "secret_fd": secret_r}
+        try:
+            self.start = time.monotonic()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), os.path.join(self.dir, "config.json"),
+                 json.dumps(cfg_fds)],
+                stdin=stdin, stdout=self.out, stderr=self.err, pass_fds=(status_w, secret_r),
+                start_new_session=True, cwd=self.dir, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            )
+        finally:
+            os.close(status_w)
+            os.close(secret_r)
+            stdin.close()
+        self.deadline = self.start + limits.timeout_s
+
+    def kill(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def finish(self, timed_out: bool) -> Result:
+        import shutil
+        import time
+
+        if timed_out:
+            self.kill()
+        code = self.proc.wait()
+        wall = time.monotonic() - self.start
+        os.set_blocking(self.status_r, False)
+        try:
+            status = os.read(self.status_r, 65536).decode("utf-8", "replace")
+        except BlockingIOError:
+            status = ""
+        os.close(self.status_r)
+        cap = self.limits.file_size_mb << 20
+        texts = []
+        for f in (self.out, self.err):
+            f.seek(0)
+            texts.append(f.read(cap).decode("utf-8", "replace"))
+            f.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        setup_error, isolation = None, ""
+        for line in status.splitlines():
+            if line.startswith("ok "):
+                isolation = line[3:].strip()
+            elif line.startswith("error "):
+                setup_error = line[6:].strip()
+        if not status and not timed_out:  # died before it could report
+            setup_error = f"the launcher exited with {code}: " + (texts[1].strip().splitlines() or ["no message"])[-1]
+        if setup_error:
+            return Result(None, None, False, texts[0], texts[1], wall, isolation, setup_error)
+        sig = code - 128 if code > 128 and not timed_out else (-code if code < 0 else None)
+        exit_code = None if (sig is not None or timed_out) else code
+        return Result(exit_code, sig, timed_out, texts[0], texts[1], wall, isolation)
+
+
+def run_many(jobs: list[Job], limits: Limits, *, workers: int = 1, python: str | None = None) -> list[Result]:
+    """Run ``jobs`` (at most ``workers`` at a time) and return their results in order. Single
+    threaded, so a SIGALRM-based timeout of the caller can interrupt it: every sandbox still
+    running is then killed before the exception propagates."""
+    import time
+
+    python = python or sys.executable
+    results: list[Result | None] = [None] * len(jobs)
+    pending = list(range(len(jobs)))[::-1]
+    running: dict[int, _Running] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, workers):
+                i = pending.pop()
+                running[i] = _Running(jobs[i], limits, python)
+            now = time.monotonic()
+            for i, r in list(running.items()):
+                if r.proc.poll() is not None:
+                    results[i] = r.finish(False)
+                    del running[i]
+                elif now >= r.deadline:
+                    results[i] = r.finish(True)
+                    del running[i]
+            if running:
+                time.sleep(0.005)
+    finally:
+        for r in running.values():  # interrupted: leave nothing behind
+            r.kill()
+            try:
+                r.finish(True)
+            except Exception:
+                pass
+    return results  # type: ignore[return-value]
+
+
+def run(job: Job, limits: Limits | None = None, *, python: str | None = None) -> Result:
+    return run_many([job], limits or Limits(), python=python)[0]
+
+
+_PROBED: dict[tuple, str] = {}
+
+
+def check_available(limits: Limits, python: str | None = None) -> str:
+    """Run an empty program once (per process and setting) and return the isolation it got, or
+    raise UserError naming why the sandbox cannot run here and what to do."""
+    from tokalign.errors import UserError
+
+    python = python or sys.executable
+    key = (limits.allow_network, python, os.geteuid())
+    if key not in _PROBED:
+        r = run(Job({"probe.py": "pass\n"}, "probe.py"), Limits(timeout_s=max(30.0, limits.timeout_s),
+                                                            allow_network=limits.allow_network), python=python)
+        if r.setup_error:
+            hint = ("" if limits.allow_network else
+                    " Run as root or enable unprivileged user namespaces (sysctl user.max_user_namespaces, "
+                    "kernel.apparmor_restrict_unprivileged_userns=0), or opt out of network isolation with "
+                    "the option allow_network=true.")
+            raise UserError(f"code sandbox unavailable: {r.setup_error}.{hint}")
+        if not r.ok:
+            raise UserError(f"code sandbox: the interpreter {python} does not run inside the sandbox ({r.reason()}); "
+                            "set the option python=/path/to/a/world-readable/python.")
+        _PROBED[key] = r.isolation
+    return _PROBED[key]
+
+
+# ------------------------------------------------------------------ launcher (child side, stdlib only)
+
+_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
+_CLONE_NEWPID, _CLONE_NEWNET = 0x20000000, 0x40000000
+_MS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048,
+       "relatime": 1 << 21, "strictatime": 1 << 24}
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_MOVE, _MS_REC, _MS_PRIVATE = (
+    1, 2, 4, 32, 4096, 8192, 16384, 1 << 18)
+_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
+
+
+class _SetupError(Exception):
+    pass
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        import ctypes
+
+        e = ctypes.get_errno()
+        raise _SetupError(f"{what}: {os.strerror(e)}")
+
+
+def _mount(libc, src, target, fstype, flags, data=None) -> None:
+    enc = (lambda s: None if s is None else s.encode())
+    _check(libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+
+def _mountinfo() -> list[dict]:
+    def unescape(s: str) -> str:
+        import re
+
+        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            parts = left.split()
+            out.append({"point": unescape(parts[4]), "opts": parts[5].split(","), "fstype": right.split()[0]})
+    return out
+
+
+def _visible(mounts: list[dict]) -> list[dict]:
+    """Mounts not covered by a later mount on the same path or on one of its ancestors."""
+    vis = []
+    for i, m in enumerate(mounts):
+        p = m["point"].rstrip("/") + "/"
+        if not any((p.startswith(n["point"].rstrip("/") + "/")) for n in mounts[i + 1:]):
+            vis.append(m)
+    return vis
+
+
+def _setup_mounts(libc, cfg: dict, uid: int | None) -> None:
+    _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)
+    for k, (blocked, children) in enumerate(cfg["expose"]):
+        stages = []
+        for j, child in enumerate(children):
+            src = os.path.join(blocked, child)
+            stage = os.path.join(cfg["dir"], f"stage{k}-{j}")
+            if os.path.isdir(src):
+                os.mkdir(stage)
+            else:
+                open(stage, "w").close()
+            _mount(libc, src, stage, None, _MS_BIND | _MS_REC)
+            stages.append((src, stage))
+        _mount(libc, "tmpfs", blocked, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
+        for src, stage in stages:
+            if os.path.isdir(stage):
+                os.mkdir(src)
+            else:
+                open(src, "w").close()
+            _mount(libc, stage, src, None, _MS_MOVE)
+    failed = []
+    for m in _mountinfo():
+        flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
+        for opt in m["opts"]:
+            flags |= _MS.get(opt, 0)
+        if libc.mount(None, m["point"].encode(), None, flags, None) != 0:
+            failed.append(m["point"])
+    writable = [m["point"] for m in _visible(_mountinfo()) if "ro" not in m["opts"] and m["fstype"] not in _PSEUDO_FS]
+    if writable:
+        raise _SetupError(f"could not make {', '.join(writable[:3])} read-only")
+    work = os.path.join(cfg["dir"], "work")
+    owner = f",uid={uid},gid={uid}" if uid is not None else ""
+    _mount(libc, "tmpfs", work, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={cfg['limits']['disk_mb']}m,mode=0700{owner}")
+
+
+def _exec_program(cfg: dict, fds: dict, work: str, uid: int | None) -> None:
+    """In the grandchild: limits, identity, then exec the interpreter. Never returns."""
+    import resource
+
+    lim = cfg["limits"]
+    mb = 1 << 20
+    os.chdir(work)
+    for rl, value in ((resource.RLIMIT_CPU, (lim["cpu_s"], lim["cpu_s"] + 1)),
+                      (resource.RLIMIT_AS, (lim["memory_mb"] * mb,) * 2),
+                      (resource.RLIMIT_FSIZE, (lim["file_size_mb"] * mb,) * 2),
+                      (resource.RLIMIT_NPROC, (lim["max_processes"],) * 2),
+                      (resource.RLIMIT_NOFILE, (lim["max_open_files"],) * 2),
+                      (resource.RLIMIT_CORE, (0, 0))):
+        resource.setrlimit(rl, value)
+    os.dup2(fds["secret_fd"], 3)
+    os.closerange(4, 1 << 16)
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    libc = _libc()
+    _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    os.execve(cfg["python"], [cfg["python"], "-I", "-B", cfg["script"]], env)
+
+
+def _launch(cfg_path: str, fds_json: str) -> None:
+    import shutil
+    import signal
+
+    fds = json.loads(fds_json)
+    status = fds["status_fd"]
+    os.set_inheritable(status, False)
+    libc = _libc()
+
+    def report(line: str) -> None:
+        os.write(status, (line + "\n").encode("utf-8", "replace"))
+
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(pdeathsig)")
+        if os.getppid() == 1:
+            raise _SetupError("the scoring process is gone")
+        root = os.geteuid() == 0
+        uid = cfg["uid"] if root else None
+        flags = _CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWPID | (0 if cfg["allow_network"] else _CLONE_NEWNET)
+        if not root:
+            flags |= _CLONE_NEWUSER
+        isolation: list[str] = []
+        work = os.path.join(cfg["dir"], "work")
+        if libc.unshare(flags) != 0:
+            import ctypes
+
+            err = os.strerror(ctypes.get_errno())
+            if not cfg["allow_network"]:
+                raise _SetupError(f"cannot create network/mount namespaces (unshare: {err})")
+            flags = 0  # opted out: run with limits only (and a dropped uid when root)
+        if flags & _CLONE_NEWUSER:
+            outer_uid, outer_gid = os.getuid(), os.getgid()
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{outer_uid} {outer_uid} 1"),
+                               ("gid_map", f"{outer_gid} {outer_gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+        if flags:
+            _setup_mounts(libc, cfg, uid)
+            isolation += (["netns"] if flags & _CLONE_NEWNET else []) + ["mountns", "pidns"]
+            isolation += ["userns"] if flags & _CLONE_NEWUSER else []
+        elif uid is not None:
+            os.chown(work, uid, uid)
+            os.chmod(work, 0o700)
+        if uid is not None:
+            isolation.append("uid")
+        for name in cfg["files"]:
+            dst = os.path.join(work, name)
+            shutil.copyfile(os.path.join(cfg["dir"], "in", name), dst)
+            os.chmod(dst, 0o644)
+        report("ok " + ",".join(isolation or ["limits-only"]))
+    except Exception as e:
+        report(f"error {e}")
+        os._exit(SETUP_FAILED)
+
+    init = os.fork()
+    if init == 0:  # pid 1 of the new PID namespace (when there is one)
+        try:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            os.close(status)
+            if flags & _CLONE_NEWPID:  # a /proc of our own: the program sees only its own processes
+                libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | 8 | _MS_RDONLY, None)
+            child = os.fork()
+            if child == 0:
+                try:
+                    _exec_program(cfg, fds, work, uid)
+                except BaseException as e:
+                    os.write(2, f"tokalign sandbox: cannot start {cfg['python']}: {e}\n".encode())
+                finally:
+                    os._exit(127)
+            while True:  # reap everything; leave when the program itself ends
+                pid, st = os.wait()
+                if pid == child:
+                    os._exit(os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st))
+        except BaseException:
+            os._exit(SETUP_FAILED)
+    os.close(status)
+    _, st = os.waitpid(init, 0)
+    os._exit(os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st))
+
+
+if __name__ == "__main__":
+    _launch(sys.argv[1], sys.argv[2])
