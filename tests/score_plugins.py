@@ -97,3 +97,23 @@ def make_rollouts(path, n: int) -> None:
             for i in range(n)]
     with artifacts.writing(path, "rollouts", artifacts.Provenance(config={"synthetic": True})) as w:
         w.write_rows(rows)
+
+
+class Batched:
+    """A batched reward (``batched = True``): logs each call's size; a call holding a multiple of
+    ten raises (as a whole batch would on one bad sample), else each sample gets its index."""
+
+    batched = True
+
+    @dataclass
+    class Config:
+        log: str = ""
+
+    def __init__(self, config: "Batched.Config"):
+        self.config = config
+
+    def __call__(self, samples: list[Sample]) -> list[float]:
+        _log(self.config.log, str(len(samples)))
+        if any(index(s) % 10 == 0 for s in samples):
+            raise RuntimeError("a bad sample in the batch")
+        return [float(index(s)) for s in samples]

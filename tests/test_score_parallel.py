@@ -11,7 +11,7 @@ from conftest import ROOT, cli
 from score_plugins import make_rollouts
 from tokalign import artifacts
 
-COUNTING, FLAKY, SLEEPY, CRASHY = (f"score_plugins:{n}" for n in ("Counting", "Flaky", "Sleepy", "Crashy"))
+COUNTING, FLAKY, SLEEPY, CRASHY, BATCHED = (f"score_plugins:{n}" for n in ("Counting", "Flaky", "Sleepy", "Crashy", "Batched"))
 
 
 @pytest.fixture
@@ -63,6 +63,16 @@ def test_a_worker_stuck_beyond_the_alarm_is_killed_and_replaced(work):
                                  "--timeout", "1", "--workers", "2", "--no-cache")
     assert {r["id"]: errors(r) for r in rows if errors(r)} == {f"s{i}": {SLEEPY: "timed out after 1s (worker killed)"} for i in (0, 50)}
     assert sum(r["reward"] for r in rows) == 98.0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_batched_reward_gets_lists_and_a_failing_batch_is_retried_sample_by_sample(work, workers):
+    log = work / "sizes.log"
+    _, rows, _ = score(work, "-r", BATCHED, "--reward-opt", f"{BATCHED}.log={log}", "--workers", workers, "--no-cache")
+    assert {r["id"]: errors(r) for r in rows if errors(r)} == {f"s{i}": {BATCHED: "RuntimeError: a bad sample in the batch"} for i in range(0, 100, 10)}
+    assert [r["reward"] for r in rows] == [0.0 if i % 10 == 0 else float(i) for i in range(100)]
+    sizes = [int(x) for x in log.read_text().split()]
+    assert max(sizes) > 1 and sizes.count(1) >= 10  # whole batches, and the failing ones once more sample by sample
 
 
 def test_a_worker_dying_fails_only_the_sample_it_ran(work):

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokalign.scoring.calls import ERROR, OK, TIMEOUT, Alarm, call_one
+from tokalign.scoring.calls import BATCH, ERROR, OK, TIMEOUT, Alarm, call_many
 
 FAILED_VALUE = 0.0
 
@@ -110,8 +110,12 @@ def score_samples(rewards, samples: list, *, workers: int = 1, timeout: float | 
         results.update(pool.run(refs, todo, workers, report.timeout))
     elif todo:
         with Alarm(report.timeout) as alarm:
-            for ri, i, s in todo:
-                results[(ri, i)] = call_one(rewards[ri].fn, rewards[ri].name, s, alarm)
+            for ri, r in enumerate(rewards):
+                mine = [(i, s) for rj, i, s in todo if rj == ri]
+                for k in range(0, len(mine), BATCH):
+                    part = mine[k : k + BATCH]
+                    for (i, _), result in zip(part, call_many(r.fn, r.name, [s for _, s in part], alarm)):
+                        results[(ri, i)] = result
     fresh = []
     for ri, i, _ in todo:
         status, payload = results[(ri, i)]

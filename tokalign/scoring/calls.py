@@ -1,5 +1,10 @@
-"""One reward call on one sample, isolated: an exception, a contract violation or a run past the
-timeout becomes a recorded failure of that sample, never an error of the run.
+"""Reward calls, isolated per sample: an exception, a contract violation or a run past the timeout
+becomes a recorded failure of that sample, never an error of the run.
+
+A reward is called with one sample at a time, unless it declares ``batched = True`` (a reward model
+that wants whole batches on a GPU): then it gets lists of up to ``BATCH`` samples with a time budget
+of ``timeout × len(samples)``; a batched call that raises is retried one sample at a time (so only
+the culprits fail), one that runs past its budget fails all its samples as timed out.
 
 The timeout is a SIGALRM timer (Unix, main thread) that interrupts Python code and sleeps. Code
 stuck inside a C call that never returns to the interpreter is only stopped in worker processes,
@@ -15,6 +20,11 @@ from typing import Any, Callable
 
 OK, ERROR, TIMEOUT = "ok", "error", "timeout"
 MAX_MESSAGE = 300
+BATCH = 64  # samples per call of a batched reward (and per chunk handed to a worker process)
+
+
+def is_batched(fn) -> bool:
+    return bool(getattr(fn, "batched", False))
 
 
 class SampleTimeout(BaseException):
@@ -54,26 +64,53 @@ def _plain(info: Any) -> Any:
     return json.loads(json.dumps(info, default=str)) if info else {}
 
 
-def call_one(fn: Callable, name: str, sample, alarm: Alarm) -> tuple[str, Any]:
-    """(OK, (value, token_values, info)) or (ERROR | TIMEOUT, message)."""
+def _timed(fn: Callable, samples: list, alarm: Alarm, budget: float | None) -> list:
+    try:
+        if alarm.active:
+            signal.setitimer(signal.ITIMER_REAL, budget)
+        return list(fn(samples))
+    finally:
+        if alarm.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _checked(name: str, sample, value) -> tuple[str, Any]:
     from tokalign.errors import UserError
     from tokalign.rewards import normalise
 
     try:
-        try:
-            if alarm.active:
-                signal.setitimer(signal.ITIMER_REAL, alarm.timeout)
-            values = list(fn([sample]))
-        finally:
-            if alarm.active:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        if len(values) != 1:
-            return ERROR, f"returned {len(values)} values for 1 sample"
-        r = normalise(name, sample, values[0])
+        r = normalise(name, sample, value)
         return OK, (float(r.value), r.token_values, _plain(r.info))
+    except UserError as e:  # the reward contract
+        return ERROR, one_line(str(e))
+    except (Exception, SystemExit) as e:  # e.g. a value float() refuses, info json refuses
+        return ERROR, one_line(f"{type(e).__name__}: {e}")
+
+
+def call_one(fn: Callable, name: str, sample, alarm: Alarm) -> tuple[str, Any]:
+    """(OK, (value, token_values, info)) or (ERROR | TIMEOUT, message)."""
+    try:
+        values = _timed(fn, [sample], alarm, alarm.timeout)
     except SampleTimeout:
         return TIMEOUT, f"timed out after {alarm.timeout:g}s"
-    except UserError as e:  # the reward contract, checked by normalise
-        return ERROR, one_line(str(e))
     except (Exception, SystemExit) as e:
         return ERROR, one_line(f"{type(e).__name__}: {e}")
+    if len(values) != 1:
+        return ERROR, f"returned {len(values)} values for 1 sample"
+    return _checked(name, sample, values[0])
+
+
+def call_many(fn: Callable, name: str, samples: list, alarm: Alarm) -> list[tuple[str, Any]]:
+    """``call_one`` for each sample, or one call for all of them when the reward is batched."""
+    if not is_batched(fn) or len(samples) == 1:
+        return [call_one(fn, name, s, alarm) for s in samples]
+    budget = alarm.timeout * len(samples) if alarm.timeout else None
+    try:
+        values = _timed(fn, samples, alarm, budget)
+    except SampleTimeout:
+        return [(TIMEOUT, f"timed out: a batched call of {len(samples)} samples ran past {budget:g}s")] * len(samples)
+    except (Exception, SystemExit):
+        return [call_one(fn, name, s, alarm) for s in samples]  # find the culprits
+    if len(values) != len(samples):
+        return [(ERROR, f"returned {len(values)} values for {len(samples)} samples")] * len(samples)
+    return [_checked(name, s, v) for s, v in zip(samples, values)]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokalign.errors import UserError
-from tokalign.scoring.calls import ERROR, TIMEOUT, Alarm, call_one, one_line
+from tokalign.scoring.calls import BATCH, ERROR, TIMEOUT, Alarm, call_many, call_one, is_batched, one_line
 
 POLL_S = 0.05
 MAX_FRUITLESS_DEATHS = 3  # workers dying while running no sample: a broken environment, not a bad sample
@@ -34,13 +34,14 @@ def hard_deadline(timeout: float | None) -> float | None:
 
 
 def chunk_size(n_items: int, workers: int) -> int:
-    """About four chunks per worker (load balance) and no more than 64 samples each (a killed worker
-    loses little); per-chunk overhead is a pickle and a pipe round trip, ~0.1 ms."""
-    return max(1, min(64, math.ceil(n_items / (4 * workers))))
+    """About four chunks per worker (load balance) and no more than BATCH samples each (a killed
+    worker loses little); per-chunk overhead is a pickle and a pipe round trip, ~0.1 ms."""
+    return max(1, min(BATCH, math.ceil(n_items / (4 * workers))))
 
 
 def _worker_main(conn, refs: list[tuple[str, dict]], timeout: float | None, slot) -> None:
-    """slot = [reward index, position, start time (0 = idle)], shared with the parent."""
+    """slot = [reward index, position (-1: a batched call on the whole chunk), start time (0 = idle),
+    time budget of the running call (0 = none)], shared with the parent."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
     except (ValueError, OSError):
@@ -62,12 +63,19 @@ def _worker_main(conn, refs: list[tuple[str, dict]], timeout: float | None, slot
             if msg is None:
                 return
             task_id, ri, items = msg
-            out = []
-            for pos, sample in items:
+            fn, name = fns[ri], refs[ri][0]
+            if is_batched(fn) and len(items) > 1:
                 slot[2] = 0.0
-                slot[0], slot[1] = ri, pos
+                slot[0], slot[1], slot[3] = ri, -1, 2 * (timeout or 0) * len(items)  # the call, then maybe one by one
                 slot[2] = time.monotonic()
-                out.append(call_one(fns[ri], refs[ri][0], sample, alarm))
+                out = call_many(fn, name, [sample for _, sample in items], alarm)
+            else:
+                out = []
+                for pos, sample in items:
+                    slot[2] = 0.0
+                    slot[0], slot[1], slot[3] = ri, pos, timeout or 0
+                    slot[2] = time.monotonic()
+                    out.append(call_one(fn, name, sample, alarm))
             slot[2] = 0.0
             conn.send((task_id, out))
 
@@ -94,7 +102,7 @@ class _Run:
 
     def start(self) -> _Worker:
         parent, child = self.ctx.Pipe()
-        slot = self.ctx.Array("d", 3, lock=False)
+        slot = self.ctx.Array("d", 4, lock=False)
         proc = self.ctx.Process(target=_worker_main, args=(child, self.refs, self.timeout, slot), daemon=True)
         proc.start()
         child.close()  # only the worker holds its end: its death reads as EOF here
@@ -131,20 +139,24 @@ class _Run:
         code = w.proc.exitcode
         if not w.ready:
             raise UserError(f"A reward worker process exited (code {code}) before loading the rewards; run with --workers 1 to see the error.")
-        ri, pos, start = int(w.slot[0]), int(w.slot[1]), w.slot[2]
-        failed = None
-        if w.task is not None and start and (killed_at_start is None or start == killed_at_start):
-            failed = (ri, pos)
-            if killed_at_start is not None:
-                self.results[failed] = (TIMEOUT, f"timed out after {self.timeout:g}s (worker killed)")
-            else:
-                self.results[failed] = (ERROR, f"the worker process died (exit code {code}) on this sample")
+        ri, pos, start, budget = int(w.slot[0]), int(w.slot[1]), w.slot[2], w.slot[3]
+        failed = []
         if w.task is not None:
             t_ri, items = self.tasks.pop(w.task)
-            rest = [(p, s) for p, s in items if (t_ri, p) != failed and (t_ri, p) not in self.results]
+            if start and (killed_at_start is None or start == killed_at_start):
+                failed = [(t_ri, p) for p, _ in items if (t_ri, p) not in self.results] if pos == -1 else [(ri, pos)]
+                if killed_at_start is not None:
+                    call = f" in a batched call of {len(failed)} samples" if pos == -1 else ""
+                    result = (TIMEOUT, f"timed out after {budget:g}s{call} (worker killed)")
+                else:
+                    where = f"during a batched call of {len(failed)} samples" if pos == -1 else "on this sample"
+                    result = (ERROR, f"the worker process died (exit code {code}) {where}")
+                for key in failed:
+                    self.results[key] = result
+            rest = [(p, s) for p, s in items if (t_ri, p) not in failed and (t_ri, p) not in self.results]
             if rest:
                 self.queue.appendleft((t_ri, rest))
-        if failed is None and killed_at_start is None:
+        if not failed and killed_at_start is None:
             self.fruitless += 1
             if self.fruitless > MAX_FRUITLESS_DEATHS:
                 raise UserError(f"Reward worker processes keep dying (last exit code {code}) while running no sample; check memory limits, or use --workers 1.")
@@ -184,8 +196,8 @@ def run(refs: list[tuple[str, dict]], items: list[tuple[int, int, Any]], workers
                         dead = True
                 killed_at = None
                 if not dead and hard and w.task is not None:
-                    start = w.slot[2]
-                    if start and time.monotonic() - start > hard:
+                    start, budget = w.slot[2], w.slot[3]
+                    if start and budget and time.monotonic() - start > hard_deadline(budget):
                         w.proc.kill()
                         killed_at, dead = start, True
                 if dead:
