@@ -99,6 +99,9 @@ class Needs:
     # scored with the run's rewards, in fields["ref_reward_0" ...] (PAR's reference rewards)
     reference_samples: int = 0
     hidden_states: bool = False  # PolicyOutput.hidden: the policy's final hidden states (detached), per micro-batch
+    # names of prompt variants: for each, the algorithm's prompt_variant(name, prompt) rewrites a row's prompt and the
+    # reference model's log-probs of the *same* completion after it land in batch.fields["<name>_logps"] (T-REG)
+    prompt_variants: tuple[str, ...] = ()
 
 
 @dataclass

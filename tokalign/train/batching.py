@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -17,6 +18,7 @@ class Seq:
     row: dict[str, float] = field(default_factory=dict)  # per-sequence scalars (reward, is_chosen, ...)
     token: dict[str, list[float]] = field(default_factory=dict)  # per completion token (sampler_logps, ...)
     prompt_index: int = -1  # stable across steps: which prompt of the data this is (state keyed by prompt)
+    prompt: Any = None  # the raw prompt (text or messages), where the source has it (prompt variants re-render it)
 
 
 def truncate(seq: Seq, max_length: int) -> Seq:
@@ -27,7 +29,7 @@ def truncate(seq: Seq, max_length: int) -> Seq:
     p = p[-max(1, max_length // 2):] if len(p) >= max_length else p
     keep = max_length - len(p)
     token = {k: v[:keep] for k, v in seq.token.items() if v is not None}
-    return Seq(p, c[:keep], seq.group_id, seq.row, token, seq.prompt_index)
+    return Seq(p, c[:keep], seq.group_id, seq.row, token, seq.prompt_index, seq.prompt)
 
 
 def collate(seqs: list[Seq], pad_id: int, max_completion_len: float | None = None) -> TokenBatch:
@@ -85,4 +87,19 @@ def micro_batches(batch: TokenBatch, size: int) -> list[TokenBatch]:
         mb.completion_mask = mb.completion_mask[:, : width - 1]
         mb.fields = {k: (v[:, : width - 1] if v.dim() == 2 else v) for k, v in mb.fields.items()}
         out.append(mb)
+    return out
+
+
+def with_prompt(seq: Seq, prompt_ids: list[int]) -> Seq:
+    """The same completion after another prompt (token fields dropped)."""
+    return replace(seq, prompt_ids=list(prompt_ids), token={})
+
+
+def move_completion_values(values: "torch.Tensor", src: list[Seq], dst: list[Seq], width: int) -> "torch.Tensor":
+    """Per-token values [B, L'-1] of the completions in ``src`` (collated) re-placed at the completion positions of
+    ``dst`` (same completions, other prompts) in a [B, width] tensor."""
+    out = torch.zeros(values.shape[0], width, dtype=values.dtype)
+    for i, (a, b) in enumerate(zip(src, dst)):
+        n = min(len(a.completion_ids), len(b.completion_ids))
+        out[i, len(b.prompt_ids) - 1 : len(b.prompt_ids) - 1 + n] = values[i, len(a.prompt_ids) - 1 : len(a.prompt_ids) - 1 + n]
     return out

@@ -205,6 +205,21 @@ def _trained_models(plan: Plan, ckpt: Path | None) -> dict:
     return out
 
 
+def _variant_logps(plan: Plan, name: str, model, tokenizer, seqs: list, width: int) -> torch.Tensor:
+    """The reference model's log-probs of each row's completion after the algorithm's variant of its prompt, placed
+    at the row's own completion positions [B, width]."""
+    from tokalign.data.render import render_prompts
+    from tokalign.train.batching import move_completion_values, with_prompt
+
+    if any(s.prompt is None for s in seqs):
+        raise UserError(f"'{plan.algo_name}' rewrites prompts ({name}) but this data source does not keep them; train on preference data.")
+    rendered = render_prompts(tokenizer, [plan.algorithm.prompt_variant(name, s.prompt) for s in seqs])
+    variants = [truncate(with_prompt(s, ids), plan.cfg.train.max_length + len(ids) - len(s.prompt_ids)) for s, (_, ids) in zip(seqs, rendered)]
+    device = next(model.parameters()).device
+    logps = frozen_logps(model, _to(collate(variants, tokenizer.pad_token_id), device), plan.cfg.train.micro_batch_size)
+    return move_completion_values(logps.cpu(), variants, seqs, width)
+
+
 def _train_aux(plan: Plan, role: str, model, optimizer, batch: TokenBatch) -> tuple[torch.Tensor, dict]:
     """One update of an auxiliary trained model on the algorithm's aux_loss; returns its per-token log-probs from the
     forward pass before the update (padded to the batch width) and its metrics under ``<role>/``."""
@@ -244,10 +259,13 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
     t0 = time.perf_counter()
     seqs, metrics = source.batch(step)
     t_batch = time.perf_counter() - t0
-    batch = collate([truncate(s, t.max_length) for s in seqs], tokenizer.pad_token_id, max_completion_len)
+    seqs = [truncate(s, t.max_length) for s in seqs]
+    batch = collate(seqs, tokenizer.pad_token_id, max_completion_len)
     batch = _to(batch, device)
     if ref is not None:
         batch.fields["ref_logps"] = frozen_logps(ref, batch, t.micro_batch_size)
+    for name in plan.needs.prompt_variants:
+        batch.fields[f"{name}_logps"] = _variant_logps(plan, name, ref, tokenizer, seqs, batch.completion_mask.shape[1]).to(device)
     for role, model in frozen.items():
         batch.fields[f"{role}_logps"] = frozen_logps(model, batch, t.micro_batch_size)
     for role, (model, aux_opt) in (trained or {}).items():

@@ -136,7 +136,8 @@ class PairSource:
             for side, flag in (("chosen", 1.0), ("rejected", 0.0)):
                 ids = r.get(f"{side}_ids") or completion_ids(self.tokenizer, r[side])  # sampled pairs keep their ids
                 margins = {f"margin_{k}": m for k, m in enumerate(r.get(f"{side}_margins") or [])}
-                seqs.append(Seq(list(r["prompt_ids"]), ids, gid, row={"is_chosen": flag, **margins}, prompt_index=i))
+                seqs.append(Seq(list(r["prompt_ids"]), ids, gid, row={"is_chosen": flag, **margins}, prompt_index=i,
+                                prompt=loads(r["prompt"]) if "prompt" in r else None))
             if self.with_gold:
                 gold = completion_ids(self.tokenizer, loads(r["reference"]))
                 seqs.append(Seq(list(r["prompt_ids"]), gold, gid, row={"is_chosen": 0.0, "is_gold": 1.0}, prompt_index=i))
