@@ -178,7 +178,7 @@ def reference_answer(ref) -> str | None:
 
 def normalise(ans: str) -> str:
     """Surface clean-up before parsing (both sides alike)."""
-    s = ans.strip()
+    s = ans.strip().rstrip(".").strip()
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if len(s) > len(left) + len(right) - 1 and s.startswith(left) and s.endswith(right):
             s = s[len(left):-len(right)].strip()
@@ -264,12 +264,12 @@ class MathVerifier:
             return Verdict(False, 0.0, "no reference answer for this sample")
         answer, how = extract_answer(sample.completion or "", self.config.last_number)
         if answer is None:
-            return Verdict(False, 0.0, f"no answer extracted ({how}); expected {golds[0]!r}")
+            return Verdict(False, 0.0, f"no answer extracted ({how}); expected '{golds[0]}'")
         try:
             with _deadline(self.config.timeout_s):
                 ok = any(equivalent(g, answer, self.config.float_rounding) for g in golds)
         except _Timeout:
-            return Verdict(False, 0.0, f"extracted {answer!r} ({how}); comparison with {golds[0]!r} timed out")
+            return Verdict(False, 0.0, f"extracted '{answer}' ({how}); comparison with '{golds[0]}' timed out")
         verb = "equals" if ok else "does not equal"
-        return Verdict(ok, 1.0 if ok else 0.0, f"extracted {answer!r} ({how}); {verb} reference {golds[0]!r}"
+        return Verdict(ok, 1.0 if ok else 0.0, f"extracted '{answer}' ({how}); {verb} reference '{golds[0]}'"
                        + (f" (or {len(golds) - 1} other)" if len(golds) > 1 else ""))
