@@ -260,3 +260,30 @@ def test_unprivileged_user_gets_the_same_isolation():
         assert not target.exists()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+@needs_sandbox
+def test_score_cli_with_the_code_reward(tmp_path, outside_targets):
+    import json
+
+    from conftest import cli
+    from test_math_verifier import write_rollouts
+    from tokalign import artifacts
+
+    fence = "```python\n{}\n```"
+    write_rollouts(tmp_path / "R", [
+        ("good", fence.format(ADD), ADD_TESTS),
+        ("io", fence.format("print(sum(map(int, input().split())))"), {"inputs": ["1 2\n", "5 5\n"], "outputs": ["3\n", "11\n"]}),
+        ("hang", fence.format("import time\ntime.sleep(10 ** 6)"), ADD_TESTS),
+        ("escape", fence.format(_write_outside(outside_targets)), ADD_TESTS),
+    ])
+    proc = cli("score", "R", "--reward", "code", "--reward-opt", "code.timeout_s=2", "--workers", "2", "--no-cache",
+               "--out", "S", cwd=tmp_path)
+    assert proc.stdout == "S\n"
+    rows = artifacts.read(tmp_path / "S", ["scored"]).rows()
+    assert [r["rewards"]["code"] for r in rows] == [1.0, 0.5, 0.0, 0.0]
+    details = [json.loads(r["verdicts"])["code"]["detail"] for r in rows]
+    assert details[2] == "0/2 tests passed; test 1: wall-clock timeout; test 2: wall-clock timeout"
+    assert "Read-only file system" in details[3]
+    assert not any(p.exists() for p in outside_targets)

@@ -5,6 +5,7 @@ number; a rounded decimal is not the exact value; 50% and 0.5 are the same quant
 math-verify disagrees and our code cannot reasonably fix it, the pair is an xfail with the reason.
 """
 
+import json
 import signal
 import threading
 
@@ -243,3 +244,47 @@ def test_outer_alarm_survives_a_comparison():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# ------------------------------------------------------------------ through the real CLI
+
+
+def write_rollouts(path, items) -> None:
+    """A hand-made rollouts artifact: items = [(id, completion, reference)], one group each."""
+    from tokalign import artifacts
+    from tokalign.stages.common import dumps
+
+    rows = [{
+        "id": f"{rid}#0", "prompt_id": rid, "group_id": g, "sample_idx": 0,
+        "prompt": dumps([{"role": "user", "content": f"question {rid}"}]), "prompt_text": f"question {rid}",
+        "prompt_ids": [1, 2, 3], "reference": dumps(ref), "completion": text,
+        "completion_ids": list(range(4 + g)), "sampler_logps": [-0.5] * (4 + g), "finish_reason": "stop",
+        "max_new_tokens": 64,
+    } for g, (rid, text, ref) in enumerate(items)]
+    with artifacts.writing(path, "rollouts", artifacts.Provenance(config={"hand_made": True})) as w:
+        w.write_rows(rows)
+
+
+@pytest.mark.slow
+def test_score_cli_with_the_math_reward(tmp_path):
+    from conftest import cli
+    from tokalign import artifacts
+
+    write_rollouts(tmp_path / "R", [
+        ("frac", "<think>3 of 4</think> so \\boxed{\\dfrac{3}{4}}", "0.75"),
+        ("gsm", "<think>48+24</think> They sold 72 clips.", GSM8K),
+        ("wrong", "I get \\boxed{71}", "#### 72"),
+        ("cut", "The answer is \\boxed{1", "1"),
+    ])
+    proc = cli("score", "R", "--reward", "math", "--reward", "format*0.5", "--reward-opt", "math.float_rounding=4",
+               "--no-cache", "--out", "S", cwd=tmp_path)
+    assert proc.stdout == "S\n"
+    rows = artifacts.read(tmp_path / "S", ["scored"]).rows()
+    assert [r["rewards"]["math"] for r in rows] == [1.0, 1.0, 0.0, 0.0]
+    assert [r["rewards"]["format"] for r in rows] == [1.0, 1.0, 0.0, 0.0]
+    assert [r["reward"] for r in rows] == [1.5, 1.5, 0.0, 0.0]
+    verdicts = [json.loads(r["verdicts"])["math"] for r in rows]
+    assert verdicts[1] == {"passed": True, "detail": "extracted '72' (last number); equals reference '72'"}
+    assert "never closed" in verdicts[3]["detail"]
+    manifest = json.loads((tmp_path / "S" / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["plugins"]] == ["math", "format"]
