@@ -85,6 +85,8 @@ def _construct(name: str, obj: Any, options: dict[str, Any]) -> tuple[Any, dict[
             return obj, None
         try:
             return obj(), None
+        except UserError:  # the plug-in's own one-line message (e.g. a missing required option)
+            raise
         except Exception as e:
             raise UserError(f"reward '{name}' failed to construct: {type(e).__name__}: {e}") from e
     if not dataclasses.is_dataclass(cfg_cls):
@@ -101,6 +103,8 @@ def _construct(name: str, obj: Any, options: dict[str, Any]) -> tuple[Any, dict[
         raise UserError(f"reward '{name}': bad option value: {e} Valid options: {', '.join(valid)}.") from e
     try:
         return obj(cfg), dataclasses.asdict(cfg)
+    except UserError:  # the plug-in's own one-line message (e.g. a missing required option)
+        raise
     except (ValueError, TypeError) as e:  # the plug-in rejecting a value names it
         raise UserError(f"reward '{name}': {e} (options: {options}).") from e
     except Exception as e:
@@ -124,15 +128,25 @@ def build(name: str, options: dict[str, Any] | None = None) -> tuple[Callable, r
 
     options = options if options is not None else {}
     raw, info, kind = _lookup(name)
+    fn, is_verifier, cfg = _make(name, raw, kind, options, info.distribution)
+    ident = [info.value, info.distribution, info.version, _source_hash(raw), cfg if cfg is not None else options]
+    fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    return fn, info, is_verifier, cfg, fingerprint
+
+
+def rebuild(name: str, value: str, kind: str, options: dict[str, Any]) -> Callable:
+    """The callable of a reward already resolved in another process, from its entry point's ``module:attr``
+    value: a worker process skips the registry's metadata scans (a few hundred ms for a ``module:attr`` name)."""
+    return _make(name, registry._load_value(value), kind, options, "")[0]
+
+
+def _make(name: str, raw: Any, kind: str, options: dict[str, Any], distribution: str) -> tuple[Callable, bool, dict | None]:
     obj, cfg = _construct(name, raw, options)
     is_verifier = kind == "verifier" or (not callable(obj) and hasattr(obj, "verify"))
     problem = registry.check_obj("verifier" if is_verifier else "reward", obj)
     if problem:
-        raise UserError(f"reward '{name}' ({info.distribution}) does not satisfy the protocol: {problem}.")
-    fn = _verifier_as_reward(obj) if is_verifier else obj
-    ident = [info.value, info.distribution, info.version, _source_hash(raw), cfg if cfg is not None else options]
-    fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
-    return fn, info, is_verifier, cfg, fingerprint
+        raise UserError(f"reward '{name}' ({distribution}) does not satisfy the protocol: {problem}.")
+    return (_verifier_as_reward(obj) if is_verifier else obj), is_verifier, cfg
 
 
 def resolve(specs: list[str], options: dict[str, dict] | None = None) -> list[ResolvedReward]:

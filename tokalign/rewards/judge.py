@@ -1,0 +1,246 @@
+"""``judge``: an LLM judge behind an OpenAI-compatible chat endpoint (vLLM, SGLang, TGI, llama.cpp,
+hosted APIs) — LLM-as-a-judge as in "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena", Zheng et
+al. 2023, arXiv:2306.05685.
+
+Each sample becomes one ``POST {base_url}/chat/completions`` request whose user message is ``template``
+with ``{prompt}``, ``{completion}`` and ``{reference}`` filled in (other braces are left alone). The
+last match of ``score_pattern`` (first group, case-insensitive) in the answer is the raw score s:
+
+    value = clip((s − min_score) / (max_score − min_score), 0, 1)          e.g. "Score: 7" -> 0.7
+
+An answer without a score is recorded as such — value ``unparsed_value`` (default 0), info
+``{"parsed": false, "response": ...}`` — and so is a request the server rejects (HTTP 4xx) or that keeps
+timing out; a server that cannot be reached at all is a UserError. Requests run on ``concurrency``
+threads; connection failures, timeouts, HTTP 408/429/5xx are retried ``retries`` times with
+exponential backoff. Only the standard library is used (no ``openai`` package).
+
+Options (``--reward-opt judge.KEY=VALUE``): base_url (required; ".../v1" is added to a bare host),
+model (default: the first the server lists), template or template_file, system, score_pattern
+"Score:\\s*([-+]?\\d+(?:\\.\\d+)?)", min_score 0, max_score 10, unparsed_value 0, max_tokens 256,
+temperature 0, timeout 60 s, retries 2, backoff 0.5 s, concurrency 8, api_key_env OPENAI_API_KEY
+(the name of the environment variable holding the key, sent as a Bearer token when set).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from tokalign.errors import UserError
+from tokalign.protocols import Reward, Sample
+
+DEFAULT_TEMPLATE = """Please act as an impartial judge and rate the quality of the response to the user's prompt below.
+Consider correctness, helpfulness and clarity; if a reference answer is given, a response that disagrees with it is wrong.
+
+[Prompt]
+{prompt}
+
+[Reference answer]
+{reference}
+
+[Response]
+{completion}
+
+Explain briefly, then end with one line of the form "Score: N", where N is an integer from 0 (worst) to 10 (best)."""
+
+_RETRY_STATUS = (408, 429)
+_FIELDS = re.compile(r"\{(prompt|completion|reference)\}")
+
+
+@dataclass
+class JudgeConfig:
+    base_url: str = ""
+    model: str = ""
+    template: str = DEFAULT_TEMPLATE
+    template_file: str = ""
+    system: str = ""
+    score_pattern: str = r"Score:\s*([-+]?\d+(?:\.\d+)?)"
+    min_score: float = 0.0
+    max_score: float = 10.0
+    unparsed_value: float = 0.0
+    max_tokens: int = 256
+    temperature: float = 0.0
+    timeout: float = 60.0
+    retries: int = 2
+    backoff: float = 0.5
+    concurrency: int = 8
+    api_key_env: str = "OPENAI_API_KEY"
+
+    def __post_init__(self):
+        if not self.max_score > self.min_score:
+            raise ValueError(f"max_score must be greater than min_score, got {self.min_score}..{self.max_score}")
+        for key in ("max_tokens", "concurrency"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.retries < 0 or self.backoff < 0 or self.timeout <= 0:
+            raise ValueError("retries and backoff must be >= 0 and timeout > 0")
+        try:
+            groups = re.compile(self.score_pattern).groups
+        except re.error as e:
+            raise ValueError(f"score_pattern is not a regular expression: {e}") from None
+        if groups < 1:
+            raise ValueError("score_pattern needs a group around the number, e.g. Score:\\s*(\\d+)")
+        if not self.template_file and "{completion}" not in self.template:
+            raise ValueError("template must contain {completion}")
+
+
+def render_prompt(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1:
+        return str(prompt[0]["content"])
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def fill(template: str, sample: Sample) -> str:
+    ref = sample.reference
+    values = {
+        "prompt": render_prompt(sample.prompt),
+        "completion": sample.completion,
+        "reference": "" if ref is None else ref if isinstance(ref, str) else json.dumps(ref, ensure_ascii=False),
+    }
+    return _FIELDS.sub(lambda m: values[m[1]], template)  # one pass: a completion's own "{prompt}" stays as it is
+
+
+def endpoint(base_url: str) -> str:
+    """The API root: ``base_url`` without a trailing slash, with ``/v1`` added to a bare host."""
+    url = base_url.rstrip("/")
+    if not url:
+        raise UserError("judge needs a server: --reward-opt judge.base_url=http://HOST:PORT/v1")
+    parts = urllib.parse.urlparse(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UserError(f"judge: base_url '{url}' is not an http(s) URL; e.g. --reward-opt judge.base_url=http://localhost:8000/v1")
+    return url if parts.path else url + "/v1"
+
+
+class _Unreachable(Exception):
+    pass
+
+
+class Judge:
+    Config = JudgeConfig
+    name = "judge"
+    batched = True  # scoring hands it lists of samples; it sends them `concurrency` at a time
+
+    def __init__(self, config: JudgeConfig | None = None):
+        self.config = config or JudgeConfig()
+        self._model: str | None = None
+        self._template: str | None = None
+        self.base_url = endpoint(self.config.base_url)  # a missing or malformed URL fails here, before any sample
+
+    # --------------------------------------------------------------------------------------- setup
+
+    def template(self) -> str:
+        if self._template is None:
+            if self.config.template_file:
+                try:
+                    self._template = open(self.config.template_file, encoding="utf-8").read()
+                except OSError as e:
+                    raise UserError(f"judge: cannot read template_file '{self.config.template_file}': {e.strerror}.") from e
+                if "{completion}" not in self._template:
+                    raise UserError(f"judge: template_file '{self.config.template_file}' must contain {{completion}}.")
+            else:
+                self._template = self.config.template
+        return self._template
+
+    def model(self) -> str:
+        if self._model is None:
+            if self.config.model:
+                self._model = self.config.model
+            else:
+                listed = self._request("GET", "/models", None)
+                try:
+                    self._model = str(listed["data"][0]["id"])
+                except (KeyError, IndexError, TypeError):
+                    raise UserError(f"judge: {self.base_url}/models lists no model; pass --reward-opt judge.model=NAME.") from None
+        return self._model
+
+    # --------------------------------------------------------------------------------------- http
+
+    def _request(self, method: str, path: str, body: dict | None) -> dict:
+        """One JSON request with retries. Raises _Unreachable (no connection), or returns the parsed
+        JSON; an HTTP error that retrying cannot fix is returned as {"_error": ...}."""
+        c = self.config
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = os.environ.get(c.api_key_env) if c.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        data = None if body is None else json.dumps(body).encode()
+        last, unreachable = "", False
+        for attempt in range(c.retries + 1):
+            if attempt:
+                time.sleep(c.backoff * 2 ** (attempt - 1))
+            req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=c.timeout) as resp:
+                    return json.loads(resp.read().decode("utf-8"))
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode("utf-8", "replace")[:300]
+                last, unreachable = f"HTTP {e.code}: {detail}", False
+                if e.code not in _RETRY_STATUS and e.code < 500:
+                    return {"_error": last}
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return {"_error": f"the server's answer is not JSON ({e})"}
+            except OSError as e:  # URLError, refused or reset connections, socket timeouts
+                reason = getattr(e, "reason", e)
+                if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                    last, unreachable = f"timed out after {c.timeout:g} s", False
+                else:
+                    last, unreachable = f"{type(reason).__name__}: {reason}", True
+        if unreachable:
+            raise _Unreachable(last)
+        return {"_error": f"{last} (after {c.retries + 1} tries)"}
+
+    # --------------------------------------------------------------------------------------- scoring
+
+    def parse(self, text: str) -> Reward:
+        c = self.config
+        found = list(re.finditer(c.score_pattern, text, re.IGNORECASE))
+        raw = None
+        if found:
+            try:
+                raw = float(found[-1].group(1))
+            except (TypeError, ValueError):
+                raw = None
+        if raw is None or not math.isfinite(raw):
+            return Reward(c.unparsed_value, None, {"parsed": False, "response": text[:1000],
+                                                   "detail": "no score in the judge's answer"})
+        norm = (raw - c.min_score) / (c.max_score - c.min_score)
+        info = {"parsed": True, "score": raw, "response": text[:1000]}
+        if not 0.0 <= norm <= 1.0:
+            info["clipped"] = True
+        return Reward(min(1.0, max(0.0, norm)), None, info)
+
+    def judge_one(self, sample: Sample) -> Reward:
+        c = self.config
+        messages = ([{"role": "system", "content": c.system}] if c.system else []) + \
+            [{"role": "user", "content": fill(self.template(), sample)}]
+        body = {"model": self.model(), "messages": messages, "max_tokens": c.max_tokens, "temperature": c.temperature}
+        answer = self._request("POST", "/chat/completions", body)
+        if "_error" in answer:
+            return Reward(c.unparsed_value, None, {"parsed": False, "error": answer["_error"]})
+        try:
+            text = answer["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            return Reward(c.unparsed_value, None, {"parsed": False, "error": f"malformed answer: {json.dumps(answer)[:300]}"})
+        return self.parse(text)
+
+    def __call__(self, samples: list[Sample]) -> list[Reward]:
+        if not samples:
+            return []
+        from concurrent.futures import ThreadPoolExecutor
+
+        try:
+            self.model()
+            with ThreadPoolExecutor(max_workers=min(self.config.concurrency, len(samples))) as pool:
+                return list(pool.map(self.judge_one, samples))
+        except _Unreachable as e:
+            raise UserError(f"judge: cannot reach {self.base_url}: {e}; start the server or fix --reward-opt judge.base_url.") from None
