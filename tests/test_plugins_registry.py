@@ -52,3 +52,24 @@ def test_broken_plugin_is_reported_and_breaks_nothing_else(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tokalign", "train", "grpo", "--data", "arith", "--reward", "broken_reward",
                            "--dry-run"], capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "failed to import: ImportError: needs libfoo" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_readme_algorithm_table_matches_the_registry():
+    """Every algorithm registered by tokalign resolves, appears in the README's algorithm table with an arXiv id or a
+    stated reason for none, and every module named there exists."""
+    import re
+
+    from conftest import ROOT, cli
+
+    listed = {p["name"]: p for p in json.loads(cli("plugins", "--json").stdout) if p["kind"] == "algorithm" and p["distribution"] == "tokalign"}
+    assert all(p["status"] == "ok" for p in listed.values())
+    table = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        m = re.match(r"\| (`[a-z0-9_]+`(?:, `[a-z0-9_]+`)*) \| (.+) \| .+ \| (`algorithms/[a-z0-9_]+\.py`)", line)
+        if m:
+            for name in re.findall(r"`([a-z0-9_]+)`", m.group(1)):
+                table[name] = (m.group(2), m.group(3).strip("`"))
+    assert set(listed) == set(table), set(listed) ^ set(table)
+    for name, (text, module) in table.items():
+        assert (ROOT / "tokalign" / module).is_file(), module
+        assert name == "sft" or "arXiv" in text or "no code" in text, name

@@ -1,5 +1,5 @@
 """Reinforce-Ada — "Reinforce-Ada: An Adaptive Sampling Framework for Reinforce-Style LLM Training",
-Xiong et al. 2025, arXiv:2510.04996. Sampling is adaptive per prompt: round after round, every prompt whose
+Xiong et al. 2025 (arXiv:2510.04996 — id not re-checked offline). Sampling is adaptive per prompt: round after round, every prompt whose
 pool of samples does not yet satisfy the stop rule gets ``round_n`` more; then its pool is down-sampled to a
 group of ``rollout.n``, and the advantage's baseline comes from the whole pool (``global_stat_est``).
 

@@ -1,5 +1,5 @@
 """THR — "Token Hidden Reward: Steering Exploration-Exploitation in Group Relative Deep Reinforcement Learning",
-Deng et al. 2025 (seed listing; no official code found). Each token's Token Hidden Reward is its influence, through
+2025 (title from the seed listing; authors and arXiv id not checked offline; no official code found). Each token's Token Hidden Reward is its influence, through
 one GRPO step, on the log-likelihood of its group's *correct* responses; tokens with large |THR| are reweighted
 to steer training toward exploitation (p > 0) or exploration (p < 0).
 
