@@ -106,7 +106,7 @@ def score_samples(rewards, samples: list, *, workers: int = 1, timeout: float | 
     if todo and workers > 1:
         from tokalign.scoring import pool
 
-        refs = [(r.name, r.options) for r in rewards]
+        refs = [(r.name, r.plugin.value, r.plugin.kind, r.options) for r in rewards]
         results.update(pool.run(refs, todo, workers, report.timeout))
     elif todo:
         with Alarm(report.timeout) as alarm:

@@ -39,7 +39,7 @@ def chunk_size(n_items: int, workers: int) -> int:
     return max(1, min(BATCH, math.ceil(n_items / (4 * workers))))
 
 
-def _worker_main(conn, refs: list[tuple[str, dict]], timeout: float | None, slot) -> None:
+def _worker_main(conn, refs: list[tuple[str, str, str, dict]], timeout: float | None, slot) -> None:
     """slot = [reward index, position (-1: a batched call on the whole chunk), start time (0 = idle),
     time budget of the running call (0 = none)], shared with the parent."""
     try:
@@ -47,9 +47,9 @@ def _worker_main(conn, refs: list[tuple[str, dict]], timeout: float | None, slot
     except (ValueError, OSError):
         pass
     try:
-        from tokalign.rewards import build
+        from tokalign.rewards import rebuild
 
-        fns = [build(name, options)[0] for name, options in refs]
+        fns = [rebuild(*ref) for ref in refs]
     except BaseException as e:
         conn.send(("init_error", one_line(f"{type(e).__name__}: {e}")))
         return
@@ -91,7 +91,7 @@ class _Worker:
 
 @dataclass
 class _Run:
-    refs: list[tuple[str, dict]]
+    refs: list[tuple[str, str, str, dict]]  # (name, entry-point value, kind, options)
     timeout: float | None
     ctx: Any
     queue: deque = field(default_factory=deque)  # (ri, [(pos, sample)])
@@ -163,7 +163,7 @@ class _Run:
         w.conn.close()
 
 
-def run(refs: list[tuple[str, dict]], items: list[tuple[int, int, Any]], workers: int, timeout: float | None) -> dict:
+def run(refs: list[tuple[str, str, str, dict]], items: list[tuple[int, int, Any]], workers: int, timeout: float | None) -> dict:
     """Score ``items`` = [(reward index, position, sample)] in ``workers`` processes.
     Returns {(reward index, position): (status, payload)} as ``calls.call_one`` gives them."""
     import multiprocessing as mp
