@@ -13,7 +13,9 @@ Plug-in kinds:
   into the ``token_rewards`` column of the ``scored`` artifact. A verifier is usable as a reward
   (its ``Verdict.score`` becomes the value).
 * **Task** — a class with ``splits`` and ``records(split) -> list[dict]`` in a TRL dataset format,
-  optionally ``default_reward`` (the reward online training uses when none is given).
+  optionally ``default_reward`` (the reward online training uses when none is given). A task whose
+  constructor takes one argument also answers ``NAME:ARG`` data sources (``gsm8k:data/train.jsonl``:
+  a local copy of its dataset), built as ``Task(ARG)``.
 * **Algorithm** — a class with a ``Config`` dataclass (defaults = the paper's), constructed as
   ``Algo(config)``; ``needs`` says which data and models it wants; ``prepare(batch)`` (called once
   per step, after ``ref_logps``/``old_logps`` are in ``batch.fields``) computes

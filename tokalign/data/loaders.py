@@ -1,4 +1,7 @@
-"""Load raw records from a built-in task, a local file (JSONL/JSON/Parquet/CSV) or a hub id."""
+"""Load raw records from a built-in task, a local file (JSONL/JSON/Parquet/CSV) or a hub id.
+
+``TASK:ARG`` hands ARG to the task's constructor (a task that takes one: e.g. ``gsm8k:data/gsm8k.jsonl``
+loads a local copy instead of the hub's; see ``tokalign.data.tasks``)."""
 
 from __future__ import annotations
 
@@ -25,19 +28,42 @@ def load_records(source: str, split: str = "train") -> tuple[list[dict], dict]:
 def _load(source: str, split: str) -> tuple[list[dict], dict]:
     path = Path(source).expanduser()
     if path.is_file():
-        return _load_file(path), {"source": "file", "path": str(path.resolve())}
+        return load_file(path), {"source": "file", "path": str(path.resolve())}
     if path.is_dir():
         raise UserError(f"'{source}' is a directory but not a tokalign artifact; pass a data file, a task or an artifact.")
-    if source in registry.available("task"):
-        task = registry.load("task", source)()
+    tasks = registry.available("task")
+    name, colon, arg = source.partition(":")
+    if source in tasks or (colon and name in tasks):
+        task = _make_task(name, arg) if colon else registry.load("task", source)()
         if split not in task.splits:
-            raise UserError(f"Task '{source}' has no split '{split}'. Available: {', '.join(task.splits)}.")
-        return task.records(split), {"source": "task", "task": source, "default_reward": getattr(task, "default_reward", None)}
+            raise UserError(f"Task '{name}' has no split '{split}'. Available: {', '.join(task.splits)}.")
+        info = {"source": "task", "task": name, "default_reward": getattr(task, "default_reward", None)}
+        if colon and Path(arg).expanduser().exists():
+            info["path"] = str(Path(arg).expanduser().resolve())
+        elif colon:
+            info["arg"] = arg
+        return task.records(split), info
     if path.suffix in SUFFIXES or source.startswith((".", "/", "~")):
         raise UserError(f"Data file '{source}' does not exist.")
     if "/" in source:
-        return _load_hub(source, split), {"source": "hub", "id": source, "split": split}
+        return load_hub(source, split), {"source": "hub", "id": source, "split": split}
     raise registry_unknown(source)
+
+
+def _make_task(name: str, arg: str):
+    """``TASK:ARG``: the task class built with ARG (only tasks whose constructor takes an argument)."""
+    import inspect
+
+    cls = registry.load("task", name)
+    try:
+        takes_arg = bool(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        takes_arg = False
+    if not takes_arg:
+        raise UserError(f"Task '{name}' takes nothing after a colon ('{name}:{arg}'); write '{name}'.")
+    if not arg:
+        raise UserError(f"'{name}:' names no data after the colon; write {name}:PATH for a local copy, or '{name}'.")
+    return cls(arg)
 
 
 def registry_unknown(source: str) -> UserError:
@@ -50,7 +76,7 @@ def registry_unknown(source: str) -> UserError:
     )
 
 
-def _load_file(path: Path) -> list[dict]:
+def load_file(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _load_jsonl(path)
@@ -93,7 +119,8 @@ def _load_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _load_hub(repo_id: str, split: str) -> list[dict]:
+def load_hub(repo_id: str, split: str, name: str | None = None,
+             hint: str = "If you are offline, download it elsewhere and pass a local file.") -> list[dict]:
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
@@ -103,11 +130,10 @@ def _load_hub(repo_id: str, split: str) -> list[dict]:
     for name in ("huggingface_hub", "datasets", "fsspec"):  # their retry chatter is not our one line
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        ds = datasets.load_dataset(repo_id, split=split)
+        ds = datasets.load_dataset(repo_id, name, split=split)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(
-            f"Cannot load dataset '{repo_id}' (split '{split}') from the hub: {first[:200]}. "
-            "If you are offline, download it elsewhere and pass a local file."
+            f"Cannot load dataset '{repo_id}' (split '{split}') from the hub: {first[:200]}. {hint}"
         ) from e
     return [dict(r) for r in ds]
