@@ -109,3 +109,11 @@ def test_training_from_scored_rows_with_failures_warns(work):
     score(work, "-r", FLAKY, "--no-cache")
     proc = cli("train", "grpo", "--data", "S", "--dry-run", cwd=work)
     assert "warning: 10 of 100 scored rows had a reward fail on them (scored 0 for it)" in proc.stdout
+
+
+def test_an_unusable_cache_is_skipped_with_one_warning(work):
+    (work / "not-a-dir").write_text("")
+    env = {"PYTHONPATH": str(ROOT / "tests"), "TOKALIGN_CACHE": str(work / "not-a-dir")}
+    proc = cli("score", "R", "-r", COUNTING, "--out", "S", cwd=work, env=env)
+    assert proc.stdout.strip() == "S" and proc.stderr.count("warning: score cache") == 1
+    assert artifacts.read(work / "S", ["scored"]).manifest["scoring"]["rewards"][COUNTING]["computed"] == 100
