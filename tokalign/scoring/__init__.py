@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from tokalign.scoring.calls import BATCH, ERROR, OK, TIMEOUT, Alarm, call_many
 
@@ -83,11 +83,12 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def score_samples(rewards, samples: list, *, workers: int = 1, timeout: float | None = None, cache=None) -> tuple[list[dict], ScoreReport]:
+def score_samples(rewards, samples: list, *, workers: int = 1, timeout: float | None = None, cache=None,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], ScoreReport]:
     """Per-sample dicts (reward, rewards, verdicts, token_rewards, reward_errors) in sample order, and a report.
 
     ``workers`` ≤ 1 runs in this process; more spawns that many processes (fewer if there is less work).
-    ``cache`` is a ``ScoreCache`` or None."""
+    ``cache`` is a ``ScoreCache`` or None. ``progress(done, total)`` is called as (reward, sample) results arrive."""
     from tokalign.scoring import cache as cache_mod
 
     report = ScoreReport(len(samples), max(1, workers), timeout if timeout and timeout > 0 else None,
@@ -107,8 +108,9 @@ def score_samples(rewards, samples: list, *, workers: int = 1, timeout: float | 
         from tokalign.scoring import pool
 
         refs = [(r.name, r.plugin.value, r.plugin.kind, r.options) for r in rewards]
-        results.update(pool.run(refs, todo, workers, report.timeout))
+        results.update(pool.run(refs, todo, workers, report.timeout, progress))
     elif todo:
+        done = 0
         with Alarm(report.timeout) as alarm:
             for ri, r in enumerate(rewards):
                 mine = [(i, s) for rj, i, s in todo if rj == ri]
@@ -116,6 +118,9 @@ def score_samples(rewards, samples: list, *, workers: int = 1, timeout: float | 
                     part = mine[k : k + BATCH]
                     for (i, _), result in zip(part, call_many(r.fn, r.name, [s for _, s in part], alarm)):
                         results[(ri, i)] = result
+                    done += len(part)
+                    if progress:
+                        progress(done, len(todo))
     fresh = []
     for ri, i, _ in todo:
         status, payload = results[(ri, i)]

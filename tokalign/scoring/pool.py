@@ -99,6 +99,8 @@ class _Run:
     results: dict = field(default_factory=dict)  # (ri, pos) -> (status, payload)
     next_id: int = 0
     fruitless: int = 0
+    progress: Any = None  # progress(done, total)
+    total: int = 0
 
     def start(self) -> _Worker:
         parent, child = self.ctx.Pipe()
@@ -127,6 +129,8 @@ class _Run:
             for (pos, _), result in zip(items, payload):
                 self.results[(ri, pos)] = result
             w.task = None
+            if self.progress:
+                self.progress(len(self.results), self.total)
 
     def bury(self, w: _Worker, killed_at_start: float | None = None) -> None:
         """Account for a dead (or just killed) worker: its running sample fails, the rest is re-queued."""
@@ -163,13 +167,14 @@ class _Run:
         w.conn.close()
 
 
-def run(refs: list[tuple[str, str, str, dict]], items: list[tuple[int, int, Any]], workers: int, timeout: float | None) -> dict:
+def run(refs: list[tuple[str, str, str, dict]], items: list[tuple[int, int, Any]], workers: int, timeout: float | None,
+        progress=None) -> dict:
     """Score ``items`` = [(reward index, position, sample)] in ``workers`` processes.
     Returns {(reward index, position): (status, payload)} as ``calls.call_one`` gives them."""
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
-    r = _Run(refs, timeout, mp.get_context("spawn"))
+    r = _Run(refs, timeout, mp.get_context("spawn"), progress=progress, total=len(items))
     size = chunk_size(len(items), workers)
     by_reward: dict[int, list] = {}
     for ri, pos, sample in items:

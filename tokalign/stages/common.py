@@ -57,12 +57,12 @@ def to_sample(row: dict) -> Sample:
 SCORE_COLUMNS = ("reward", "rewards", "verdicts", "token_rewards", "reward_errors")
 
 
-def score_rows(rows: list[dict], rewards, *, workers: int = 1, timeout: float | None = None, cache=None):
+def score_rows(rows: list[dict], rewards, *, workers: int = 1, timeout: float | None = None, cache=None, progress=None):
     """(rows + score columns, ``scoring.ScoreReport``). ``reward_errors`` is a JSON object {reward: why
     it failed on this row} ("{}" when none failed); a failed reward counts 0 in ``reward`` (see ``tokalign.scoring``)."""
     from tokalign.scoring import score_samples
 
-    results, report = score_samples(rewards, [to_sample(r) for r in rows], workers=workers, timeout=timeout, cache=cache)
+    results, report = score_samples(rewards, [to_sample(r) for r in rows], workers=workers, timeout=timeout, cache=cache, progress=progress)
     out = []
     for r, s in zip(rows, results):
         out.append({**r, "reward": s["reward"], "rewards": s["rewards"], "verdicts": dumps(s["verdicts"]),

@@ -41,11 +41,14 @@ def score(rollouts: str, out: str, *, reward: list[str], overwrite: bool = False
         from tokalign.scoring.cache import ScoreCache
 
         store = ScoreCache()
+    progress = _progress if sys.stderr.isatty() else None
     try:
-        out_rows, report = score_rows(rows, resolved, workers=n_workers, timeout=timeout or None, cache=store)
+        out_rows, report = score_rows(rows, resolved, workers=n_workers, timeout=timeout or None, cache=store, progress=progress)
     finally:
         if store is not None:
             store.close()
+        if progress:
+            sys.stderr.write("\r\033[K")
     sys.stderr.write(f"score: {report.summary()}\n")
     config = {"reward": reward, "reward_options": dict(reward_options or {}), "timeout_s": timeout or None}
     prov = artifacts.Provenance(config=config, inputs=[src.ref()], plugins=plugin_refs(resolved),
@@ -53,3 +56,8 @@ def score(rollouts: str, out: str, *, reward: list[str], overwrite: bool = False
     with artifacts.writing(out_path, "scored", prov, overwrite) as w:
         w.write_rows(out_rows)
     return out_path
+
+
+def _progress(done: int, total: int) -> None:
+    sys.stderr.write(f"\rscore: {done}/{total} reward calls")
+    sys.stderr.flush()
