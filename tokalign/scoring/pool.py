@@ -1,9 +1,10 @@
 """Worker processes for CPU-bound rewards.
 
 Each worker is a fresh ``spawn``ed interpreter (safe after torch or threads are loaded, the same on
-every OS) that rebuilds the rewards from their names and options, then scores chunks of samples,
-one sample per reward call. The parent hands one chunk at a time to each worker and reads results
-as they come, so order is restored by position, not by arrival.
+every OS) that rebuilds the rewards from their entry points and options, then scores chunks of
+samples (``calls.call_many``: one sample per call, or the whole chunk for a ``batched`` reward). The
+parent hands one chunk at a time to each worker and reads results as they come, so order is
+restored by position, not by arrival.
 
 Timeouts: a worker interrupts a sample at ``timeout`` with SIGALRM (``calls.Alarm``). A worker that
 does not come back (stuck in C code, ignoring the alarm) is killed at a hard deadline: that sample
