@@ -20,7 +20,7 @@ from tokalign.protocols import Sample
 from tokalign.verifiers.code import CodeConfig, CodeVerifier, extract_program, parse_tests
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = dict(timeout_s=3.0, cpu_s=2, memory_mb=512, max_processes=16)
+FAST = dict(timeout_s=5.0, cpu_s=3, memory_mb=512, max_processes=16)  # generous wall time: CI machines are shared
 
 
 def _available() -> str | None:
@@ -174,7 +174,7 @@ def test_a_batch_with_every_escape_finishes(verifier, outside_targets, listener)
     out = verifier(batch)
     assert [r.value for r in out] == [0.0] * len(programs) + [1.0]
     assert not any(p.exists() for p in outside_targets)
-    assert not _sandbox_processes_left()
+    assert _all_sandbox_processes_gone()
 
 
 def _sandbox_processes_left() -> list[int]:
@@ -193,7 +193,7 @@ def _sandbox_processes_left() -> list[int]:
 
 @needs_sandbox
 def test_sandbox_limits_and_environment():
-    lim = sandbox.Limits(timeout_s=5, cpu_s=1, file_size_mb=1, disk_mb=4)
+    lim = sandbox.Limits(timeout_s=30, cpu_s=1, file_size_mb=1, disk_mb=4)  # CPU limit first, even on a busy machine
     probe = "import os, sys\nprint(os.getcwd() == os.environ['HOME'] == os.environ['TMPDIR'])\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()) == [1, 2])"
     r = sandbox.run(sandbox.Job({"main.py": probe}, "main.py"), lim)
     assert r.ok and r.stdout.split() == ["True", "True"]  # own temp dir; own PID namespace
@@ -205,7 +205,7 @@ def test_sandbox_limits_and_environment():
     assert not r.ok and "No space left on device" in r.stderr  # the temp dir has a quota
     escape = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\nprint('parent done')"
     r = sandbox.run(sandbox.Job({"main.py": escape}, "main.py"), lim)
-    assert r.ok and not _sandbox_processes_left()  # a child that left the process group died too
+    assert r.ok and _all_sandbox_processes_gone()  # a child that left the process group died too
 
 
 @needs_sandbox
@@ -216,12 +216,51 @@ def test_allow_network_opts_out_of_the_network_namespace(listener):
     assert "netns" not in r.isolation and "mountns" in r.isolation
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"), reason="needs root and /usr/bin/python3")
+@needs_sandbox
+def test_without_namespaces_it_refuses_unless_opted_out(monkeypatch, tmp_path):
+    """Where namespaces are impossible: an error naming the opt-out; with allow_network=true only the
+    limits and (as root) the private uid apply: root-owned places stay unwritable, strays are killed."""
+    monkeypatch.setattr(sandbox, "_NO_NAMESPACES", True)
+    job = sandbox.Job({"main.py": "pass"}, "main.py")
+    r = sandbox.run(job, sandbox.Limits(timeout_s=5), python="/usr/bin/python3")
+    assert r.setup_error == "cannot create network/mount namespaces (unshare: disabled)"
+    target = tmp_path / "outside.txt"  # root-owned directory
+    prog = (f"import os, time\ntry:\n    open({str(target)!r}, 'w')\nexcept OSError as e:\n    print(e.errno)\n"
+            "if os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\n")
+    r = sandbox.run(sandbox.Job({"main.py": prog}, "main.py"), sandbox.Limits(timeout_s=5, allow_network=True),
+                    python="/usr/bin/python3")
+    assert (r.ok, r.isolation, r.stdout.split()) == (True, "uid", ["13"])  # EACCES
+    assert not target.exists()
+    assert _all_sandbox_processes_gone()
+
+
+def _all_sandbox_processes_gone(wait_s: float = 10.0) -> bool:
+    """No live process under a sandbox uid; a SIGKILLed one may take a moment to finish dying."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while [pid for pid in _sandbox_processes_left() if _alive(pid)]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # zombies are dead, only not yet reaped by init
+    except OSError:
+        return False
+
+
 @needs_sandbox
 def test_built_through_the_registry_with_options():
     from tokalign import rewards
 
-    (r,) = rewards.resolve(["code"], {"code": {"timeout_s": 2, "workers": 2}})
-    assert r.config["timeout_s"] == 2 and r.config["workers"] == 2
+    (r,) = rewards.resolve(["code"], {"code": {"timeout_s": 10, "workers": 2}})
+    assert r.config["timeout_s"] == 10 and r.config["workers"] == 2
     assert r.fn([sample(ADD)])[0].value == 1.0
     with pytest.raises(UserError, match="timeout_s"):
         rewards.resolve(["code"], {"code": {"timeout_s": -1}})
@@ -278,7 +317,7 @@ def test_score_cli_with_the_code_reward(tmp_path, outside_targets):
         ("hang", fence.format("import time\ntime.sleep(10 ** 6)"), ADD_TESTS),
         ("escape", fence.format(_write_outside(outside_targets)), ADD_TESTS),
     ])
-    proc = cli("score", "R", "--reward", "code", "--reward-opt", "code.timeout_s=2", "--workers", "2", "--no-cache",
+    proc = cli("score", "R", "--reward", "code", "--reward-opt", "code.timeout_s=5", "--workers", "2", "--no-cache",
                "--out", "S", cwd=tmp_path)
     assert proc.stdout == "S\n"
     rows = artifacts.read(tmp_path / "S", ["scored"]).rows()

@@ -20,6 +20,11 @@ Each run is one child process tree. What is enforced:
   started dies with it, even one that left the process group (``setsid``). If the scoring process
   itself dies, PR_SET_PDEATHSIG takes the sandbox down too.
 
+With ``allow_network=True`` where namespaces are impossible (e.g. root without CAP_SYS_ADMIN, as in
+a default Docker container), only the resource limits, the wall clock and — as root — the private
+uid apply: world-writable places such as /tmp are then writable, and the interpreter must be
+reachable by that uid (``python`` option).
+
 Not enforced: reading files (everything world-readable stays readable; a root parent hides a
 blocked directory such as ``/root`` behind an empty tmpfs only where the interpreter lives
 below it), CPU share and memory bandwidth (no cgroups), and Unix sockets on the filesystem that
@@ -174,7 +179,9 @@ class _Running:
             "allow_network": limits.allow_network,
             "uid": _UID_BASE + secrets.randbelow(_UID_SPAN) if root else None,
             "expose": _exposures(python) if root else [],
+            "namespaces": not _NO_NAMESPACES,
         }
+        self.uid = cfg["uid"]
         with open(os.path.join(self.dir, "config.json"), "w") as f:
             json.dump(cfg, f)
         self.out = tempfile.TemporaryFile(dir=self.dir)
@@ -238,6 +245,11 @@ class _Running:
                 setup_error = line[6:].strip()
         if not status and not timed_out:  # died before it could report
             setup_error = f"the launcher exited with {code}: " + (texts[1].strip().splitlines() or ["no message"])[-1]
+        if timed_out and self.uid is not None and "pidns" not in isolation:  # no PID namespace took the rest down
+            import subprocess
+
+            subprocess.run([sys.executable, "-I", "-S", os.path.abspath(__file__), "--kill-uid", str(self.uid)],
+                           env={"PATH": "/usr/bin:/bin"}, timeout=30)
         if setup_error:
             return Result(None, None, False, texts[0], texts[1], wall, isolation, setup_error)
         sig = code - 128 if code > 128 and not timed_out else (-code if code < 0 else None)
@@ -285,6 +297,7 @@ def run(job: Job, limits: Limits | None = None, *, python: str | None = None) ->
 
 
 _PROBED: dict[tuple, str] = {}
+_NO_NAMESPACES = False  # tests set it to exercise the degraded path (allow_network=True, namespaces impossible)
 
 
 def check_available(limits: Limits, python: str | None = None) -> str:
@@ -299,9 +312,9 @@ def check_available(limits: Limits, python: str | None = None) -> str:
                                                             allow_network=limits.allow_network), python=python)
         if r.setup_error:
             hint = ("" if limits.allow_network else
-                    " Run as root or enable unprivileged user namespaces (sysctl user.max_user_namespaces, "
-                    "kernel.apparmor_restrict_unprivileged_userns=0), or opt out of network isolation with "
-                    "the option allow_network=true.")
+                    " Run as root (in Docker: --cap-add SYS_ADMIN) or enable unprivileged user namespaces "
+                    "(sysctl user.max_user_namespaces, kernel.apparmor_restrict_unprivileged_userns=0), or opt "
+                    "out of isolation with the option allow_network=true.")
             raise UserError(f"code sandbox unavailable: {r.setup_error}.{hint}")
         if not r.ok:
             raise UserError(f"code sandbox: the interpreter {python} does not run inside the sandbox ({r.reason()}); "
@@ -431,6 +444,25 @@ def _exec_program(cfg: dict, fds: dict, work: str, uid: int | None) -> None:
     os.execve(cfg["python"], [cfg["python"], "-I", "-B", cfg["script"]], env)
 
 
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of ``uid`` (a sandbox's own uid): kill(-1) from a child running as it."""
+    import signal
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            for _ in range(3):
+                try:
+                    os.kill(-1, signal.SIGKILL)  # every process we may signal: ours, and this one last
+                except ProcessLookupError:
+                    break
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
 def _launch(cfg_path: str, fds_json: str) -> None:
     import shutil
     import signal
@@ -456,10 +488,10 @@ def _launch(cfg_path: str, fds_json: str) -> None:
             flags |= _CLONE_NEWUSER
         isolation: list[str] = []
         work = os.path.join(cfg["dir"], "work")
-        if libc.unshare(flags) != 0:
+        if not cfg["namespaces"] or libc.unshare(flags) != 0:
             import ctypes
 
-            err = os.strerror(ctypes.get_errno())
+            err = os.strerror(ctypes.get_errno()) if cfg["namespaces"] else "disabled"
             if not cfg["allow_network"]:
                 raise _SetupError(f"cannot create network/mount namespaces (unshare: {err})")
             flags = 0  # opted out: run with limits only (and a dropped uid when root)
@@ -505,6 +537,8 @@ def _launch(cfg_path: str, fds_json: str) -> None:
             while True:  # reap everything; leave when the program itself ends
                 pid, st = os.wait()
                 if pid == child:
+                    if not flags & _CLONE_NEWPID and uid is not None:
+                        _kill_uid(uid)  # no PID namespace: end whatever the program left running
                     os._exit(os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st))
         except BaseException:
             os._exit(SETUP_FAILED)
@@ -514,4 +548,7 @@ def _launch(cfg_path: str, fds_json: str) -> None:
 
 
 if __name__ == "__main__":
-    _launch(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "--kill-uid":  # the parent's clean-up after a wall-clock kill without a PID namespace
+        _kill_uid(int(sys.argv[2]))
+    else:
+        _launch(sys.argv[1], sys.argv[2])

@@ -19,7 +19,8 @@ Tests, from ``Sample.reference`` (a JSON string of these is decoded first):
 Each test is its own sandboxed run. A test passes when the run exits 0 and the harness proves it
 reached its end (it echoes a one-time secret read from a pipe before the program starts, so a
 program that calls ``os._exit(0)`` early does not pass); ``sys.exit(0)`` inside the program is a
-normal end. Score = fraction of tests passed (``partial_credit``, default) or 1.0 only when all
+normal end. (A program written to defeat the harness, e.g. by reading the secret out of the
+interpreter's memory, is beyond what this check guards against.) Score = fraction of tests passed (``partial_credit``, default) or 1.0 only when all
 pass; ``Verdict.passed`` = all pass.
 
 Options (``--reward-opt code.KEY=VALUE``): the sandbox limits ``timeout_s`` (wall, per test),
