@@ -257,3 +257,28 @@ def test_scoring_carries_token_values(tok, token_prm, tiny_model, dpo_model):
         expected = [2 * a + b for a, b in zip(p.token_values, i.token_values)]
         torch.testing.assert_close(torch.tensor(row["token_rewards"]), torch.tensor(expected), rtol=1e-5, atol=1e-6)
         assert row["reward"] == pytest.approx(2 * p.value + i.value, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_score_cli_with_token_rewards(tiny_model, token_prm, dpo_model, tmp_path):
+    """prepare | rollout | score through the real CLI with options from --reward-opt: the scored
+    artifact's token_rewards has one value per completion token and sums to the reward."""
+    from conftest import cli
+
+    from tokalign import artifacts
+
+    cli("prepare", "arith", "--limit", "2", "--model", str(tiny_model), "--out", "P", cwd=tmp_path)
+    cli("rollout", "P", "--model", str(tiny_model), "--n", "2", "--max-new-tokens", "16", "--out", "R", cwd=tmp_path)
+    cli("score", "R", "--reward", "prm", "--reward", "implicit*0.5",
+        "--reward-opt", f"prm.model={token_prm}", "--reward-opt", "prm.separator=\\n",
+        "--reward-opt", f"implicit.model={dpo_model}", "--reward-opt", f"implicit.ref={tiny_model}",
+        "--reward-opt", "implicit.beta=0.2", "--out", "S", cwd=tmp_path)
+    rows = artifacts.read(tmp_path / "S", ["scored"]).rows()
+    assert len(rows) == 4
+    for r in rows:
+        assert len(r["token_rewards"]) == len(r["completion_ids"])
+        assert sum(r["token_rewards"]) == pytest.approx(r["reward"], abs=1e-5)
+        assert r["reward"] == pytest.approx(r["rewards"]["prm"] + 0.5 * r["rewards"]["implicit"], abs=1e-6)
+    assert any(r["rewards"]["implicit"] != 0 for r in rows)
+    proc = cli("score", "R", "--reward", "judge", "--out", "J", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: judge needs a server: --reward-opt judge.base_url=http://HOST:PORT/v1"
