@@ -185,7 +185,9 @@ def _eval_keys(evals: list[EvalResult]) -> tuple[list[str], list[str]]:
                    key=lambda k: (k.split("@")[0] != "pass", int(k.split("@")[1]) if k.split("@")[1].isdigit() else 0))
     if "mean_reward" in keys:
         rates.append("mean_reward")
-    others = [k for k in keys if k not in rates and k not in SETTINGS and k != "truncated_fraction"]
+    others = [k for k in keys if k not in rates and k not in SETTINGS]
+    # Counters that stayed 0 everywhere (no truncation, no reward failures) get no panel of empty bars.
+    others = [k for k in others if any(is_metric(k, e.results.get(k)) and e.results[k] != 0 for e in evals)]
     return rates, others
 
 
