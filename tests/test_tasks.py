@@ -7,10 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import cli
+
 from tokalign.data import formats, loaders
-from tokalign.data.tasks import GSM8K, MATH, UltraFeedback, GSM8K_INSTRUCTION, MATH_INSTRUCTION
+from tokalign.data.tasks import (
+    GSM8K,
+    GSM8K_INSTRUCTION,
+    MATH,
+    MATH_INSTRUCTION,
+    UltraFeedback,
+)
 from tokalign.errors import UserError
 
 FIX = Path(__file__).parent / "fixtures"
@@ -132,3 +138,24 @@ def test_prepare_through_the_cli(tmp_path):
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "Cannot load dataset 'openai/gsm8k' (split 'train') from the hub" in err
     assert "gsm8k:PATH" in err and "Traceback" not in proc.stderr
+
+
+def test_hub_ids_configs_and_splits(monkeypatch):
+    """Where the hub is reachable: each task asks `datasets` for its id, config and split (faked here)."""
+    import datasets
+
+    calls = []
+
+    def fake(repo_id, config=None, split=None):
+        calls.append((repo_id, config, split))
+        return [json.loads(line) for line in (FIX / ("gsm8k.jsonl" if "gsm8k" in repo_id else "math.jsonl"
+                                                     if "math" in repo_id.lower() else "ultrafeedback.jsonl")).read_text().splitlines()]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert len(GSM8K().records("test")) == 4
+    assert len(MATH().records("train")) == 4 and len(MATH().records("test")) == 4
+    assert len(UltraFeedback().records("train")) == 3
+    assert len(MATH("DigitalLearningGmbH/MATH-lighteval").records("train")) == 4
+    assert calls == [("openai/gsm8k", "main", "test"), ("hendrycks/competition_math", None, "train"),
+                     ("HuggingFaceH4/MATH-500", None, "test"), ("HuggingFaceH4/ultrafeedback_binarized", None, "train_prefs"),
+                     ("DigitalLearningGmbH/MATH-lighteval", None, "train")]

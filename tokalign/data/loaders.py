@@ -119,7 +119,7 @@ def _load_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_hub(repo_id: str, split: str, name: str | None = None,
+def load_hub(repo_id: str, split: str, config: str | None = None,
              hint: str = "If you are offline, download it elsewhere and pass a local file.") -> list[dict]:
     try:
         import datasets
@@ -130,7 +130,7 @@ def load_hub(repo_id: str, split: str, name: str | None = None,
     for name in ("huggingface_hub", "datasets", "fsspec"):  # their retry chatter is not our one line
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        ds = datasets.load_dataset(repo_id, name, split=split)
+        ds = datasets.load_dataset(repo_id, config, split=split)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(

@@ -30,7 +30,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tokalign.errors import UserError
 
@@ -48,7 +48,7 @@ class HubTask:
     name = ""
     splits = ("train", "test")
     default_reward: str | None = None
-    hub: dict[str, tuple[str, str | None, str]] = {}  # our split -> (hub id, config name, hub split)
+    hub: ClassVar[dict[str, tuple[str, str | None, str]]] = {}  # our split -> (hub id, config name, hub split)
 
     def __init__(self, source: str = ""):
         self.source = source
@@ -80,7 +80,7 @@ class HubTask:
 
         hub_id, config, hub_split = self.hub[split]
         if not self.source:
-            return loaders.load_hub(hub_id, hub_split, name=config, hint=self.offline_hint())
+            return loaders.load_hub(hub_id, hub_split, config=config, hint=self.offline_hint())
         path = Path(self.source).expanduser()
         if path.is_file():
             return loaders.load_file(path)

@@ -7,7 +7,8 @@ torch and transformers are imported inside the functions: reward modules are imp
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tokalign.errors import UserError
 

@@ -73,8 +73,11 @@ class Implicit:
     def _models(self):
         c = self.config
         path, ref = c.model, c.ref
-        load = lambda p: common.load_auto(self.name, p, "AutoModelForCausalLM", c.dtype, c.device,  # noqa: E731
-                                          suffix="ForCausalLM", what="causal language model")
+
+        def load(p):
+            return common.load_auto(self.name, p, "AutoModelForCausalLM", c.dtype, c.device,
+                                    suffix="ForCausalLM", what="causal language model")
+
         return load(path), load(ref), common.load_tokenizer(self.name, path)
 
     def __call__(self, samples: list[Sample]) -> list[Reward]:

@@ -32,6 +32,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tokalign.errors import UserError
@@ -142,7 +143,7 @@ class Judge:
         if self._template is None:
             if self.config.template_file:
                 try:
-                    self._template = open(self.config.template_file, encoding="utf-8").read()
+                    self._template = Path(self.config.template_file).expanduser().read_text(encoding="utf-8")
                 except OSError as e:
                     raise UserError(f"judge: cannot read template_file '{self.config.template_file}': {e.strerror}.") from e
                 if "{completion}" not in self._template:

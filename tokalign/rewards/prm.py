@@ -131,8 +131,14 @@ class PRM:
     def __init__(self, config: PRMConfig | None = None):
         self.config = config or PRMConfig()
         common.need_model(self.name, self.config.model)
+        self._loaded = None
 
     def _load(self):
+        if self._loaded is None:
+            self._loaded = self._load_once()
+        return self._loaded
+
+    def _load_once(self):
         import transformers
 
         from tokalign.models import resolve_model
