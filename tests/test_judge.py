@@ -130,8 +130,13 @@ def test_unreachable_server_and_bad_options(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    down = judge(f"http://127.0.0.1:{port}", model="m", retries=1)
     with pytest.raises(UserError, match=rf"judge: cannot reach http://127.0.0.1:{port}/v1: ConnectionRefusedError"):
-        judge(f"http://127.0.0.1:{port}", model="m", retries=1)([Sample("a", "q", "c")])
+        down([Sample("a", "q", "c")])
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="cannot reach"):  # remembered: no second round of retries
+        down([Sample("b", "q", "c")])
+    assert time.monotonic() - t0 < 0.1
     with pytest.raises(UserError, match=r"^judge needs a server: --reward-opt judge.base_url=http://HOST:PORT/v1$"):
         Judge()
     with pytest.raises(UserError, match="is not an http"):

@@ -53,6 +53,7 @@ Consider correctness, helpfulness and clarity; if a reference answer is given, a
 Explain briefly, then end with one line of the form "Score: N", where N is an integer from 0 (worst) to 10 (best)."""
 
 _RETRY_STATUS = (408, 429)
+DOWN_MEMORY_S = 10.0  # after finding the server unreachable, fail at once for this long
 _FIELDS = re.compile(r"\{(prompt|completion|reference)\}")
 
 
@@ -135,6 +136,7 @@ class Judge:
         self.config = config or JudgeConfig()
         self._model: str | None = None
         self._template: str | None = None
+        self._down: tuple[float, str] | None = None  # (when, why) the server was last found unreachable
         self.base_url = endpoint(self.config.base_url)  # a missing or malformed URL fails here, before any sample
 
     # --------------------------------------------------------------------------------------- setup
@@ -239,9 +241,14 @@ class Judge:
             return []
         from concurrent.futures import ThreadPoolExecutor
 
+        # scoring retries a failed batch sample by sample: do not wait out the retries again for each
+        if self._down and time.monotonic() - self._down[0] < DOWN_MEMORY_S:
+            raise UserError(self._down[1])
         try:
             self.model()
             with ThreadPoolExecutor(max_workers=min(self.config.concurrency, len(samples))) as pool:
                 return list(pool.map(self.judge_one, samples))
         except _Unreachable as e:
-            raise UserError(f"judge: cannot reach {self.base_url}: {e}; start the server or fix --reward-opt judge.base_url.") from None
+            msg = f"judge: cannot reach {self.base_url}: {e}; start the server or fix --reward-opt judge.base_url."
+            self._down = (time.monotonic(), msg)
+            raise UserError(msg) from None
