@@ -98,28 +98,70 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, scale: str 
     raise ValueError(f"unknown advantage scale {scale!r}; choose group, batch or none")
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
+CHUNK_ELEMENTS = 1 << 23  # vocabulary-sized temporaries are made in blocks of at most this many elements (32 MiB float32)
+
+
+def _blocks(shape: torch.Size, chunk_rows: int, max_elements: int):
+    """(rows, positions) slices covering a [B, T, V] tensor in blocks of at most ``chunk_rows`` rows and, where a
+    whole row is larger than ``max_elements``, of about ``max_elements // V`` positions."""
+    b, t, v = shape
+    rows = max(1, min(chunk_rows, max_elements // max(t * v, 1)))
+    cols = t if t * v <= max_elements else max(1, max_elements // max(v, 1))
+    for r in range(0, b, rows):
+        for c in range(0, t, cols):
+            yield slice(r, r + rows), slice(c, c + cols)
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(x)[index] block by block; saves the logits (no copy) and their log-sum-exp [B, T] and writes the
+    gradient (onehot − softmax)·g block by block into one [B, T, V] buffer: no other vocabulary-sized tensor."""
+
+    @staticmethod
+    def forward(ctx, logits, index, chunk_rows, max_elements):
+        out = torch.empty(index.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for r, c in _blocks(logits.shape, chunk_rows, max_elements):
+            x = logits[r, c].float()
+            lse[r, c] = torch.logsumexp(x, dim=-1)
+            out[r, c] = x.gather(-1, index[r, c].unsqueeze(-1)).squeeze(-1) - lse[r, c]
+        ctx.save_for_backward(logits, index, lse)
+        ctx.blocks = (chunk_rows, max_elements)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, index, lse = ctx.saved_tensors
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for r, c in _blocks(logits.shape, *ctx.blocks):
+            g = grad_out[r, c].float().unsqueeze(-1)
+            block = (logits[r, c].float() - lse[r, c].unsqueeze(-1)).exp_().mul_(-g)  # −g·softmax
+            grad[r, c] = block.scatter_add_(-1, index[r, c].unsqueeze(-1), g)  # + g at the picked token
+        return grad, None, None, None
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_rows: int = 8,
+                          max_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """log softmax(logits)[..., index] without materialising the full log-softmax of the batch.
 
-    logits: [B, T, V]; index: [B, T] -> [B, T]. Rows are processed in chunks of ``chunk_rows``
-    sequences, so peak extra memory is one chunk's [chunk, T, V] in float32.
-    """
-    out = []
-    for lg, ix in zip(logits.split(chunk_rows), index.split(chunk_rows)):
-        lg = lg.float()
-        picked = lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(lg, dim=-1))
-    return torch.cat(out)
+    logits: [B, T, V]; index: [B, T] -> [B, T] float32. Blocks of at most ``chunk_rows`` sequences and
+    ``max_elements`` logits are processed at a time, in the forward and in the backward pass, so the extra
+    memory is one block's float32 temporaries plus, in the backward, the [B, T, V] gradient itself."""
+    if logits.dim() == 2:  # [T, V] with index [T]
+        return _SelectiveLogSoftmax.apply(logits.unsqueeze(0), index.unsqueeze(0), chunk_rows, max_elements).squeeze(0)
+    return _SelectiveLogSoftmax.apply(logits, index, chunk_rows, max_elements)
 
 
 @torch.no_grad()
-def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 8) -> torch.Tensor:
-    """Token entropy H = −Σ p log p of each position: [B, T, V] -> [B, T] (no grad)."""
-    out = []
-    for lg in logits.split(chunk_rows):
-        logp = torch.log_softmax(lg.float(), dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out)
+def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 8, max_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Token entropy H = −Σ p log p of each position: [B, T, V] -> [B, T] (no grad), in the blocks of
+    ``selective_log_softmax``."""
+    if logits.dim() == 2:  # [T, V]
+        return entropy_from_logits(logits.unsqueeze(0), chunk_rows, max_elements).squeeze(0)
+    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    for r, c in _blocks(logits.shape, chunk_rows, max_elements):
+        logp = torch.log_softmax(logits[r, c].float(), dim=-1)
+        out[r, c] = -(logp.exp() * logp).sum(-1)
+    return out
 
 
 def clipped_surrogate(

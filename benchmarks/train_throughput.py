@@ -1,0 +1,230 @@
+"""Train-step throughput: tokalign vs TRL 1.16 on the same model, data and batch (GRPO and DPO), in one run.
+
+Model: a seeded random Qwen2 (default: vocabulary 32,768, hidden 384, 6 layers, 6 heads / 2 KV heads,
+MLP 1,536, tied embeddings: 26.5M parameters), float32, built identically (same seed) in every process.
+
+Data: one fixed batch, reused at every step, with no padding, so both sides see identical tensor shapes.
+
+- GRPO: 4 prompts × 4 completions = 16 sequences of 32 prompt + 96 completion tokens, in two
+  micro-batches of 8 rows (TRL: per_device_train_batch_size 8, gradient_accumulation_steps 2,
+  num_generations 4). Random rewards; β = 0 (no reference model), clip ε = 0.2, token-mean
+  aggregation (TRL loss_type "dapo"), one update per batch (the ratio is 1; behaviour log-probs are
+  the detached current ones on both sides).
+- DPO: 8 pairs of 32 prompt + 96 completion tokens (16 sequences), sigmoid loss, β = 0.1, a separate
+  reference model (same initial weights) evaluated at every step, two micro-batches of 4 pairs
+  (TRL: per_device_train_batch_size 4, gradient_accumulation_steps 2, precompute_ref_log_probs False).
+
+What is timed, per optimiser step (wall clock; tokens/s = non-pad tokens of the batch / step time):
+
+- tokalign: one call of the train loop's own step, ``tokalign.train.loop._step``, with a source that
+  hands back the fixed batch (its time, ~0, is excluded as the loop's own ``tokens_per_s`` does):
+  collate → (DPO: reference log-probs, micro-batched) → ``algorithm.prepare`` → per micro-batch
+  ``forward`` (logits, chunked selective log-softmax, entropy) + ``algorithm.loss`` + backward →
+  gradient clipping (max norm 1.0) → AdamW step → scheduler step → metrics.
+- TRL: its real ``trainer.train()`` loop, timed between the ``on_step_begin`` and ``on_step_end``
+  callbacks: for every micro-batch ``training_step`` (``_prepare_inputs`` → ``compute_loss`` with its
+  fused LM head (log-probs, entropy; DPO: reference forward) → ``accelerator.backward``) → gradient
+  clipping (max norm 1.0) → optimiser step → scheduler step → ``zero_grad``. Data loading and
+  collation happen before ``on_step_begin`` and are not timed. For GRPO, generation and scoring are
+  excluded by replacing ``_generate_and_score_completions`` with a function that returns the fixed
+  batch (prompt/completion ids and masks, the advantages tokalign computes from the same rewards,
+  ``num_items_in_batch``), exactly the dict TRL would have built.
+
+Settings pinned on TRL because its defaults change the work done: ``bf16=False`` (its default runs
+bf16 autocast) and ``gradient_checkpointing=False`` (its default recomputes activations; tokalign
+does not checkpoint). TRL keeps its default optimiser (``adamw_torch_fused``); tokalign uses
+``torch.optim.AdamW``; both lr 1e-6, weight decay 0, constant schedule.
+
+Every (algorithm, framework) run is a fresh subprocess; rounds alternate the order of the two
+frameworks; the first --warmup steps of each run are dropped; the median over all timed steps of
+all rounds is reported, with the load average. Usage:
+
+    python benchmarks/train_throughput.py [--algos grpo dpo] [--steps 5] [--warmup 2] [--rounds 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+CHILD = r"""
+import json, sys, tempfile, time, warnings
+warnings.filterwarnings("ignore")
+import torch
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import logging as hf_logging
+hf_logging.set_verbosity_error()
+
+def build(seed=0):
+    cfg = Qwen2Config(vocab_size=args["vocab"], hidden_size=args["hidden"], intermediate_size=args["intermediate"],
+                      num_hidden_layers=args["layers"], num_attention_heads=args["heads"], num_key_value_heads=args["kv_heads"],
+                      max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(cfg).float()
+
+g = torch.Generator().manual_seed(1)
+V, P, C = args["vocab"], args["prompt_len"], args["completion_len"]
+rand = lambda n: torch.randint(10, V, (n,), generator=g).tolist()
+if args["algo"] == "grpo":
+    n_prompts, G = args["prompts"], args["group"]
+    prompts = [rand(P) for _ in range(n_prompts)]
+    rows = [(i, prompts[i], rand(C), float(torch.rand((), generator=g) > 0.5)) for i in range(n_prompts) for _ in range(G)]
+    micro = args["micro_rows"]
+else:
+    pairs = [(rand(P), rand(C), rand(C)) for _ in range(args["pairs"])]
+    micro = args["micro_rows"]
+tokens = (P + C) * (len(rows) if args["algo"] == "grpo" else 2 * len(pairs))
+times = []
+policy = build()
+n_params = sum(p.numel() for p in policy.parameters())
+
+if args["side"] == "tokalign":
+    from types import SimpleNamespace
+    from tokalign import registry
+    from tokalign.config import TrainSection
+    from tokalign.train.batching import Seq
+    from tokalign.train.loop import _step
+    cls = registry.load("algorithm", args["algo"])
+    algo = cls(cls.Config())
+    if args["algo"] == "grpo":
+        seqs = [Seq(p, c, gid, row={"rewards": r}, prompt_index=gid) for gid, p, c, r in rows]
+    else:
+        seqs = []
+        for i, (p, c, r) in enumerate(pairs):
+            seqs += [Seq(p, c, i, row={"is_chosen": 1.0}, prompt_index=i), Seq(p, r, i, row={"is_chosen": 0.0}, prompt_index=i)]
+    class Fixed:
+        def batch(self, step):
+            return list(seqs), {}
+    train = TrainSection(lr=1e-6, micro_batch_size=micro, max_length=4096, max_grad_norm=1.0, weight_decay=0.0)
+    plan = SimpleNamespace(cfg=SimpleNamespace(train=train), algorithm=algo, needs=algo.needs)
+    ref = build().eval().requires_grad_(False) if algo.needs.reference else None
+    policy.train()
+    opt = torch.optim.AdamW(policy.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    tok = SimpleNamespace(pad_token_id=0)
+    for step in range(args["warmup"] + args["steps"]):
+        t0 = time.perf_counter()
+        m = _step(plan, step, Fixed(), policy, ref, {}, None, opt, sched, tok, C if args["algo"] == "grpo" else None, torch.device("cpu"), {})
+        dt = time.perf_counter() - t0 - m["time/batch_s"]
+        assert m["tokens"] == tokens, (m["tokens"], tokens)
+        times.append(dt)
+else:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from tokalign import ops
+    from tokalign.tiny import build_tokenizer
+    tok = build_tokenizer()
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t0 = time.perf_counter()
+        def on_step_end(self, a, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+    out = tempfile.mkdtemp()
+    common = dict(output_dir=out, use_cpu=True, report_to="none", bf16=False, gradient_checkpointing=False, disable_tqdm=True,
+                  seed=0, learning_rate=1e-6, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+                  max_steps=args["warmup"] + args["steps"], save_strategy="no", logging_steps=1000, gradient_accumulation_steps=2)
+    if args["algo"] == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+        n = len(rows)
+        cfg = GRPOConfig(**common, per_device_train_batch_size=n // 2, num_generations=args["group"], max_completion_length=C,
+                         beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.2, use_bias_correction_kl=False)
+        ds = Dataset.from_dict({"prompt": ["hello world"] * (n * (args["warmup"] + args["steps"] + 2))})
+        trainer = GRPOTrainer(model=policy, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=cfg,
+                              train_dataset=ds, processing_class=tok)
+        rewards = torch.tensor([r for *_, r in rows])
+        gids = torch.tensor([gid for gid, *_ in rows])
+        fixed = {"prompt_ids": torch.tensor([p for _, p, _, _ in rows]), "prompt_mask": torch.ones(n, P, dtype=torch.long),
+                 "completion_ids": torch.tensor([c for _, _, c, _ in rows]), "completion_mask": torch.ones(n, C, dtype=torch.long),
+                 "advantages": ops.group_advantages(rewards, gids, "group", 1e-4), "num_items_in_batch": torch.tensor(float(n * C))}
+        trainer._generate_and_score_completions = lambda batch: {k: v.clone() for k, v in fixed.items()}
+        assert micro == n // 2
+    else:
+        from trl import DPOConfig, DPOTrainer
+        cfg = DPOConfig(**common, per_device_train_batch_size=len(pairs) // 2, beta=0.1, loss_type="sigmoid",
+                        precompute_ref_log_probs=False, max_length=4096)
+        ref = build().eval().requires_grad_(False)
+        tiny = Dataset.from_dict({"prompt": ["hello world"] * 2, "chosen": [" yes"] * 2, "rejected": [" no"] * 2})
+        trainer = DPOTrainer(model=policy, ref_model=ref, args=cfg, train_dataset=tiny, processing_class=tok)
+        reps = args["warmup"] + args["steps"] + 2
+        trainer.train_dataset = Dataset.from_dict({"prompt_ids": [p for p, _, _ in pairs] * reps,
+                                                   "chosen_ids": [c for _, c, _ in pairs] * reps,
+                                                   "rejected_ids": [r for _, _, r in pairs] * reps})
+        assert micro == len(pairs)  # rows per micro-batch = 2 × pairs per device batch
+    shapes, inner = set(), trainer._compute_loss
+    def recording(model, inputs, *a, **kw):  # the shapes TRL really trained on (checked against tokalign's batch below)
+        ids = inputs["input_ids"] if "input_ids" in inputs else torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        shapes.add(tuple(ids.shape))
+        return inner(model, inputs, *a, **kw)
+    trainer._compute_loss = recording
+    trainer.add_callback(Timer())
+    trainer.train()
+    assert shapes == {(micro, P + C)}, shapes
+print(json.dumps({"times": times[args["warmup"]:], "tokens": tokens, "params": n_params, "threads": torch.get_num_threads()}))
+"""
+
+
+def run(side: str, algo: str, args) -> dict:
+    payload = dict(vars(args), side=side, algo=algo)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(args.threads), "ACCELERATE_USE_CPU": "1"}
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(payload)], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"{side} {algo} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--algos", nargs="+", default=["grpo", "dpo"], choices=["grpo", "dpo"])
+    p.add_argument("--steps", type=int, default=5, help="timed optimiser steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed optimiser steps at the start of each run")
+    p.add_argument("--rounds", type=int, default=2, help="runs per (algorithm, framework), alternating the order")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on both sides")
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--kv-heads", dest="kv_heads", type=int, default=2)
+    p.add_argument("--prompt-len", dest="prompt_len", type=int, default=32)
+    p.add_argument("--completion-len", dest="completion_len", type=int, default=96)
+    p.add_argument("--prompts", type=int, default=4, help="GRPO prompts per step")
+    p.add_argument("--group", type=int, default=4, help="GRPO completions per prompt")
+    p.add_argument("--pairs", type=int, default=8, help="DPO pairs per step")
+    args = p.parse_args()
+    args.micro_rows = args.prompts * args.group // 2  # two micro-batches per optimiser step, for both algorithms
+    if args.pairs != args.micro_rows:
+        p.error("--pairs must equal --prompts × --group / 2 (both algorithms use micro-batches of the same row count)")
+    load0 = os.getloadavg()
+    res: dict = {}
+    for rnd in range(args.rounds):
+        for algo in args.algos:
+            for side in (("tokalign", "trl") if rnd % 2 == 0 else ("trl", "tokalign")):
+                r = run(side, algo, args)
+                res.setdefault((algo, side), {"times": [], **r})["times"] += r["times"]
+                print(f"  round {rnd + 1} {algo:4s} {side:8s} median {statistics.median(r['times']):.3f} s/step", file=sys.stderr)
+    load1 = os.getloadavg()
+    first = next(iter(res.values()))
+    print(f"Qwen2 {first['params'] / 1e6:.1f}M params, vocab {args.vocab}, float32, torch threads {first['threads']}; "
+          f"{first['tokens']} tokens per optimiser step ({2 * args.micro_rows} sequences × {args.prompt_len + args.completion_len}), 2 micro-batches; "
+          f"median of {args.steps * args.rounds} timed steps ({args.rounds} runs × {args.steps}, {args.warmup} warm-up steps dropped per run)")
+    print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f}")
+    print("| algorithm | tokalign s/step | tokalign tokens/s | TRL s/step | TRL tokens/s | tokalign / TRL |")
+    print("|---|---|---|---|---|---|")
+    summary = {}
+    for algo in args.algos:
+        tk, trl = (statistics.median(res[(algo, s)]["times"]) for s in ("tokalign", "trl"))
+        tokens = res[(algo, "tokalign")]["tokens"]
+        summary[algo] = {"tokalign_s": tk, "trl_s": trl, "ratio": trl / tk}
+        print(f"| {algo} | {tk:.3f} | {tokens / tk:,.0f} | {trl:.3f} | {tokens / trl:,.0f} | {trl / tk:.2f}× |")
+    print(json.dumps({"load": [load0[0], load1[0]], **summary}))
+
+
+if __name__ == "__main__":
+    main()
