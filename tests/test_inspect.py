@@ -61,6 +61,7 @@ def first_id(work: Path) -> str:
     return artifacts.read(work / "S", ["scored"]).rows()[0]["id"]  # e.g. arith-test-62+44#0
 
 
+@pytest.mark.slow
 def test_terminal_view_shows_headers_tokens_and_legend(work):
     prompt_id = first_id(work).split("#")[0]
     out = cli("inspect", "S", "--limit", "2", cwd=work).stdout
@@ -73,6 +74,7 @@ def test_terminal_view_shows_headers_tokens_and_legend(work):
     assert group.count(f"{prompt_id}#") == 4
 
 
+@pytest.mark.slow
 def test_gap_is_float_noise_for_hf_rollouts_at_temperature_one(work):
     """The HF sampler's log-probs at T = 1 are the trainer's (same float32 model): the gap channel is ~0."""
     res = inspect(str(work / "R"), limit=8)
@@ -82,6 +84,7 @@ def test_gap_is_float_noise_for_hf_rollouts_at_temperature_one(work):
     assert not res.channels["reward"].available and "tokalign score" in res.channels["reward"].note
 
 
+@pytest.mark.slow
 def test_user_errors_exit_2_with_the_fix(work, tiny_model, tmp_path):
     bad = cli("inspect", "R", "--color", "reward", cwd=work, check=False)
     assert bad.returncode == 2 and "tokalign score" in bad.stderr and "Traceback" not in bad.stderr
@@ -142,6 +145,7 @@ def hues(png: Path, top: int = 140) -> tuple[int, dict[int, int]]:
     return sum(buckets.values()), buckets
 
 
+@pytest.mark.slow
 def test_html_page_renders_coloured_tokens_in_chromium(work):
     page = work / "inspect.html"
     proc = cli("inspect", "S", "--html", str(page), cwd=work)
@@ -161,3 +165,22 @@ def test_html_page_renders_coloured_tokens_in_chromium(work):
         assert coloured >= 500 and outside < 0.02 * coloured, f"{view}: {buckets} in {png}"
         if view == "advantage":  # both ends of the scale are on screen: red and green tokens
             assert buckets.get(0, 0) >= 500 and buckets.get(4, 0) >= 500, f"{buckets} in {png}"
+
+
+@pytest.mark.slow
+def test_reward_channel_uses_token_rewards_when_scored_with_them(work, tiny_model):
+    """Re-scored with a token-level reward (implicit: β·(log π − log π_ref) per token), the reward channel is
+    the per-token values and the advantage varies along a completion (reward-to-go)."""
+    from tokalign import artifacts
+    from tokalign.models import BUNDLED_MODEL
+
+    cli("score", "R", "--reward", "exact_match", "--reward", "implicit", "--reward-opt", f"implicit.model={tiny_model}",
+        "--reward-opt", f"implicit.ref={BUNDLED_MODEL}", "--out", "ST", cwd=work)
+    rows = artifacts.read(work / "ST", ["scored"]).rows()
+    res = inspect(str(work / "ST"), limit=4, forward=False)
+    assert res.channels["reward"].note == "per-token rewards" and not res.channels["gap"].available
+    for s, row in zip(res.samples, rows):
+        assert s.values["reward"] == pytest.approx(row["token_rewards"])
+    assert any(len(set(s.values["advantage"])) > 1 for s in res.samples)
+    out = cli("inspect", "ST", "--limit", "1", "--color", "reward", cwd=work).stdout
+    assert "token reward" in out and "(per-token" in out

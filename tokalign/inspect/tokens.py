@@ -195,7 +195,7 @@ def select(samples: list[TokenSample], ids: list[str] | None, limit: int | None)
     if ids:
         chosen = []
         for want in ids:
-            hit = [s for s in samples if s.id == want] or [s for s in samples if s.id.split("#")[0] == want]
+            hit = [s for s in samples if s.id == want] or [s for s in samples if s.id.rsplit("#", 1)[0] == want]
             if not hit:
                 from tokalign.errors import did_you_mean
 
