@@ -40,6 +40,7 @@ class RolloutSection:
     top_p: float = 1.0
     max_new_tokens: int = 256
     max_sampling_rounds: int = 3  # algorithms that drop uninformative groups (DAPO) resample up to this often
+    vllm_gpu_memory_utilization: float = 0.3  # online training with --backend vllm on a GPU: vLLM's share, the trainer keeps the rest
 
 
 @dataclass

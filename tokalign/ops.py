@@ -277,3 +277,14 @@ def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = (positions * (mask > 0)).amax(-1, keepdim=True)
     return ((positions == last) & (mask > 0)).to(mask.dtype)
+
+
+def truncated_is_weights(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, level: str,
+                         cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights [B, T] (no grad) that correct for the sampler (e.g. vLLM) and the trainer
+    disagreeing on the same tokens: token level w_t = min(π_trainer/π_sampler, C); sequence level one weight per row,
+    min(Π_t π_trainer/π_sampler, C), on every token of it. Zero outside the mask."""
+    log_ratio = ((trainer_logps - sampler_logps) * mask).detach()
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(mask)
+    return torch.exp(log_ratio).clamp(max=cap) * mask

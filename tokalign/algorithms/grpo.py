@@ -32,6 +32,9 @@ class GRPOConfig:
     aggregation: str = "token-mean"
     scale_rewards: str = "group"  # group | batch | none
     adv_eps: float = 1e-6
+    # sampler/trainer mismatch (vLLM samples, transformers trains): truncated importance sampling, none | token | sequence
+    mismatch_correction: str = "none"
+    mismatch_cap: float = 2.0
 
     def __post_init__(self):
         if self.kl_estimator not in ops.KL_ESTIMATORS:
@@ -42,6 +45,10 @@ class GRPOConfig:
             raise ValueError(f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
         if self.epsilon_low < 0 or self.epsilon_high < 0 or self.beta < 0:
             raise ValueError("epsilon_low, epsilon_high and beta must be ≥ 0")
+        if self.mismatch_correction not in ("none", "token", "sequence"):
+            raise ValueError(f"mismatch_correction must be none, token or sequence, got {self.mismatch_correction!r}")
+        if self.mismatch_cap <= 0:
+            raise ValueError(f"mismatch_cap must be > 0, got {self.mismatch_cap}")
 
 
 class GRPO:
@@ -71,8 +78,16 @@ class GRPO:
         return self.finish(per_token, batch, out, metrics)
 
     def finish(self, per_token, batch: TokenBatch, out: PolicyOutput, metrics: dict) -> LossOutput:
-        """Add β·KL to the reference (when β > 0) and aggregate: the tail every GRPO variant shares."""
-        c = self.config
+        """Correct for sampler/trainer mismatch, add β·KL to the reference (when β > 0) and aggregate: the tail every
+        GRPO variant shares."""
+        c, f, mask = self.config, batch.fields, batch.completion_mask
+        if "sampler_logps" in f and "old_logps" in f:  # the trainer's log-probs of the sampled tokens vs the sampler's
+            gap = (f["old_logps"] - f["sampler_logps"]) * mask
+            metrics["mismatch/logp_gap_abs"] = float(ops.masked_mean(gap.abs(), mask))
+            if c.mismatch_correction != "none":
+                w = ops.truncated_is_weights(f["old_logps"], f["sampler_logps"], mask, c.mismatch_correction, c.mismatch_cap)
+                per_token = per_token * w
+                metrics["mismatch/is_weight_mean"] = float(ops.masked_mean(w, mask))
         if c.beta > 0:
             kl = ops.kl_penalty(out.logps, batch.fields["ref_logps"], c.kl_estimator)
             per_token = per_token + c.beta * kl

@@ -36,7 +36,7 @@ def _import_vllm():
     return vllm
 
 
-def _engine(vllm, model_path: str, max_model_len: int | None, seed: int):
+def _engine(vllm, model_path: str, max_model_len: int | None, seed: int, gpu_memory_utilization: float | None = None):
     from transformers import AutoConfig
     from vllm.platforms import current_platform
 
@@ -52,6 +52,8 @@ def _engine(vllm, model_path: str, max_model_len: int | None, seed: int):
         enforce_eager=current_platform.is_cpu(),  # no CUDA graphs or torch.compile to gain on CPU
         # The default, raw_logprobs, is log_softmax of the logits before temperature and top-p.
         logprobs_mode="processed_logprobs",
+        # beside a trainer on the same GPU vLLM must leave it room; ignored on CPU (KV cache: VLLM_CPU_KVCACHE_SPACE)
+        **({"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization and not current_platform.is_cpu() else {}),
     )
     return llm
 
@@ -66,12 +68,32 @@ def _generation_config(model_path: str):
 
 
 class VLLMEngine:
-    def __init__(self, model_path: str, tokenizer, max_model_len: int | None = None, seed: int = 0):
+    def __init__(self, model_path: str, tokenizer, max_model_len: int | None = None, seed: int = 0,
+                 gpu_memory_utilization: float | None = None):
         vllm = _import_vllm()
         self.vllm = vllm
         self.tokenizer = tokenizer
-        self.llm = _engine(vllm, str(model_path), max_model_len, seed)
+        self.llm = _engine(vllm, str(model_path), max_model_len, seed, gpu_memory_utilization)
         self.stops = stop_ids(tokenizer, _generation_config(str(model_path)))
+
+    def sync(self, model) -> float:
+        """Load a transformers model's current weights into the engine, in place (vLLM's ``reload_weights`` on
+        the in-process engine: it handles the CPU backend's repacked linear layers, where ``load_weights`` fails),
+        and drop cached prefixes computed with the old weights. Returns the seconds it took."""
+        import time
+
+        import torch
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            weights = [(name, t.detach()) for name, t in model.state_dict().items()]
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        except Exception as e:  # an engine/version without in-place reload: say so, once, in one line
+            raise UserError(f"vLLM could not take the trainer's weights in place ({type(e).__name__}: {e}); "
+                            "train with --backend hf, or use a vLLM version with reload_weights.") from e
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - start
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
         # A seed per prompt keeps a call reproducible on a shared (cached) engine; vLLM gives the n

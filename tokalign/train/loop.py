@@ -90,7 +90,15 @@ def _source(plan: Plan, tokenizer, policy, ref=None):
 
         r = cfg.rollout
         spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
-        return sources.OnlineSource(rows, HFEngine(policy, tokenizer), plan.rewards, spec, t.batch_size, cfg.seed,
+        if r.backend == "vllm":  # sampling in vLLM; the trainer's weights are pushed into it before every step
+            from tokalign.rollout.vllm_engine import VLLMEngine
+
+            longest = max(len(x["prompt_ids"]) for x in rows) + r.max_new_tokens
+            engine = VLLMEngine(models.resolve_model(cfg.model)[0], tokenizer, longest + 1, cfg.seed,
+                                r.vllm_gpu_memory_utilization)
+        else:
+            engine = HFEngine(policy, tokenizer)
+        return sources.OnlineSource(rows, engine, plan.rewards, spec, t.batch_size, cfg.seed,
                                     plan.needs.informative_groups, r.max_sampling_rounds, plan.needs.greedy_baseline,
                                     getattr(plan.algorithm, "prompt_weights", None), getattr(plan.algorithm, "adaptive_sampling", None),
                                     HFEngine(ref, tokenizer) if plan.needs.reference_samples else None,
@@ -257,7 +265,10 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
           trained=None) -> dict:
     t, algo = plan.cfg.train, plan.algorithm
     t0 = time.perf_counter()
+    sync_s = source.engine.sync(policy) if hasattr(getattr(source, "engine", None), "sync") else None
     seqs, metrics = source.batch(step)
+    if sync_s is not None:
+        metrics = {**metrics, "time/weight_sync_s": round(sync_s, 4)}
     t_batch = time.perf_counter() - t0
     seqs = [truncate(s, t.max_length) for s in seqs]
     batch = collate(seqs, tokenizer.pad_token_id, max_completion_len)

