@@ -33,7 +33,7 @@ def train(
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts / groups / pairs / examples per step."),
     n: Optional[int] = typer.Option(None, "--n", help="Online: samples per prompt (group size)."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="Online rollout backend (hf)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Online rollout backend: hf (transformers generate) or vllm (vLLM, weights synced from the trainer every step)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of this --out from its last checkpoint."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the whole config and print the plan; loads no model."),
