@@ -4,7 +4,8 @@ The reward (``Busy`` below) does pure-Python arithmetic, calibrated here to abou
 per sample, over ``--samples`` synthetic rollouts (no model needed). Both runs use ``--no-cache``.
 Reported: wall time of the scoring call itself (``stages.common.score_rows``: process start-up,
 chunking and result transfer included) and of the whole CLI command, best of ``--repeat``, and the
-speed-ups. Other load on the machine depresses the speed-up: the script prints ``os.getloadavg()``.
+speed-ups. Other load on the machine depresses the speed-up, so the script also prints the load
+average and a ceiling: the same work split over plain ``multiprocessing`` processes without tokalign.
 
     python benchmarks/score_workers.py [--samples 400] [--ms 20] [--repeat 3] [--workers 2]
 """
@@ -42,6 +43,29 @@ def work(n: int, seed: int) -> int:
     for i in range(n):
         x = (x * 31 + i) % 1_000_003
     return x
+
+
+def _half(iterations: int, seeds: list[int]) -> None:
+    for s in seeds:
+        work(iterations, s)
+
+
+def ceiling(iterations: int, n: int, workers: int) -> tuple[float, float]:
+    """(serial, parallel) seconds for the same work in this process vs ``workers`` bare spawned processes."""
+    import multiprocessing as mp
+
+    seeds = [1 + i % 50 for i in range(n)]
+    t = time.perf_counter()
+    _half(iterations, seeds)
+    serial = time.perf_counter() - t
+    ctx = mp.get_context("spawn")
+    t = time.perf_counter()
+    procs = [ctx.Process(target=_half, args=(iterations, seeds[k::workers])) for k in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return serial, time.perf_counter() - t
 
 
 def calibrate(ms: float) -> int:
@@ -94,6 +118,7 @@ def main() -> None:
 
         lib: dict[int, float] = {}
         cli: dict[int, float] = {}
+        bare: dict[int, float] = {}
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
         for rep in range(a.repeat):
             for w in (1, a.workers):
@@ -106,8 +131,12 @@ def main() -> None:
                                 f"{name}.iterations={iterations}", "--workers", str(w), "--no-cache", "--out",
                                 str(Path(tmp) / f"S{rep}-{w}")], check=True, env=env, capture_output=True)
                 cli[w] = min(cli.get(w, float("inf")), time.perf_counter() - t)
+            for w, seconds in zip((1, a.workers), ceiling(iterations, a.samples, a.workers)):
+                bare[w] = min(bare.get(w, float("inf")), seconds)
         print(f"score_rows : workers 1 {lib[1]:.2f} s, workers {a.workers} {lib[a.workers]:.2f} s -> speed-up {lib[1] / lib[a.workers]:.2f}x")
         print(f"CLI (whole): workers 1 {cli[1]:.2f} s, workers {a.workers} {cli[a.workers]:.2f} s -> speed-up {cli[1] / cli[a.workers]:.2f}x")
+        print(f"ceiling    : 1 process {bare[1]:.2f} s, {a.workers} bare processes {bare[a.workers]:.2f} s -> speed-up {bare[1] / bare[a.workers]:.2f}x "
+              "(what this machine allows right now)")
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
