@@ -30,6 +30,7 @@ class TrainSection:
     max_length: int = 1024  # prompt + completion tokens, offline data is truncated to this
     save_every: int = 25  # checkpoint every N steps (resume point); the final model is always saved
     dtype: str = "float32"  # float32 | bfloat16 | float16 (training weights)
+    distributed: str = "ddp"  # under torchrun: ddp (full copy per process, gradients summed) | fsdp (FSDP2: parameters sharded)
 
 
 @dataclass

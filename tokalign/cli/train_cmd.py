@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import sys
 from typing import List, Optional
 
@@ -79,7 +81,9 @@ def train(
 
     for w in plan.warnings:
         sys.stderr.write(f"warning: {w}\n")
-    emit(run(plan, resume=resume, overwrite=overwrite, quiet=quiet))
+    out_path = run(plan, resume=resume, overwrite=overwrite, quiet=quiet)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process prints the artifact path
+        emit(out_path)
 
 
 def _role(item: str) -> tuple[str, str]:

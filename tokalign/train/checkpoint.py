@@ -29,12 +29,12 @@ def latest(work: Path) -> Path | None:
 
 
 def save(work: Path, step: int, model, tokenizer, optimizer, scheduler, config_sha256: str, algorithm=None,
-         value_head=None, trained: dict | None = None) -> Path:
+         value_head=None, trained: dict | None = None, state_dict: dict | None = None) -> Path:
     """``trained``: {role: (model, optimizer)} of the algorithm's auxiliary trained models, saved in <ckpt>/<role>/."""
     final = work / f"checkpoint-{step}"
     tmp = work / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)  # state_dict: the gathered weights of a sharded model
     tokenizer.save_pretrained(tmp)
     if value_head is not None:
         from safetensors.torch import save_file

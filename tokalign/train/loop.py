@@ -17,7 +17,7 @@ import torch
 from tokalign import artifacts, config, models, ops
 from tokalign.errors import UserError
 from tokalign.protocols import PolicyOutput, TokenBatch
-from tokalign.train import checkpoint
+from tokalign.train import checkpoint, distributed
 from tokalign.train.batching import collate, micro_batches, truncate
 from tokalign.train.plan import Plan
 
@@ -148,8 +148,10 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
     if not resume and work.exists():
         if not overwrite:
             raise UserError(f"'{work}' holds an interrupted run of this --out; pass --resume to continue it or --overwrite to start over.")
-        shutil.rmtree(work)
+        if int(__import__("os").environ.get("RANK", "0")) == 0:  # one process clears it (the others wait below)
+            shutil.rmtree(work)
     state = checkpoint.load_state(ckpt, config_sha) if ckpt else None
+    dist = distributed.init()
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -164,10 +166,12 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
     trained = _trained_models(plan, ckpt)
     source, max_completion_len = _source(plan, tokenizer, policy, ref)
     value_head = _value_head(policy, ckpt) if plan.needs.value_head else None
+    distributed.shard_model(policy, dist, t.distributed)  # before the optimiser: it must see the sharded parameters
     params = list(policy.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.warmup_steps))
     start = 0
+    distributed.barrier(dist)
     work.mkdir(parents=True, exist_ok=True)
     metrics_path = work / "metrics.jsonl"
     if state is not None:
@@ -179,27 +183,44 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
         for role, opt_state in (state.get("aux_optimizers") or {}).items():
             trained[role][1].load_state_dict(opt_state)
         start = state["step"]
-        checkpoint.trim_metrics(metrics_path, start)
-    elif metrics_path.exists():
+        if dist.main:
+            checkpoint.trim_metrics(metrics_path, start)
+    elif metrics_path.exists() and dist.main:
         metrics_path.unlink()
 
-    progress = _Progress(t.max_steps, start, quiet)
+    progress = _Progress(t.max_steps, start, quiet or not dist.main)
     try:
-        with open(metrics_path, "a") as log:
+        with open(metrics_path, "a") if dist.main else open(__import__("os").devnull, "w") as log:
             for step in range(start, t.max_steps):
                 metrics = _step(plan, step, source, policy, ref, frozen, value_head, optimizer, scheduler, tokenizer,
-                                max_completion_len, device, trained)
+                                max_completion_len, device, trained, dist)
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
                 progress.update(metrics)
                 if not math.isfinite(metrics["loss"]):
                     raise UserError(f"Loss became {metrics['loss']} at step {step + 1}; lower train.lr or check the data. Resume point: '{work}'.")
                 if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.max_steps:
-                    checkpoint.save(work, step + 1, policy, tokenizer, optimizer, scheduler, config_sha, plan.algorithm, value_head,
-                                    trained)
+                    weights = distributed.full_state_dict(policy)  # every rank takes part in gathering a sharded model
+                    if dist.main:
+                        checkpoint.save(work, step + 1, policy, tokenizer, optimizer, scheduler, config_sha, plan.algorithm,
+                                        value_head, trained, weights)
     finally:
         progress.close()
-    return _finish(plan, work, policy, tokenizer, run_config, value_head, trained)
+    weights = distributed.full_state_dict(policy)
+    distributed.barrier(dist)
+    if not dist.main:
+        distributed.shutdown(dist)
+        return plan.out
+    try:
+        return _finish(plan, work, policy, tokenizer, run_config, value_head, trained, weights)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _is_dtensor(p) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
 
 
 def _trained_models(plan: Plan, ckpt: Path | None) -> dict:
@@ -262,7 +283,8 @@ def _value_head(policy, ckpt: Path | None):
 
 
 def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, scheduler, tokenizer, max_completion_len, device,
-          trained=None) -> dict:
+          trained=None, dist: distributed.Dist | None = None) -> dict:
+    dist = dist or distributed.Dist()
     t, algo = plan.cfg.train, plan.algorithm
     t0 = time.perf_counter()
     sync_s = source.engine.sync(policy) if hasattr(getattr(source, "engine", None), "sync") else None
@@ -289,9 +311,22 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
         batch.fields["old_logps"] = frozen_logps(policy, batch, t.micro_batch_size)
     batch = algo.prepare(batch)  # after the frozen log-probs, so advantages may use them (KL in the reward)
     sums: dict[str, float] = {}
+    local = distributed.shard(batch, dist)  # this process's groups; the losses stay shares of the whole batch
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sharded = distributed.is_sharded(policy)
+    # FSDP averages its gradients over the processes: the loss is scaled by their number so that they sum
+    scale = dist.world if sharded else 1
+    replicated = [p for p in params if not (sharded and _is_dtensor(p))]
+    mbs = micro_batches(local, t.micro_batch_size)
+    # FSDP's gathers are collectives: every process runs as many forward/backward passes; extra ones count 0
+    mbs = mbs + [None] * ((distributed.max_count(len(mbs), dist) if sharded else len(mbs)) - len(mbs))
     for _ in range(t.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
-        for mb in micro_batches(batch, t.micro_batch_size):
+        for mb in mbs:
+            if mb is None:
+                out = forward(policy, micro_batches(local, 1)[0].select(torch.tensor([0])))
+                (out.logps.sum() * 0).backward()
+                continue
             out = forward(policy, mb, with_entropy=True, keep_logits=plan.needs.full_vocab, value_head=value_head,
                           keep_hidden=plan.needs.hidden_states)
             if plan.needs.full_vocab:  # per micro-batch, and chunk by chunk where possible
@@ -300,16 +335,17 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
             if plan.needs.old_logps and "old_logps" not in mb.fields:
                 mb.fields["old_logps"] = out.logps.detach()  # one update per batch: on-policy, ratio 1
             result = algo.loss(mb, out)
-            result.loss.backward()
+            (result.loss * scale).backward()
             share = len(mb) / len(batch)
             sums["loss"] = sums.get("loss", 0.0) + float(result.loss.detach())
             sums["entropy"] = sums.get("entropy", 0.0) + float(ops.masked_mean(out.entropy, mb.completion_mask)) * share
             for k, v in result.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * share
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                   t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        distributed.sum_gradients(replicated, dist, 1 / scale)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         scheduler.step()
+    sums = distributed.sum_metrics(sums, dist)
     elapsed = time.perf_counter() - t0
     tokens = int(batch.attention_mask.sum())
     return {
@@ -325,7 +361,7 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
     }
 
 
-def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, value_head=None, trained=None) -> Path:
+def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, value_head=None, trained=None, weights=None) -> Path:
     prov = artifacts.Provenance(
         config=run_config,
         inputs=plan.extra.get("inputs", []),
@@ -336,7 +372,7 @@ def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, value_h
     )
     # --out was checked (or --overwrite given) before training began; replace whatever is there now
     with artifacts.writing(plan.out, "checkpoint", prov, overwrite=True) as w:
-        policy.save_pretrained(w.path)
+        policy.save_pretrained(w.path, state_dict=weights)
         tokenizer.save_pretrained(w.path)
         if value_head is not None:  # beside the model: transformers ignores it, PPO can start from it
             from safetensors.torch import save_file

