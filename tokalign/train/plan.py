@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,16 +53,63 @@ class Plan:
         out = {
             f"{unit} per step": t.batch_size,
             "sequences per step": seqs,
-            "micro-batches per update": math.ceil(seqs / micro),
+            # micro-batches take whole groups until they hold at least micro_batch_size rows
+            "micro-batches per update": math.ceil(t.batch_size / max(1, math.ceil(micro / per_item))),
             "optimiser updates per step": t.updates_per_batch,
             "steps": t.max_steps,
             "optimiser updates in total": t.max_steps * t.updates_per_batch,
             f"{unit} in the data": items,
             "passes over the data": round(t.max_steps * t.batch_size / max(items, 1), 3),
         }
+        prompt_tokens = sum(len(x.get("prompt_ids") or ()) for x in self.rows) / max(len(self.rows), 1)
         if self.data_kind == "online":
             out["samples per prompt"] = r.n
             out["generated tokens per step (max)"] = seqs * r.max_new_tokens
+            if prompt_tokens:  # prompts already rendered (a prompts artifact); task records are rendered at load
+                out["tokens per step (max, prompt + completion)"] = round(seqs * (prompt_tokens + r.max_new_tokens))
+        elif self.data_kind == "scored":
+            completion = sum(len(x.get("completion_ids") or ()) for x in self.rows) / max(len(self.rows), 1)
+            out["tokens per step (mean, prompt + completion)"] = round(seqs * (prompt_tokens + completion))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            per = math.ceil(t.batch_size / world)
+            out["processes"] = f"{world} ({t.distributed})"
+            out[f"{unit} per process"] = per
+            out["micro-batches per update per process"] = math.ceil(per / max(1, math.ceil(micro / per_item)))
+        out["models in memory"] = self.models_in_memory()
+        return out
+
+    def models_in_memory(self) -> str:
+        t, n = self.cfg.train, self.needs
+        parts = ["policy" + (f" (+ LoRA r={t.lora_r}{', 4-bit base' if t.lora_4bit else ''})" if t.lora_r else "")]
+        if n.reference:
+            parts.append("reference = policy with the adapter off" if t.lora_r and not self.cfg.ref_model else "reference")
+        parts += [f"{role} (frozen)" for role in n.models] + [f"{role} (trained)" for role in n.trained_models]
+        if n.value_head:
+            parts.append("value head")
+        return ", ".join(parts)
+
+    def option_warnings(self) -> list[str]:
+        """Combinations that run but probably do not do what the user meant."""
+        t, r, out = self.cfg.train, self.cfg.rollout, []
+        if self.data_kind != "online" and r.backend != "hf":
+            out.append(f"rollout.backend={r.backend} is ignored: {self.data_kind} data is not sampled during training.")
+        if self.data_kind == "online" and self.rows:
+            longest = max(len(x.get("prompt_ids") or ()) for x in self.rows)
+            if longest and longest + r.max_new_tokens > t.max_length:
+                out.append(f"train.max_length={t.max_length} < longest prompt ({longest}) + rollout.max_new_tokens ({r.max_new_tokens}): "
+                           "long samples are truncated before training.")
+        group = r.n if self.data_kind == "online" else self.group_size()
+        if t.micro_batch_size and t.micro_batch_size < group:
+            out.append(f"train.micro_batch_size={t.micro_batch_size} < group size {group}: micro-batches never split a group, "
+                       f"so each holds {group} rows.")
+        if t.lora_4bit and not t.lora_r:
+            out.append("train.lora_4bit has no effect without train.lora_r > 0.")
+        if getattr(self.algo_config, "mismatch_correction", "none") != "none" and r.backend == "hf" and self.data_kind == "online":
+            out.append("algorithm.mismatch_correction with the hf backend: the sampler is the trained model itself, weights stay ≈ 1.")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > t.batch_size:
+            out.append(f"{world} processes but train.batch_size={t.batch_size}: the run will refuse to start; raise the batch size.")
         return out
 
     def group_size(self) -> int:
@@ -83,7 +131,7 @@ class Plan:
         lines.append(f"reference model: {'yes' if self.needs.reference else 'no'}")
         lines.append("batch arithmetic:")
         lines += [f"  {k}: {v}" for k, v in self.arithmetic().items()]
-        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"warning: {w}" for w in [*self.warnings, *self.option_warnings()]]
         lines.append("resolved config:")
         lines.append(yaml.safe_dump(self.run_config_dict(), sort_keys=False).rstrip())
         return "\n".join(lines)
