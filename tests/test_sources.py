@@ -66,3 +66,35 @@ def test_without_dynamic_sampling_every_group_is_kept():
     src, engine = _online(False)
     seqs, _ = src.batch(0)
     assert len({s.group_id for s in seqs}) == 6 and engine.calls == 1
+
+
+def test_micro_batches_by_tokens_pack_similar_lengths_and_keep_groups():
+    """Groups of lengths (prompt 2 + completion) 9, 3, 8, 4 tokens, 2 rows each, budget 20 padded tokens: longest first
+    → [9, 8] would be 4 × 9 = 36 > 20, so {9}, {8}, then {4, 3} = 4 × 4 = 16 ≤ 20. Padding drops against row-count
+    micro-batches, and frozen log-probs come back in the batch's row order whatever the grouping."""
+    import torch
+
+    from tokalign.train.batching import Seq, collate, micro_batches, padding_fraction
+
+    seqs = [Seq([1, 2], [5] * n, g) for g, n in enumerate([7, 1, 6, 2]) for _ in range(2)]
+    batch = collate(seqs, 0)
+    parts = micro_batches(batch, 0, max_tokens=20)
+    assert [sorted(set(mb.fields["group_ids"].tolist())) for mb in parts] == [[0], [2], [1, 3]]
+    assert all(mb.attention_mask.numel() <= 20 for mb in parts[1:]) and parts[0].attention_mask.shape == (2, 9)
+    assert padding_fraction(parts) < padding_fraction(micro_batches(batch, 4))
+
+
+def test_frozen_logps_by_tokens_equal_whole_batch(tiny_model):
+    import torch
+
+    from tokalign import models
+    from tokalign.train.batching import Seq, collate
+    from tokalign.train.loop import frozen_logps
+
+    model = models.load_model(str(tiny_model))
+    torch.manual_seed(0)
+    seqs = [Seq(torch.randint(5, 200, (3,)).tolist(), torch.randint(5, 200, (n,)).tolist(), g) for g, n in enumerate([7, 1, 6, 2, 5])]
+    batch = collate(seqs, 0)
+    whole = frozen_logps(model, batch, 0)
+    torch.testing.assert_close(frozen_logps(model, batch, 0, tokens=16) * batch.completion_mask, whole * batch.completion_mask,
+                               atol=1e-5, rtol=1e-5)

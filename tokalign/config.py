@@ -23,6 +23,7 @@ class TrainSection:
     max_steps: int = 100
     batch_size: int = 8  # per optimiser step: prompts (online), groups (scored), pairs, or examples
     micro_batch_size: int = 0  # rows per forward/backward; 0 = the whole batch at once
+    micro_batch_tokens: int = 0  # > 0: micro-batches by padded tokens (rows × longest), similar lengths together; overrides micro_batch_size
     updates_per_batch: int = 1  # optimiser steps on each batch (GRPO's μ); >1 makes the ratio ≠ 1
     warmup_steps: int = 0
     weight_decay: float = 0.0

@@ -64,21 +64,37 @@ def collate(seqs: list[Seq], pad_id: int, max_completion_len: float | None = Non
     return TokenBatch(input_ids, attention, mask, fields, totals)
 
 
-def micro_batches(batch: TokenBatch, size: int) -> list[TokenBatch]:
+def micro_batches(batch: TokenBatch, size: int, max_tokens: int = 0) -> list[TokenBatch]:
     """Split into micro-batches of about ``size`` rows (0 = one batch), never splitting a group,
-    and trim each to its own longest sequence."""
-    if size <= 0 or size >= len(batch):
-        return [batch]
+    and trim each to its own longest sequence.
+
+    With ``max_tokens`` > 0 the split is by padded size instead: groups are taken longest first and packed while
+    rows × longest sequence stays within ``max_tokens`` (a group larger than that is a micro-batch of its own), so
+    sequences of similar length share a micro-batch and little compute goes to padding."""
     members: dict[int, list[int]] = {}  # rows of each group, groups in order of first appearance
     for i, g in enumerate(batch.fields["group_ids"].tolist()):
         members.setdefault(g, []).append(i)
-    chunks, current = [], []
-    for rows in members.values():
-        if current and len(current) >= size:
-            chunks.append(current)
-            current = []
-        current.extend(rows)
-    chunks.append(current)
+    if max_tokens > 0:
+        lengths = batch.attention_mask.sum(-1).tolist()
+        groups = sorted(members.values(), key=lambda rows: -max(lengths[i] for i in rows))
+        chunks, current, longest = [], [], 0
+        for rows in groups:
+            width = max(longest, *(lengths[i] for i in rows))
+            if current and (len(current) + len(rows)) * width > max_tokens:
+                chunks.append(current)
+                current, width = [], max(lengths[i] for i in rows)
+            current, longest = current + rows, width
+        chunks.append(current)
+    elif size <= 0 or size >= len(batch):
+        return [batch]
+    else:
+        chunks, current = [], []
+        for rows in members.values():
+            if current and len(current) >= size:
+                chunks.append(current)
+                current = []
+            current.extend(rows)
+        chunks.append(current)
     out = []
     for idx in chunks:
         mb = batch.select(torch.tensor(idx))
@@ -103,3 +119,10 @@ def move_completion_values(values: "torch.Tensor", src: list[Seq], dst: list[Seq
         n = min(len(a.completion_ids), len(b.completion_ids))
         out[i, len(b.prompt_ids) - 1 : len(b.prompt_ids) - 1 + n] = values[i, len(a.prompt_ids) - 1 : len(a.prompt_ids) - 1 + n]
     return out
+
+
+def padding_fraction(parts: list[TokenBatch]) -> float:
+    """Share of the computed positions that are padding, over these (trimmed) micro-batches."""
+    real = sum(float(mb.attention_mask.sum()) for mb in parts)
+    total = sum(mb.attention_mask.numel() for mb in parts)
+    return 1 - real / total if total else 0.0

@@ -18,7 +18,7 @@ from tokalign import artifacts, config, models, ops
 from tokalign.errors import UserError
 from tokalign.protocols import PolicyOutput, TokenBatch
 from tokalign.train import checkpoint, distributed, lora
-from tokalign.train.batching import collate, micro_batches, truncate
+from tokalign.train.batching import collate, micro_batches, padding_fraction, truncate
 from tokalign.train.plan import Plan
 
 
@@ -50,17 +50,26 @@ def reference_logits(model, batch: TokenBatch):
 
 
 @torch.no_grad()
-def frozen_outputs(model, batch: TokenBatch, micro: int, value_head=None) -> PolicyOutput:
-    """Log-probs (and values) without gradients, micro-batched, padded back to the batch width."""
+def frozen_outputs(model, batch: TokenBatch, micro: int, value_head=None, tokens: int = 0) -> PolicyOutput:
+    """Log-probs (and values) without gradients, micro-batched (by rows, or by padded ``tokens``), back in the
+    batch's row order and width."""
     width = batch.completion_mask.shape[1]
     pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))  # noqa: E731
-    outs = [forward(model, mb, value_head=value_head) for mb in micro_batches(batch, micro)]
-    values = torch.cat([pad(o.values) for o in outs]) if value_head is not None else None
-    return PolicyOutput(logps=torch.cat([pad(o.logps) for o in outs]), values=values)
+    parts = micro_batches(_with_row_index(batch), micro, tokens)
+    outs = [forward(model, mb, value_head=value_head) for mb in parts]
+    order = torch.argsort(torch.cat([mb.fields["_row"] for mb in parts]))
+    values = torch.cat([pad(o.values) for o in outs])[order] if value_head is not None else None
+    return PolicyOutput(logps=torch.cat([pad(o.logps) for o in outs])[order], values=values)
 
 
-def frozen_logps(model, batch: TokenBatch, micro: int) -> torch.Tensor:
-    return frozen_outputs(model, batch, micro).logps
+def _with_row_index(batch: TokenBatch) -> TokenBatch:
+    out = TokenBatch(batch.input_ids, batch.attention_mask, batch.completion_mask, dict(batch.fields), batch.totals)
+    out.fields["_row"] = torch.arange(len(batch), device=batch.input_ids.device)
+    return out
+
+
+def frozen_logps(model, batch: TokenBatch, micro: int, tokens: int = 0) -> torch.Tensor:
+    return frozen_outputs(model, batch, micro, tokens=tokens).logps
 
 
 def _to(batch: TokenBatch, device) -> TokenBatch:
@@ -268,7 +277,8 @@ def _variant_logps(plan: Plan, name: str, model, tokenizer, seqs: list, width: i
     rendered = render_prompts(tokenizer, [plan.algorithm.prompt_variant(name, s.prompt) for s in seqs])
     variants = [truncate(with_prompt(s, ids), plan.cfg.train.max_length + len(ids) - len(s.prompt_ids)) for s, (_, ids) in zip(seqs, rendered)]
     device = next(model.parameters()).device
-    logps = frozen_logps(model, _to(collate(variants, tokenizer.pad_token_id), device), plan.cfg.train.micro_batch_size)
+    t = plan.cfg.train
+    logps = frozen_logps(model, _to(collate(variants, tokenizer.pad_token_id), device), t.micro_batch_size, t.micro_batch_tokens)
     return move_completion_values(logps.cpu(), variants, seqs, width)
 
 
@@ -277,10 +287,11 @@ def _train_aux(plan: Plan, role: str, model, optimizer, batch: TokenBatch) -> tu
     forward pass before the update (padded to the batch width) and its metrics under ``<role>/``."""
     t, width = plan.cfg.train, batch.completion_mask.shape[1]
     optimizer.zero_grad(set_to_none=True)
-    logps, sums = [], {}
-    for mb in micro_batches(batch, t.micro_batch_size):
+    logps, rows, sums = [], [], {}
+    for mb in micro_batches(_with_row_index(batch), t.micro_batch_size, t.micro_batch_tokens):
         out = forward(model, mb)
         logps.append(torch.nn.functional.pad(out.logps.detach(), (0, width - out.logps.shape[1])))
+        rows.append(mb.fields["_row"])
         result = plan.algorithm.aux_loss(role, mb, out)
         result.loss.backward()
         share = len(mb) / len(batch)
@@ -289,7 +300,7 @@ def _train_aux(plan: Plan, role: str, model, optimizer, batch: TokenBatch) -> tu
             sums[k] = sums.get(k, 0.0) + float(v) * share
     grad = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
     optimizer.step()
-    return torch.cat(logps), {f"{role}/{k}": v for k, v in {**sums, "grad_norm": float(grad)}.items()}
+    return torch.cat(logps)[torch.argsort(torch.cat(rows))], {f"{role}/{k}": v for k, v in {**sums, "grad_norm": float(grad)}.items()}
 
 
 def _value_head(policy, ckpt: Path | None):
@@ -319,19 +330,19 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
     batch = collate(seqs, tokenizer.pad_token_id, max_completion_len)
     batch = _to(batch, device)
     if ref is not None:
-        batch.fields["ref_logps"] = frozen_logps(ref, batch, t.micro_batch_size)
+        batch.fields["ref_logps"] = frozen_logps(ref, batch, t.micro_batch_size, t.micro_batch_tokens)
     for name in plan.needs.prompt_variants:
         batch.fields[f"{name}_logps"] = _variant_logps(plan, name, ref, tokenizer, seqs, batch.completion_mask.shape[1]).to(device)
     for role, model in frozen.items():
-        batch.fields[f"{role}_logps"] = frozen_logps(model, batch, t.micro_batch_size)
+        batch.fields[f"{role}_logps"] = frozen_logps(model, batch, t.micro_batch_size, t.micro_batch_tokens)
     for role, (model, aux_opt) in (trained or {}).items():
         batch.fields[f"{role}_logps"], aux_metrics = _train_aux(plan, role, model, aux_opt, batch)
         metrics = {**metrics, **aux_metrics}
     if value_head is not None:  # the critic's values before the update, for GAE (and old log-probs with them)
-        old = frozen_outputs(policy, batch, t.micro_batch_size, value_head)
+        old = frozen_outputs(policy, batch, t.micro_batch_size, value_head, t.micro_batch_tokens)
         batch.fields["old_logps"], batch.fields["old_values"] = old.logps, old.values
     elif plan.needs.old_logps and (t.updates_per_batch > 1 or plan.needs.old_logps_upfront):
-        batch.fields["old_logps"] = frozen_logps(policy, batch, t.micro_batch_size)
+        batch.fields["old_logps"] = frozen_logps(policy, batch, t.micro_batch_size, t.micro_batch_tokens)
     batch = algo.prepare(batch)  # after the frozen log-probs, so advantages may use them (KL in the reward)
     sums: dict[str, float] = {}
     local = distributed.shard(batch, dist)  # this process's groups; the losses stay shares of the whole batch
@@ -340,7 +351,8 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
     # FSDP averages its gradients over the processes: the loss is scaled by their number so that they sum
     scale = dist.world if sharded else 1
     replicated = [p for p in params if not (sharded and _is_dtensor(p))]
-    mbs = micro_batches(local, t.micro_batch_size)
+    mbs = micro_batches(local, t.micro_batch_size, t.micro_batch_tokens)
+    metrics = {**metrics, "padding_fraction": round(padding_fraction(mbs), 4)}
     # FSDP's gathers are collectives: every process runs as many forward/backward passes; extra ones count 0
     mbs = mbs + [None] * ((distributed.max_count(len(mbs), dist) if sharded else len(mbs)) - len(mbs))
     for _ in range(t.updates_per_batch):
