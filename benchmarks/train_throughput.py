@@ -35,11 +35,14 @@ bf16 autocast) and ``gradient_checkpointing=False`` (its default recomputes acti
 does not checkpoint). TRL keeps its default optimiser (``adamw_torch_fused``); tokalign uses
 ``torch.optim.AdamW``; both lr 1e-6, weight decay 0, constant schedule.
 
-Every (algorithm, framework) run is a fresh subprocess; rounds alternate the order of the two
-frameworks; the first --warmup steps of each run are dropped; the median over all timed steps of
-all rounds is reported, with the load average. Usage:
+Both frameworks run in one process per algorithm, their optimiser steps interleaved: TRL's loop
+runs, and after each of its steps (in its ``on_step_end`` callback, after its timer stopped) one
+tokalign step runs on tokalign's own copy of the model. On a shared machine load changes then hit
+both sides alike. The first --warmup steps of each side are dropped; reported are the medians over
+all timed steps of all runs (fresh processes), the median of the ratios of adjacent steps, and the
+load average. Usage:
 
-    python benchmarks/train_throughput.py [--algos grpo dpo] [--steps 5] [--warmup 2] [--rounds 2] [--threads 2]
+    python benchmarks/train_throughput.py [--algos grpo dpo] [--steps 6] [--warmup 2] [--rounds 2] [--threads 2]
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ warnings.filterwarnings("ignore")
 import torch
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 from transformers.utils import logging as hf_logging
 hf_logging.set_verbosity_error()
 
@@ -68,124 +71,127 @@ def build(seed=0):
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(cfg).float()
 
+algo_name = args["algo"]
 g = torch.Generator().manual_seed(1)
 V, P, C = args["vocab"], args["prompt_len"], args["completion_len"]
 rand = lambda n: torch.randint(10, V, (n,), generator=g).tolist()
-if args["algo"] == "grpo":
-    n_prompts, G = args["prompts"], args["group"]
-    prompts = [rand(P) for _ in range(n_prompts)]
-    rows = [(i, prompts[i], rand(C), float(torch.rand((), generator=g) > 0.5)) for i in range(n_prompts) for _ in range(G)]
-    micro = args["micro_rows"]
+micro = args["micro_rows"]
+if algo_name == "grpo":
+    prompts = [rand(P) for _ in range(args["prompts"])]
+    rows = [(i, prompts[i], rand(C), float(torch.rand((), generator=g) > 0.5)) for i in range(args["prompts"]) for _ in range(args["group"])]
+    n_seqs = len(rows)
 else:
     pairs = [(rand(P), rand(C), rand(C)) for _ in range(args["pairs"])]
-    micro = args["micro_rows"]
-tokens = (P + C) * (len(rows) if args["algo"] == "grpo" else 2 * len(pairs))
-times = []
-policy = build()
-n_params = sum(p.numel() for p in policy.parameters())
+    n_seqs = 2 * len(pairs)
+tokens = (P + C) * n_seqs
+total_steps = args["warmup"] + args["steps"]
 
-if args["side"] == "tokalign":
-    from types import SimpleNamespace
-    from tokalign import registry
-    from tokalign.config import TrainSection
-    from tokalign.train.batching import Seq
-    from tokalign.train.loop import _step
-    cls = registry.load("algorithm", args["algo"])
-    algo = cls(cls.Config())
-    if args["algo"] == "grpo":
-        seqs = [Seq(p, c, gid, row={"rewards": r}, prompt_index=gid) for gid, p, c, r in rows]
-    else:
-        seqs = []
-        for i, (p, c, r) in enumerate(pairs):
-            seqs += [Seq(p, c, i, row={"is_chosen": 1.0}, prompt_index=i), Seq(p, r, i, row={"is_chosen": 0.0}, prompt_index=i)]
-    class Fixed:
-        def batch(self, step):
-            return list(seqs), {}
-    train = TrainSection(lr=1e-6, micro_batch_size=micro, max_length=4096, max_grad_norm=1.0, weight_decay=0.0)
-    plan = SimpleNamespace(cfg=SimpleNamespace(train=train), algorithm=algo, needs=algo.needs)
-    ref = build().eval().requires_grad_(False) if algo.needs.reference else None
-    policy.train()
-    opt = torch.optim.AdamW(policy.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    tok = SimpleNamespace(pad_token_id=0)
-    for step in range(args["warmup"] + args["steps"]):
-        t0 = time.perf_counter()
-        m = _step(plan, step, Fixed(), policy, ref, {}, None, opt, sched, tok, C if args["algo"] == "grpo" else None, torch.device("cpu"), {})
-        dt = time.perf_counter() - t0 - m["time/batch_s"]
-        assert m["tokens"] == tokens, (m["tokens"], tokens)
-        times.append(dt)
+# ---- tokalign: the train loop's own step on a fixed batch
+from types import SimpleNamespace
+from tokalign import ops, registry
+from tokalign.config import TrainSection
+from tokalign.train.batching import Seq
+from tokalign.train.loop import _step
+cls = registry.load("algorithm", algo_name)
+algo = cls(cls.Config())
+if algo_name == "grpo":
+    seqs = [Seq(p, c, gid, row={"rewards": r}, prompt_index=gid) for gid, p, c, r in rows]
 else:
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from tokalign import ops
-    from tokalign.tiny import build_tokenizer
-    tok = build_tokenizer()
-    class Timer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            self.t0 = time.perf_counter()
-        def on_step_end(self, a, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-    out = tempfile.mkdtemp()
-    common = dict(output_dir=out, use_cpu=True, report_to="none", bf16=False, gradient_checkpointing=False, disable_tqdm=True,
-                  seed=0, learning_rate=1e-6, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-                  max_steps=args["warmup"] + args["steps"], save_strategy="no", logging_steps=1000, gradient_accumulation_steps=2)
-    if args["algo"] == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
-        n = len(rows)
-        cfg = GRPOConfig(**common, per_device_train_batch_size=n // 2, num_generations=args["group"], max_completion_length=C,
-                         beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.2, use_bias_correction_kl=False)
-        ds = Dataset.from_dict({"prompt": ["hello world"] * (n * (args["warmup"] + args["steps"] + 2))})
-        trainer = GRPOTrainer(model=policy, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=cfg,
-                              train_dataset=ds, processing_class=tok)
-        rewards = torch.tensor([r for *_, r in rows])
-        gids = torch.tensor([gid for gid, *_ in rows])
-        fixed = {"prompt_ids": torch.tensor([p for _, p, _, _ in rows]), "prompt_mask": torch.ones(n, P, dtype=torch.long),
-                 "completion_ids": torch.tensor([c for _, _, c, _ in rows]), "completion_mask": torch.ones(n, C, dtype=torch.long),
-                 "advantages": ops.group_advantages(rewards, gids, "group", 1e-4), "num_items_in_batch": torch.tensor(float(n * C))}
-        trainer._generate_and_score_completions = lambda batch: {k: v.clone() for k, v in fixed.items()}
-        assert micro == n // 2
-    else:
-        from trl import DPOConfig, DPOTrainer
-        cfg = DPOConfig(**common, per_device_train_batch_size=len(pairs) // 2, beta=0.1, loss_type="sigmoid",
-                        precompute_ref_log_probs=False, max_length=4096)
-        ref = build().eval().requires_grad_(False)
-        tiny = Dataset.from_dict({"prompt": ["hello world"] * 2, "chosen": [" yes"] * 2, "rejected": [" no"] * 2})
-        trainer = DPOTrainer(model=policy, ref_model=ref, args=cfg, train_dataset=tiny, processing_class=tok)
-        reps = args["warmup"] + args["steps"] + 2
-        trainer.train_dataset = Dataset.from_dict({"prompt_ids": [p for p, _, _ in pairs] * reps,
-                                                   "chosen_ids": [c for _, c, _ in pairs] * reps,
-                                                   "rejected_ids": [r for _, _, r in pairs] * reps})
-        assert micro == len(pairs)  # rows per micro-batch = 2 × pairs per device batch
-    shapes, inner = set(), trainer._compute_loss
-    def recording(model, inputs, *a, **kw):  # the shapes TRL really trained on (checked against tokalign's batch below)
-        ids = inputs["input_ids"] if "input_ids" in inputs else torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-        shapes.add(tuple(ids.shape))
-        return inner(model, inputs, *a, **kw)
-    trainer._compute_loss = recording
-    trainer.add_callback(Timer())
-    trainer.train()
-    assert shapes == {(micro, P + C)}, shapes
-print(json.dumps({"times": times[args["warmup"]:], "tokens": tokens, "params": n_params, "threads": torch.get_num_threads()}))
+    seqs = []
+    for i, (p, c, r) in enumerate(pairs):
+        seqs += [Seq(p, c, i, row={"is_chosen": 1.0}, prompt_index=i), Seq(p, r, i, row={"is_chosen": 0.0}, prompt_index=i)]
+class Fixed:
+    def batch(self, step):
+        return list(seqs), {}
+train = TrainSection(lr=1e-6, micro_batch_size=micro, max_length=4096, max_grad_norm=1.0, weight_decay=0.0)
+plan = SimpleNamespace(cfg=SimpleNamespace(train=train), algorithm=algo, needs=algo.needs)
+tk_policy = build().train()
+tk_ref = build().eval().requires_grad_(False) if algo.needs.reference else None
+tk_opt = torch.optim.AdamW(tk_policy.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+tk_sched = torch.optim.lr_scheduler.LambdaLR(tk_opt, lambda s: 1.0)
+tk_tok = SimpleNamespace(pad_token_id=0)
+tk_times, tk_losses = [], []
+def tokalign_step():
+    step = len(tk_times)
+    t0 = time.perf_counter()
+    m = _step(plan, step, Fixed(), tk_policy, tk_ref, {}, None, tk_opt, tk_sched, tk_tok, C if algo_name == "grpo" else None,
+              torch.device("cpu"), {})
+    tk_times.append(time.perf_counter() - t0 - m["time/batch_s"])
+    tk_losses.append(m["loss"])
+    assert m["tokens"] == tokens, (m["tokens"], tokens)
+
+# ---- TRL: its own trainer.train() loop; after each of its steps (outside its timing) one tokalign step runs
+from datasets import Dataset
+from tokalign.tiny import build_tokenizer
+tok = build_tokenizer()
+trl_times, trl_shapes = [], set()
+class Interleave(TrainerCallback):
+    def on_step_begin(self, a, state, control, **kw):
+        self.t0 = time.perf_counter()
+    def on_step_end(self, a, state, control, **kw):
+        trl_times.append(time.perf_counter() - self.t0)
+        tokalign_step()
+common = dict(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none", bf16=False, gradient_checkpointing=False,
+              disable_tqdm=True, seed=0, learning_rate=1e-6, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+              max_steps=total_steps, save_strategy="no", logging_steps=1000, gradient_accumulation_steps=2)
+trl_policy = build()
+if algo_name == "grpo":
+    from trl import GRPOConfig, GRPOTrainer
+    cfg = GRPOConfig(**common, per_device_train_batch_size=n_seqs // 2, num_generations=args["group"], max_completion_length=C,
+                     beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.2, use_bias_correction_kl=False)
+    ds = Dataset.from_dict({"prompt": ["hello world"] * (n_seqs * (total_steps + 2))})
+    trainer = GRPOTrainer(model=trl_policy, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=cfg,
+                          train_dataset=ds, processing_class=tok)
+    rewards, gids = torch.tensor([r for *_, r in rows]), torch.tensor([gid for gid, *_ in rows])
+    fixed = {"prompt_ids": torch.tensor([p for _, p, _, _ in rows]), "prompt_mask": torch.ones(n_seqs, P, dtype=torch.long),
+             "completion_ids": torch.tensor([c for _, _, c, _ in rows]), "completion_mask": torch.ones(n_seqs, C, dtype=torch.long),
+             "advantages": ops.group_advantages(rewards, gids, "group", 1e-4), "num_items_in_batch": torch.tensor(float(n_seqs * C))}
+    trainer._generate_and_score_completions = lambda batch: {k: v.clone() for k, v in fixed.items()}  # generation excluded
+else:
+    from trl import DPOConfig, DPOTrainer
+    cfg = DPOConfig(**common, per_device_train_batch_size=len(pairs) // 2, beta=0.1, loss_type="sigmoid",
+                    precompute_ref_log_probs=False, max_length=4096)
+    tiny = Dataset.from_dict({"prompt": ["hello world"] * 2, "chosen": [" yes"] * 2, "rejected": [" no"] * 2})
+    trainer = DPOTrainer(model=trl_policy, ref_model=build().eval().requires_grad_(False), args=cfg, train_dataset=tiny,
+                         processing_class=tok)
+    reps = total_steps + 2  # the same 8 pairs at every step (pre-tokenised: TRL's collator pads them, outside the timing)
+    trainer.train_dataset = Dataset.from_dict({"prompt_ids": [p for p, _, _ in pairs] * reps,
+                                               "chosen_ids": [c for _, c, _ in pairs] * reps,
+                                               "rejected_ids": [r for _, _, r in pairs] * reps})
+inner = trainer._compute_loss
+def recording(model, inputs, *a, **kw):  # the shapes TRL really trained on
+    ids = inputs["input_ids"] if "input_ids" in inputs else torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    trl_shapes.add(tuple(ids.shape))
+    return inner(model, inputs, *a, **kw)
+trainer._compute_loss = recording
+trainer.add_callback(Interleave())
+trainer.train()
+assert trl_shapes == {(micro, P + C)}, trl_shapes
+assert len(trl_times) == len(tk_times) == total_steps
+w = args["warmup"]
+print(json.dumps({"tokalign": tk_times[w:], "trl": trl_times[w:], "tokens": tokens, "n_seqs": n_seqs,
+                  "params": sum(p.numel() for p in tk_policy.parameters()), "threads": torch.get_num_threads(),
+                  "tokalign_first_loss": tk_losses[0]}))
 """
 
 
-def run(side: str, algo: str, args) -> dict:
-    payload = dict(vars(args), side=side, algo=algo)
+def run(algo: str, args) -> dict:
+    payload = dict(vars(args), algo=algo)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(args.threads), "ACCELERATE_USE_CPU": "1"}
+           "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(payload)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        sys.exit(f"{side} {algo} failed:\n{out.stderr[-4000:]}")
+        sys.exit(f"{algo} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algos", nargs="+", default=["grpo", "dpo"], choices=["grpo", "dpo"])
-    p.add_argument("--steps", type=int, default=5, help="timed optimiser steps per run")
+    p.add_argument("--steps", type=int, default=6, help="timed optimiser steps per framework and run")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimiser steps at the start of each run")
-    p.add_argument("--rounds", type=int, default=2, help="runs per (algorithm, framework), alternating the order")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on both sides")
+    p.add_argument("--rounds", type=int, default=2, help="runs (fresh processes) per algorithm")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (and OMP_NUM_THREADS) for both")
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--intermediate", type=int, default=1536)
@@ -205,24 +211,30 @@ def main() -> None:
     res: dict = {}
     for rnd in range(args.rounds):
         for algo in args.algos:
-            for side in (("tokalign", "trl") if rnd % 2 == 0 else ("trl", "tokalign")):
-                r = run(side, algo, args)
-                res.setdefault((algo, side), {"times": [], **r})["times"] += r["times"]
-                print(f"  round {rnd + 1} {algo:4s} {side:8s} median {statistics.median(r['times']):.3f} s/step", file=sys.stderr)
+            r = run(algo, args)
+            acc = res.setdefault(algo, {**r, "tokalign": [], "trl": [], "pair_ratios": []})
+            acc["tokalign"] += r["tokalign"]
+            acc["trl"] += r["trl"]
+            acc["pair_ratios"] += [b / a for a, b in zip(r["tokalign"], r["trl"])]
+            print(f"  round {rnd + 1} {algo}: tokalign {statistics.median(r['tokalign']):.3f} s/step, "
+                  f"TRL {statistics.median(r['trl']):.3f} s/step", file=sys.stderr)
     load1 = os.getloadavg()
     first = next(iter(res.values()))
     print(f"Qwen2 {first['params'] / 1e6:.1f}M params, vocab {args.vocab}, float32, torch threads {first['threads']}; "
-          f"{first['tokens']} tokens per optimiser step ({2 * args.micro_rows} sequences × {args.prompt_len + args.completion_len}), 2 micro-batches; "
-          f"median of {args.steps * args.rounds} timed steps ({args.rounds} runs × {args.steps}, {args.warmup} warm-up steps dropped per run)")
+          f"{first['tokens']} tokens per optimiser step ({first['n_seqs']} sequences × {args.prompt_len + args.completion_len}), "
+          f"2 micro-batches; steps of the two frameworks interleaved in one process; median of {args.steps * args.rounds} "
+          f"timed steps each ({args.rounds} runs × {args.steps}, {args.warmup} warm-up steps dropped per run)")
     print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f}")
-    print("| algorithm | tokalign s/step | tokalign tokens/s | TRL s/step | TRL tokens/s | tokalign / TRL |")
-    print("|---|---|---|---|---|---|")
+    print("| algorithm | tokalign s/step | tokalign tokens/s | TRL s/step | TRL tokens/s | tokalign / TRL (tokens/s) | "
+          "median of adjacent-step ratios |")
+    print("|---|---|---|---|---|---|---|")
     summary = {}
     for algo in args.algos:
-        tk, trl = (statistics.median(res[(algo, s)]["times"]) for s in ("tokalign", "trl"))
-        tokens = res[(algo, "tokalign")]["tokens"]
-        summary[algo] = {"tokalign_s": tk, "trl_s": trl, "ratio": trl / tk}
-        print(f"| {algo} | {tk:.3f} | {tokens / tk:,.0f} | {trl:.3f} | {tokens / trl:,.0f} | {trl / tk:.2f}× |")
+        r = res[algo]
+        tk, trl = statistics.median(r["tokalign"]), statistics.median(r["trl"])
+        pair = statistics.median(r["pair_ratios"])
+        summary[algo] = {"tokalign_s": tk, "trl_s": trl, "ratio": trl / tk, "pair_ratio": pair}
+        print(f"| {algo} | {tk:.3f} | {r['tokens'] / tk:,.0f} | {trl:.3f} | {r['tokens'] / trl:,.0f} | {trl / tk:.2f}× | {pair:.2f}× |")
     print(json.dumps({"load": [load0[0], load1[0]], **summary}))
 
 
