@@ -17,7 +17,7 @@ _tokalign() {
         return 0
     fi
     case "$cmd" in
-        eval) opts="--backend --compare --data --help --json --max-new-tokens --model --n --out --overwrite --quiet --reward-opt --seed --temperature --timeout --top-p --verifier --workers -d -j -m -o -q" ;;
+        eval) opts="--backend --compare --data --entropy --help --json --limit --max-new-tokens --model --n --no-entropy --out --overwrite --quiet --ref --reward-opt --seed --split --temperature --timeout --top-p --verifier --workers -d -j -m -o -q" ;;
         inspect) opts="--color --forward --help --html --id --limit --model --no-forward -c -m -n" ;;
         plot) opts="--help --label --metrics --out --smooth --title -o" ;;
         plugins) opts="--check --help --json --names" ;;

@@ -6,7 +6,9 @@ are ``[B, L-1]`` and aligned with the *predicted* token (position ``t`` holds th
 
 Plug-in kinds:
 
-* **Verifier** — ``verify(sample: Sample) -> Verdict``.
+* **Verifier** — ``verify(sample: Sample) -> Verdict``. Optional: ``answer(sample) -> str | None``, the
+  sample's final answer as a comparable string (None: no answer), which ``eval``'s maj@k votes on;
+  without it the stripped completion is the answer.
 * **Reward function** — batched ``__call__(samples: list[Sample]) -> list[Reward | float]``.
   ``Reward.token_values``, when given, holds exactly one value per completion token
   (``len(sample.completion_ids)``): this is the per-token reward contract, carried by ``score``

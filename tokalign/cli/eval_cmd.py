@@ -8,9 +8,11 @@ from tokalign.cli.common import OUT_HELP, OVERWRITE, REWARD_OPT_HELP, default_ou
 
 
 def evaluate(
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="A prompts artifact (with reference answers); omitted: stdin."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="A prompts artifact, task (arith), data file or hub id, with reference answers; omitted: stdin."),
+    split: str = typer.Option("test", "--split", help="Split of a task or hub dataset given to --data (tasks: train/test)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N prompts."),
     model: str = typer.Option("", "--model", "-m", help="Model dir, tokalign checkpoint or hub id (default: the bundled tiny model)."),
-    verifier: str = typer.Option("exact_match", "--verifier", help="Verifier (or reward) deciding pass/fail."),
+    verifier: Optional[str] = typer.Option(None, "--verifier", help="Verifier (or reward) deciding pass/fail (default: the task's, else exact_match)."),
     reward_opt: List[str] = typer.Option([], "--reward-opt", help=REWARD_OPT_HELP),
     workers: int = typer.Option(1, "--workers", "-j", min=0, help="Verifier worker processes (1 = in-process, 0 = one per CPU), as in `score`."),
     timeout: float = typer.Option(30.0, "--timeout", min=0.0, help="Seconds per sample; past it the sample counts as failed (0 = no limit)."),
@@ -20,6 +22,8 @@ def evaluate(
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default 1.0)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Default: the model's tokalign.yaml, else 256."),
     seed: int = typer.Option(0, "--seed"),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Reference model: also report KL(policy ‖ ref) over the sampled tokens."),
+    entropy: bool = typer.Option(True, "--entropy/--no-entropy", help="Report the policy's mean per-token entropy (one extra forward pass)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP),
     overwrite: bool = OVERWRITE,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the results table on stderr."),
@@ -27,7 +31,7 @@ def evaluate(
     compared: Optional[List[str]] = typer.Argument(None, metavar="RESULTS", help="With --compare: eval artifacts or their results.json files."),
     as_json: bool = typer.Option(False, "--json", help="With --compare: print the comparison as JSON."),
 ):
-    """Evaluate a model: pass@k (unbiased), mean reward, length → `eval` artifact with results.json.
+    """Evaluate a model: pass@k (unbiased), maj@k, mean reward, length, entropy, KL to --ref → `eval` artifact with results.json.
 
     `tokalign eval --compare A B` prints A's and B's results side by side instead."""
     if compare or compared or as_json:
@@ -40,10 +44,12 @@ def evaluate(
 
     options = parse_options(list(reward_opt))
     path, results = run(src, default_out("eval", out), model=model, verifier=verifier, backend=backend, spec=spec, overwrite=overwrite,
-                        reward_options=options, workers=workers, timeout=timeout)
+                        reward_options=options, workers=workers, timeout=timeout, ref=ref or "", entropy=entropy,
+                        split=split, limit=limit)
     if not quiet:
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in results.items() if k.startswith("pass@") or k == "mean_reward")
-        err_console().print(f"[bold]eval[/] {model or '(bundled model)'}: {shown}  ({results['num_prompts']} prompts × {n})")
+        from tokalign.inspect.compare import render_results
+
+        render_results(results, f"eval {model or '(bundled model)'}: {results['num_prompts']} prompts × {n}", err_console())
     emit(path)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from tokalign.errors import UserError
 
 # Settings recorded in results.json beside the metrics: shown, never differenced.
-SETTINGS = ("model", "verifier", "n", "num_prompts", "temperature", "top_p", "max_new_tokens", "seed", "backend")
+SETTINGS = ("model", "ref", "verifier", "n", "num_prompts", "temperature", "top_p", "max_new_tokens", "seed", "backend")
 HIGHER_IS_BETTER = ("pass@", "maj@", "mean_reward")
 
 
@@ -86,6 +86,21 @@ def _fmt(v: float | None) -> str:
     if v is None:
         return "–"
     return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+
+
+def render_results(results: dict[str, Any], title: str, console) -> None:
+    """One run's results.json as a table: metrics (in --compare's order), then its settings, dimmed."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted((k for k, v in results.items() if is_metric(k, v)), key=_metric_order):
+        table.add_row(key, _fmt(results[key]))
+    for setting in SETTINGS:
+        if results.get(setting) is not None:
+            table.add_row(f"[dim]{setting}[/]", f"[dim]{results[setting]}[/]")
+    console.print(table)
 
 
 def render(cmp: dict[str, Any], console) -> None:

@@ -174,6 +174,7 @@ def _verifier_as_reward(verifier) -> Callable[[list[Sample]], list[Reward]]:
             results.append(Reward(float(v.score), None, {"passed": bool(v.passed), "detail": v.detail}))
         return results
 
+    call.verifier = verifier  # its optional hooks (answer) stay reachable, e.g. for eval's maj@k
     return call
 
 

@@ -1,5 +1,6 @@
 """Verifier ``exact_match``: the completion, stripped and whitespace-collapsed, equals the reference
-(or one of a list of references). Score 1.0 or 0.0."""
+(or one of a list of references). Score 1.0 or 0.0. ``answer``: that normalised completion (what
+``eval``'s maj@k votes on)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ def _norm(x) -> str:
 
 
 class ExactMatch:
+    def answer(self, sample: Sample) -> str | None:
+        return _norm(sample.completion) or None
+
     def verify(self, sample: Sample) -> Verdict:
         if sample.reference is None:
             return Verdict(False, 0.0, "no reference answer for this sample")

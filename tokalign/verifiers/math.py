@@ -23,6 +23,10 @@ side cannot be parsed, the normalised strings must be equal.
 
 Score 1.0 (equivalent) or 0.0; ``detail`` names what was extracted from both sides.
 
+``answer(sample)``: the extracted answer, normalised as above and whitespace-collapsed (None when
+nothing is extracted): what ``eval``'s maj@k votes on. Votes compare these strings, so ``0.5`` and
+``1/2`` count as different answers.
+
 Timeouts: math-verify's own SIGALRM timers are disabled (they would cancel a scorer's per-sample
 alarm); this module arms one deadline of ``timeout_s`` per comparison that respects and restores
 any outer timer.
@@ -256,6 +260,12 @@ class MathVerifier:
 
     def __init__(self, config: MathConfig | None = None):
         self.config = config or MathConfig()
+
+    def answer(self, sample: Sample) -> str | None:
+        found, _ = extract_answer(sample.completion or "", self.config.last_number)
+        if found is None:
+            return None
+        return " ".join(normalise(found).split()) or None
 
     def verify(self, sample: Sample) -> Verdict:
         refs = sample.reference if isinstance(sample.reference, list) else [sample.reference]
