@@ -24,7 +24,7 @@ _tokalign() {
         prepare) opts="--help --limit --model --out --overwrite --split -m -o" ;;
         rollout) opts="--backend --help --max-new-tokens --model --n --out --overwrite --seed --temperature --top-p -m -o" ;;
         score) opts="--help --no-cache --out --overwrite --reward --reward-opt --timeout --workers -j -o -r" ;;
-        train) opts="--backend --batch-size --config --data --dpo-model --dry-run --help --lr --max-steps --model --n --out --overwrite --quiet --ref --ref-model --resume --reverse-model --reward --reward-opt --seed --set --teacher --with -c -d -m -o -q -r" ;;
+        train) opts="--backend --batch-size --config --data --dpo-model --dry-run --help --log --lr --max-steps --model --n --out --overwrite --quiet --ref --ref-model --resume --reverse-model --reward --reward-opt --seed --set --teacher --with -c -d -m -o -q -r" ;;
         *) opts="" ;;
     esac
     if [[ "$cur" == -* ]]; then

@@ -73,6 +73,7 @@ complete -c tokalign -n '__fish_seen_subcommand_from train' -l data
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l dpo-model
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l dry-run
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l help
+complete -c tokalign -n '__fish_seen_subcommand_from train' -l log
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l lr
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l max-steps
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l model

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import cli
+from conftest import cli
 from tokalign.protocols import Sample
 from tokalign.stages.evaluate import maj_at_k, majority_vote, summarise
 

@@ -38,6 +38,7 @@ class TrainSection:
     lora_target_modules: str = "all-linear"  # or a comma-separated list of module names
     lora_4bit: bool = False  # QLoRA: the frozen base in 4-bit (bitsandbytes, CUDA only)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more compute)
+    log: list[str] = field(default_factory=list)  # experiment trackers beside metrics.jsonl: tensorboard, wandb (train/tracking.py)
 
 
 @dataclass

@@ -37,6 +37,7 @@ def train(
     n: Optional[int] = typer.Option(None, "--n", help="Online: samples per prompt (group size)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Online rollout backend: hf (transformers generate) or vllm (vLLM, weights synced from the trainer every step)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    log: List[str] = typer.Option([], "--log", help="Also log metrics to: tensorboard (<out>/tb/), wandb (repeatable). Config key: train.log."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of this --out from its last checkpoint."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the whole config and print the plan; loads no model."),
     overwrite: bool = OVERWRITE,
@@ -58,7 +59,7 @@ def train(
         "data": data, "model": model, "ref_model": ref_model, "reward": list(reward) or None, "seed": seed,
         "reward_options": parse_options(list(reward_opt)) or None,
         "models": extra or None,
-        "train": {"max_steps": max_steps, "lr": lr, "batch_size": batch_size},
+        "train": {"max_steps": max_steps, "lr": lr, "batch_size": batch_size, "log": list(log) or None},
         "rollout": {"n": n, "backend": backend},
     }
     flags = _drop_none(flags)
@@ -74,6 +75,9 @@ def train(
             layers.append({"data": read_path_from_stdin(None, "training data")})
     out_path = default_out("checkpoint", out) if not dry_run else out
     plan = make_plan(algo, layers, out_path, overwrite=overwrite, resume=resume)
+    from tokalign.train import tracking
+
+    tracking.check(plan.cfg.train.log)  # an unknown or uninstalled tracker fails before any model loads
     if dry_run:
         typer.echo(plan.describe())
         return

@@ -17,7 +17,7 @@ import torch
 from tokalign import artifacts, config, models, ops
 from tokalign.errors import UserError
 from tokalign.protocols import PolicyOutput, TokenBatch
-from tokalign.train import checkpoint, distributed, lora
+from tokalign.train import checkpoint, distributed, lora, tracking
 from tokalign.train.batching import collate, micro_batches, padding_fraction, truncate
 from tokalign.train.plan import Plan
 
@@ -205,6 +205,7 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
     elif metrics_path.exists() and dist.main:
         metrics_path.unlink()
 
+    tracker = tracking.start(t.log if dist.main else [], work, run_config, start)  # rank 0 logs, like metrics.jsonl
     progress = _Progress(t.max_steps, start, quiet or not dist.main)
     try:
         with open(metrics_path, "a") if dist.main else open(__import__("os").devnull, "w") as log:
@@ -214,6 +215,7 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
                 metrics["memory/model_bytes"] = model_bytes
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+                tracker.log(metrics, step + 1)
                 progress.update(metrics)
                 if not math.isfinite(metrics["loss"]):
                     raise UserError(f"Loss became {metrics['loss']} at step {step + 1}; lower train.lr or check the data. Resume point: '{work}'.")
@@ -224,6 +226,7 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
                                         value_head, trained, weights)
     finally:
         progress.close()
+        tracker.close()
     weights = distributed.full_state_dict(policy)
     distributed.barrier(dist)
     if not dist.main:
@@ -420,6 +423,8 @@ def _finish(plan: Plan, work: Path, policy, tokenizer, run_config: dict, value_h
             model.save_pretrained(w.path / role)
             tokenizer.save_pretrained(w.path / role)
         shutil.copy(work / "metrics.jsonl", w.path / "metrics.jsonl")
+        if (work / "tb").is_dir():  # --log tensorboard's event files
+            shutil.copytree(work / "tb", w.path / "tb")
         source_dir = models.resolve_model(plan.cfg.model)[1]
         if source_dir is not None and (source_dir / config.MODEL_DEFAULTS_FILE).is_file():  # the model's recommended settings travel with it
             shutil.copy(source_dir / config.MODEL_DEFAULTS_FILE, w.path / config.MODEL_DEFAULTS_FILE)

@@ -34,8 +34,13 @@ def reward_metrics(rows: list[dict]) -> dict[str, float]:
     if len(rewards) > 1:
         out["reward/std"] = float(torch.tensor(rewards).std())
     for name in rows[0].get("rewards") or {}:
-        out[f"reward/{name}"] = _mean([float(r["rewards"][name]) for r in rows])
-    out["completion/len_mean"] = _mean([len(r["completion_ids"]) for r in rows])
+        values = [float(r["rewards"][name]) for r in rows]
+        out[f"reward/{name}"] = _mean(values)
+        if len(values) > 1:  # unbiased, like reward/std
+            out[f"reward/{name}_std"] = float(torch.tensor(values).std())
+    lengths = [len(r["completion_ids"]) for r in rows]
+    out["completion/len_mean"] = _mean(lengths)
+    out["completion/len_min"], out["completion/len_max"] = (min(lengths), max(lengths)) if lengths else (0, 0)
     out["completion/truncated"] = _mean([r["finish_reason"] == "length" for r in rows])
     return out
 
