@@ -138,6 +138,12 @@ def add_answers(rows: list[dict], reward: rewards.ResolvedReward) -> None:
         r["answer"] = None if a is None else str(a)
 
 
+def check_ref(ref: str, tokenizer) -> None:
+    if models.load_tokenizer(ref).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"--ref '{ref}' has a different tokenizer from the evaluated model; "
+                        "KL over sampled tokens needs the same vocabulary: pass a reference of the same model family.")
+
+
 def add_token_stats(rows: list[dict], model: str, tokenizer, ref: str = "", entropy: bool = True) -> None:
     """Columns ``entropy`` (policy, mean over the completion tokens) and, with ``ref``, ``kl`` (Σ k1) and
     ``kl_k3`` (mean k3), from transformers forward passes over prompt + completion; None for an empty completion."""
@@ -152,9 +158,7 @@ def add_token_stats(rows: list[dict], model: str, tokenizer, ref: str = "", entr
     policy = models.load_model(model).eval()
     reference = None
     if ref:
-        if models.load_tokenizer(ref).get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"--ref '{ref}' has a different tokenizer from the evaluated model; "
-                            "KL over sampled tokens needs the same vocabulary: pass a reference of the same model family.")
+        check_ref(ref, tokenizer)
         reference = models.load_model(ref).eval()
     device = next(policy.parameters()).device
     vocab = policy.get_output_embeddings().weight.shape[0] if policy.get_output_embeddings() is not None else len(tokenizer)
@@ -232,7 +236,7 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     verifier = verifier or default_reward or "exact_match"
     resolved = rewards.resolve([verifier], reward_options)
     if ref:
-        models.resolve_model(ref)  # a bad --ref fails before any sampling
+        check_ref(ref, tokenizer)  # a bad --ref fails before any sampling
     scored, report = score_rows(sample(rows, model, backend, spec, tokenizer), resolved, workers=n_workers, timeout=timeout or None)
     if report.failed_samples:
         sys.stderr.write(f"eval: {report.summary()}\n")
