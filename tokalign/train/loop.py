@@ -245,6 +245,8 @@ def _model_bytes(*modules) -> int:
         if m is None:
             continue
         for t in [*m.parameters(), *m.buffers()]:
+            if _is_dtensor(t):  # an FSDP shard: count what this process holds
+                t = t.to_local()
             key = t.untyped_storage().data_ptr()
             if key not in seen:
                 seen.add(key)
