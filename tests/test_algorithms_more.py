@@ -606,3 +606,21 @@ def test_cli_treg(tmp_path):
     cli("train", "treg", "--data", str(data), "--max-steps", "2", "--batch-size", "2", "--out", str(out), "--quiet")
     metrics = _check_run(out)
     assert all(m["reg"] > 0 for m in metrics)
+
+
+@pytest.mark.slow
+def test_cli_prime_killed_run_resumes_policy_and_prm(tmp_path):
+    """SIGKILL a PRIME run once checkpoint-2 exists; --resume ends with the policy *and* the trained PRM equal to an
+    uninterrupted run's (the PRM and its optimiser state travel in the checkpoint)."""
+    from safetensors.torch import load_file
+
+    from conftest import run_and_kill
+
+    args = ["train", "prime", "--data", "arith", "--n", "4", "--max-steps", "4", "--batch-size", "2", "--set", "train.save_every=2",
+            "--set", "algorithm.prm_lr=1e-3", "--quiet"]
+    cli(*args, "--out", "full", cwd=tmp_path)
+    run_and_kill(args, "cut", "checkpoint-2", tmp_path)
+    cli(*args, "--out", "cut", "--resume", cwd=tmp_path)
+    for sub in ("", "prm/"):
+        a, b = load_file(tmp_path / "full" / f"{sub}model.safetensors"), load_file(tmp_path / "cut" / f"{sub}model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), sub or "policy"
