@@ -77,3 +77,20 @@ def test_cli_lora_grpo_one_copy_and_adapter_loads_in_peft(tmp_path):
     with torch.no_grad():
         assert_close(adapted(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-4, rtol=1e-4)
         assert (merged(input_ids=x).logits - AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL)(input_ids=x).logits).abs().max() > 1e-4
+
+
+def test_target_modules_list(tiny_model):
+    """`train.lora_target_modules: q_proj,v_proj` adapts exactly those projections (a comma-separated list, as the
+    config documents), "all-linear" every linear layer but the head."""
+    from transformers import AutoModelForCausalLM
+
+    from tokalign.config import TrainSection
+    from tokalign.train import lora
+
+    def adapted(names):
+        model = lora.wrap(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                          TrainSection(lora_r=4, lora_target_modules=names))
+        return {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+
+    assert adapted("q_proj, v_proj") == {"q_proj", "v_proj"}
+    assert {"q_proj", "v_proj", "down_proj"} <= adapted("all-linear") and "lm_head" not in adapted("all-linear")

@@ -37,7 +37,8 @@ def wrap(model, t, resume_from: Path | None = None):
     peft = _peft()
     if resume_from is not None and (resume_from / "adapter_config.json").is_file():
         return peft.PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-    targets = t.lora_target_modules if t.lora_target_modules != "all-linear" else "all-linear"
+    names = t.lora_target_modules
+    targets = names if names == "all-linear" else [m.strip() for m in names.split(",") if m.strip()]
     cfg = peft.LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=targets,
                           task_type="CAUSAL_LM")
     return peft.get_peft_model(model, cfg)
