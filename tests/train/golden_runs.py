@@ -1,0 +1,126 @@
+"""Fixed-seed 3-step runs of every built-in algorithm, in process, on the bundled tiny model.
+
+``python tests/train/golden_runs.py --write`` records each run's per-step metrics in ``tests/train/golden/<name>.json``;
+``test_golden.py`` re-runs them and compares (relative 1e-6). Recorded before the components refactor, so a refactor
+that changes any number shows up here."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GOLDEN = HERE / "golden"
+# what a step's metrics say about the maths (timings, memory and throughput vary run to run)
+VOLATILE_PREFIXES = ("time/", "memory/", "tokens_per_s")
+
+ONLINE = {"data": "arith", "reward": ["exact_match"], "rollout": {"n": 4, "max_new_tokens": 8}}
+RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data files are written by _data()
+    **{a: ONLINE for a in ("grpo", "dr_grpo", "dapo", "bnpo", "rec", "opmd", "tempo", "gtpo", "dcpo", "hapo", "rloo",
+                           "reinforce_pp_baseline", "reinforce_pp", "gspo", "ppo", "remax", "sspo", "prime", "thr")},
+    "pure": {**ONLINE, "reward": ["exact_match", "golden_runs:Steps"]},
+    "reinforce_ada": {**ONLINE, "algorithm": {"round_n": 4, "max_rounds": 2}},
+    "par": {**ONLINE, "algorithm": {"num_references": 2}},
+    "spo": {**ONLINE, "rollout": {"n": 2, "max_new_tokens": 8}, "algorithm": {"rollouts": 2}},
+    "rto": {**ONLINE, "models": {"dpo": "@model"}},
+    **{a: {"data": "@pairs"} for a in ("dpo", "ipo", "hinge", "tdpo", "tdpo1", "simpo", "treg")},
+    "tgdpo": {"data": "@pairs", "models": {"teacher": "@model"}},
+    "cdpo": {"data": "@pairs", "models": {"positive": "@model", "negative": "@model"}},
+    "aligndistil": {"data": "@pairs", "models": {"dpo": "@model", "reverse": "@model"}},
+    "modpo": {"data": "@pairs", "models": {"margin": "@model"}},
+    "tpo": {"data": "@triples"},
+    "kto": {"data": "@unpaired"},
+    "sft": {"data": "@completions"},
+    # the loop's other paths: several updates per batch (frozen old log-probs), micro-batches by rows and by tokens
+    "grpo@mu2": {**ONLINE, "train": {"updates_per_batch": 2, "micro_batch_size": 4}},
+    "ppo@tokens": {**ONLINE, "train": {"micro_batch_tokens": 64}},
+    "dpo@micro": {"data": "@pairs", "train": {"micro_batch_size": 2}},
+}
+
+
+class Steps:
+    """A per-token reward for PURE's golden run: +0.5 on even completion tokens after the first, −0.25 on odd ones."""
+
+    def __call__(self, samples):
+        from tokalign.protocols import Reward
+
+        out = []
+        for s in samples:
+            vals = [0.0] + [0.5 if i % 2 == 0 else -0.25 for i in range(1, len(s.completion_ids))]
+            out.append(Reward(sum(vals), vals))
+        return out
+
+
+COMMON = {"seed": 0, "train": {"max_steps": 3, "batch_size": 4, "save_every": 0}}
+
+
+def _data(tmp: Path) -> dict[str, str]:
+    """Small deterministic data files in TRL's formats."""
+    facts = [(f"{a}+{b}=", str(a + b), str(a + b + 1)) for a, b in ((1, 2), (3, 4), (5, 6), (7, 8))]
+    files = {
+        "pairs": [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in facts],
+        "triples": [{"prompt": p, "chosen": c, "rejected": r, "reference": c} for p, c, r in facts],
+        "unpaired": [{"prompt": p, "completion": c if k % 2 else r, "label": bool(k % 2)} for k, (p, c, r) in enumerate(facts)],
+        "completions": [{"prompt": p, "completion": c} for p, c, _ in facts],
+    }
+    out = {}
+    for name, rows in files.items():
+        path = tmp / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out[f"@{name}"] = str(path)
+    return out
+
+
+def _resolve(layer, subst: dict[str, str]):
+    if isinstance(layer, dict):
+        return {k: _resolve(v, subst) for k, v in layer.items()}
+    if isinstance(layer, list):
+        return [_resolve(v, subst) for v in layer]
+    return subst.get(layer, layer) if isinstance(layer, str) else layer
+
+
+def run(name: str, tmp: Path) -> list[dict]:
+    """The per-step metrics of algorithm ``name``'s golden run (its volatile keys dropped)."""
+    from tokalign import config, models
+    from tokalign.train.loop import run as train
+    from tokalign.train.plan import make_plan
+
+    subst = {**_data(tmp), "@model": str(models.resolve_model("")[0])}
+    base = config.model_defaults(models.resolve_model("")[1])  # the bundled model's settings, as the CLI layers them
+    layers = [base, COMMON, _resolve(RUNS[name], subst)]
+    plan = make_plan(name.split("@")[0], layers, str(tmp / f"out-{name}"))
+    out = train(plan, quiet=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE_PREFIXES)} for r in rows]
+
+
+def compare(got: list[dict], want: list[dict], rel: float = 1e-6) -> list[str]:
+    """Differences between two runs' metrics, one line each (empty: the same numbers)."""
+    problems = []
+    if len(got) != len(want):
+        return [f"{len(got)} steps, golden has {len(want)}"]
+    for step, (g, w) in enumerate(zip(got, want), 1):
+        for key in sorted(set(g) | set(w)):
+            if key not in g or key not in w:
+                problems.append(f"step {step}: '{key}' only in {'the golden file' if key in w else 'this run'}")
+                continue
+            a, b = g[key], w[key]
+            same = (math.isnan(a) and math.isnan(b)) if isinstance(a, float) and isinstance(b, float) and math.isnan(b) else \
+                math.isclose(a, b, rel_tol=rel, abs_tol=1e-12) if isinstance(b, (int, float)) else a == b
+            if not same:
+                problems.append(f"step {step}: {key} = {a!r}, golden {b!r}")
+    return problems
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or sorted(RUNS)
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = run(name, Path(tmp))
+        if "--write" in sys.argv:
+            (GOLDEN / f"{name}.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+        print(name, json.dumps({k: metrics[-1].get(k) for k in ("loss", "grad_norm", "reward/mean")}), flush=True)
