@@ -20,8 +20,8 @@ CHILD = r"""
 import json, resource, sys, torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from tokalign import registry
-from tokalign.train.batching import Seq, collate
-from tokalign.train.loop import forward, frozen_logps, reference_logits
+from tokalign.batching import Seq, collate
+from tokalign.forward import forward, frozen_logps, reference_logits
 args = json.loads(sys.argv[1])
 torch.manual_seed(0)
 cfg = Qwen2Config(vocab_size=args["vocab"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -64,8 +64,8 @@ beta = 0.1
 side = args["side"]
 if side == "tokalign":
     from tokalign.algorithms.dpo import DPO, DPOConfig
-    from tokalign.train.batching import Seq, collate
-    from tokalign.train.loop import forward
+    from tokalign.batching import Seq, collate
+    from tokalign.forward import forward
     seqs = []
     for i, (p, c, r) in enumerate(pairs):
         seqs += [Seq(p, c, i, row={"is_chosen": 1.0}), Seq(p, r, i, row={"is_chosen": 0.0})]

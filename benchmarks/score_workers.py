@@ -2,7 +2,7 @@
 
 The reward (``Busy`` below) does pure-Python arithmetic, calibrated here to about ``--ms`` milliseconds
 per sample, over ``--samples`` synthetic rollouts (no model needed). Both runs use ``--no-cache``.
-Reported: wall time of the scoring call itself (``stages.common.score_rows``: process start-up,
+Reported: wall time of the scoring call itself (``scoring.rows.score_rows``: process start-up,
 chunking and result transfer included) and of the whole CLI command, best of ``--repeat``, and the
 speed-ups. Other load on the machine depresses the speed-up, so the script also prints the load
 average and a ceiling: the same work split over plain ``multiprocessing`` processes without tokalign.
@@ -101,7 +101,7 @@ def main() -> None:
 
     sys.path.insert(0, str(HERE))  # workers import this module as `score_workers` (spawn passes sys.path on)
     from tokalign import artifacts, rewards
-    from tokalign.stages.common import score_rows
+    from tokalign.scoring.rows import score_rows
 
     iterations = calibrate(a.ms)
     name = "score_workers:Busy"
@@ -111,7 +111,7 @@ def main() -> None:
         make_rollouts(Path(tmp) / "R", a.samples)
         rows = artifacts.read(Path(tmp) / "R", ["rollouts"]).rows()
         t = time.perf_counter()
-        resolved[0].fn([__import__("tokalign.stages.common", fromlist=["to_sample"]).to_sample(rows[0])])
+        resolved[0].fn([__import__("tokalign.rows", fromlist=["to_sample"]).to_sample(rows[0])])
         per_sample = time.perf_counter() - t
         print(f"reward: {iterations} iterations ≈ {per_sample * 1e3:.1f} ms/sample; {a.samples} samples; "
               f"{os.cpu_count()} CPUs; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

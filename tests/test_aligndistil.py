@@ -47,8 +47,8 @@ def test_loss_chunks_and_lazy_teachers_match_the_direct_computation(tiny_model):
     checkpointing; value and gradient equal the direct full-tensor computation."""
     from transformers import AutoModelForCausalLM
 
-    from tokalign.train.batching import Seq, collate
-    from tokalign.train.loop import forward, reference_logits
+    from tokalign.batching import Seq, collate
+    from tokalign.forward import forward, reference_logits
 
     dpo = AlignDistil(AlignDistilConfig(chunk_rows=2))
     policy = AutoModelForCausalLM.from_pretrained(tiny_model)

@@ -44,11 +44,15 @@ def test_adapter_off_is_the_base_model_and_shares_its_weights(tiny_model):
     assert lora.reference_or_none(model, True, "") is not None and lora.reference_or_none(model, True, "other/ref") is None
 
 
-def test_merged_state_dict_equals_peft_merge(tiny_model):
-    from tokalign.train import lora
+@pytest.mark.parametrize("where", ["tokalign.train.lora", "tokalign.rollout.weights"])
+def test_merged_state_dict_equals_peft_merge(tiny_model, where):
+    """What the trainer saves (train.lora) and what a vLLM engine is synced with (rollout.weights)."""
+    import importlib
 
+    mod = importlib.import_module(where)
     model = _lora_model(tiny_model)
-    merged = lora.merged_state_dict(model)
+    assert mod.is_lora(model)
+    merged = mod.merged_state_dict(model)
     reference = _lora_model(tiny_model).merge_and_unload().state_dict()
     assert set(merged) == set(reference)
     for k in reference:

@@ -18,7 +18,7 @@ from tokalign.algorithms.dpo import DPO, DPOConfig, sigmoid_loss
 from tokalign.algorithms.grpo import DAPO, GRPO, DAPOConfig, DrGRPO, DrGRPOConfig, GRPOConfig
 from tokalign.algorithms.sft import SFT, SFTConfig
 from tokalign.protocols import PolicyOutput
-from tokalign.train.batching import Seq, collate, micro_batches
+from tokalign.batching import Seq, collate, micro_batches
 from conftest import leaf as _leaf, token_batch as _batch, micro_batch_check
 
 

@@ -252,7 +252,7 @@ def test_outer_alarm_survives_a_comparison():
 def write_rollouts(path, items) -> None:
     """A hand-made rollouts artifact: items = [(id, completion, reference)], one group each."""
     from tokalign import artifacts
-    from tokalign.stages.common import dumps
+    from tokalign.rows import dumps
 
     rows = [{
         "id": f"{rid}#0", "prompt_id": rid, "group_id": g, "sample_idx": 0,

@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from tokalign import ops
-from tokalign.train.batching import Seq, collate, micro_batches
+from tokalign.batching import Seq, collate, micro_batches
 
 # ---------------------------------------------------------------------------------------------------
 # aggregation modes

@@ -22,7 +22,7 @@ from tokalign.algorithms.grpo import GRPO, GRPOConfig
 from tokalign.algorithms.rec import OPMD, REC, OPMDConfig, RECConfig
 from tokalign.algorithms.tempo import TEMPO, TEMPOConfig, prefix_td
 from tokalign.protocols import PolicyOutput, TokenBatch
-from tokalign.train.batching import Seq, collate
+from tokalign.batching import Seq, collate
 
 
 

@@ -23,7 +23,7 @@ from tokalign.algorithms.dcpo import DCPO, DCPOConfig, dynamic_clip_bounds
 from tokalign.algorithms.grpo import DAPO, DAPOConfig, GRPO, GRPOConfig
 from tokalign.algorithms.hapo import HAPO, HAPOConfig, entropy_h_hat, token_group_advantages
 from tokalign.protocols import PolicyOutput, TokenBatch
-from tokalign.train.batching import Seq, collate, micro_batches
+from tokalign.batching import Seq, collate, micro_batches
 
 
 

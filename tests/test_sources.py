@@ -74,7 +74,7 @@ def test_micro_batches_by_tokens_pack_similar_lengths_and_keep_groups():
     micro-batches, and frozen log-probs come back in the batch's row order whatever the grouping."""
     import torch
 
-    from tokalign.train.batching import Seq, collate, micro_batches, padding_fraction
+    from tokalign.batching import Seq, collate, micro_batches, padding_fraction
 
     seqs = [Seq([1, 2], [5] * n, g) for g, n in enumerate([7, 1, 6, 2]) for _ in range(2)]
     batch = collate(seqs, 0)
@@ -88,8 +88,8 @@ def test_frozen_logps_by_tokens_equal_whole_batch(tiny_model):
     import torch
 
     from tokalign import models
-    from tokalign.train.batching import Seq, collate
-    from tokalign.train.loop import frozen_logps
+    from tokalign.batching import Seq, collate
+    from tokalign.forward import frozen_logps
 
     model = models.load_model(str(tiny_model))
     torch.manual_seed(0)

@@ -117,8 +117,8 @@ def test_reference_logits_chunked_from_hidden_states_equal_full_logits(tiny_mode
     the position KL and its gradient are the same as with the full logits tensor."""
     from transformers import AutoModelForCausalLM
 
-    from tokalign.train.batching import Seq, collate
-    from tokalign.train.loop import forward, reference_logits
+    from tokalign.batching import Seq, collate
+    from tokalign.forward import forward, reference_logits
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_model).eval().requires_grad_(False)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model)

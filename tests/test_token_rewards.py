@@ -243,12 +243,13 @@ def test_prm_errors(tok, tiny_model, token_prm, tmp_path):
 
 def test_scoring_carries_token_values(tok, token_prm, tiny_model, dpo_model):
     """Through tokalign's scoring (batched calls, the per-token contract check): token_rewards = weight × token values."""
-    from tokalign.rewards import resolve, score_samples
+    from tokalign.rewards import resolve
+    from tokalign.scoring import score_samples
 
     samples = [sample(tok, PROMPT, STEPS_TEXT, "a"), sample(tok, "what", "one single step", "b")]
     rewards = resolve(["prm*2", "implicit"], {"prm": {"model": str(token_prm), "device": "cpu"},
                                               "implicit": {"model": str(dpo_model), "ref": str(tiny_model), "device": "cpu"}})
-    rows = score_samples(rewards, samples)
+    rows, _ = score_samples(rewards, samples)
     prm = PRM(PRM.Config(model=str(token_prm), device="cpu"))(samples)
     imp = Implicit(Implicit.Config(model=str(dpo_model), ref=str(tiny_model), device="cpu"))(samples)
     for row, s, p, i in zip(rows, samples, prm, imp):

@@ -55,8 +55,8 @@ from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402
 from tokalign.algorithms.dpo import DPO, DPOConfig  # noqa: E402
 from tokalign.algorithms.grpo import GRPO, GRPOConfig  # noqa: E402
 from tokalign.protocols import PolicyOutput  # noqa: E402
-from tokalign.train.batching import Seq, collate, micro_batches  # noqa: E402
-from tokalign.train.loop import forward  # noqa: E402
+from tokalign.batching import Seq, collate, micro_batches  # noqa: E402
+from tokalign.forward import forward  # noqa: E402
 
 ATOL = 1e-6
 AGGREGATION = {"dapo": "token-mean", "bnpo": "token-mean", "grpo": "seq-mean-token-mean",
@@ -196,7 +196,7 @@ def test_dpo_family_parity_random_logps(tiny_model, tmp_path, loss_type, beta):
 
 def test_dpo_sigmoid_parity_tiny_model(tiny_model, tmp_path):
     """Real forward passes: policy = tiny model + seeded weight noise, reference = the tiny model. TRL computes the
-    log-probs with its fused LM head, tokalign with ``train.loop.forward``; losses and all parameter gradients match."""
+    log-probs with its fused LM head, tokalign with ``tokalign.forward.forward``; losses and all parameter gradients match."""
     ref = AutoModelForCausalLM.from_pretrained(tiny_model).eval().requires_grad_(False)
     policy = _perturbed(AutoModelForCausalLM.from_pretrained(tiny_model), seed=1)
     trainer = _dpo_trainer(tiny_model, tmp_path, beta=0.1, ref_model=ref, policy=policy)
@@ -366,7 +366,7 @@ def test_grpo_parity_random_logps(tiny_model, tmp_path, loss_type, beta, eps_low
 def _tiny_model_parity(trainer, algo, seed: int, lengths=(5, 2, 4, 1), noise: float = 0.4):
     """Real forward passes of the trainer's tiny model: behaviour log-probs = the model's own + ``noise``·N(0,1),
     reference = + 0.3·N(0,1) when β > 0; TRL's ``_compute_loss`` (fused-head log-probs) vs ``algo.loss`` on
-    ``train.loop.forward``. Returns (tokalign result, TRL loss, tokalign parameter grads, TRL parameter grads)."""
+    ``tokalign.forward.forward``. Returns (tokalign result, TRL loss, tokalign parameter grads, TRL parameter grads)."""
     model, tok = trainer.model, trainer.processing_class
     prompt_ids, completion_ids, cmask, adv, g = _grpo_case(len(tok), tok.pad_token_id, seed=seed, lengths=lengths)
     p = prompt_ids.shape[1]
@@ -390,7 +390,7 @@ def _tiny_model_parity(trainer, algo, seed: int, lengths=(5, 2, 4, 1), noise: fl
 
 @pytest.mark.parametrize(("loss_type", "beta"), GRPO_CASES)
 def test_grpo_parity_tiny_model(tiny_model, tmp_path, loss_type, beta):
-    """Real forward passes of the tiny model: TRL's fused-head log-probs vs tokalign's ``train.loop.forward``;
+    """Real forward passes of the tiny model: TRL's fused-head log-probs vs tokalign's ``tokalign.forward.forward``;
     behaviour/reference log-probs = the model's own ± seeded noise; losses and all parameter gradients match."""
     trainer = _grpo_trainer(tiny_model, tmp_path, loss_type=loss_type, beta=beta)
     algo = GRPO(GRPOConfig(epsilon_low=0.2, epsilon_high=0.28, beta=beta, aggregation=AGGREGATION[loss_type]))

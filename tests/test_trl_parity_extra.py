@@ -51,8 +51,8 @@ from tokalign.algorithms.gspo import GSPO, GSPOConfig  # noqa: E402
 from tokalign.algorithms.rloo import RLOO, RLOOConfig  # noqa: E402
 from tokalign.algorithms.simpo import SimPO, SimPOConfig  # noqa: E402
 from tokalign.protocols import PolicyOutput, TokenBatch  # noqa: E402
-from tokalign.train.batching import Seq, collate  # noqa: E402
-from tokalign.train.loop import forward  # noqa: E402
+from tokalign.batching import Seq, collate  # noqa: E402
+from tokalign.forward import forward  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 AGGREGATION = {"grpo": "seq-mean-token-mean", "dapo": "token-mean"}
@@ -104,7 +104,7 @@ def test_gspo_parity_random_logps(tiny_model, tmp_path, loss_type, beta, eps_low
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_gspo_parity_tiny_model(tiny_model, tmp_path, beta):
-    """Real forward passes of the tiny model (TRL's fused-head log-probs vs ``train.loop.forward``), behaviour
+    """Real forward passes of the tiny model (TRL's fused-head log-probs vs ``tokalign.forward.forward``), behaviour
     log-probs = the model's own + 1e-3 noise, GSPO's default band and aggregation: losses and all parameter gradients
     match."""
     trainer = _gspo_trainer(tiny_model, tmp_path, loss_type="grpo", beta=beta, epsilon=3e-4, epsilon_high=4e-4)

@@ -23,8 +23,8 @@ def _prompts(tok, k: int = 4) -> list[list[int]]:
 
 
 def _trainer_logps(model, prompts, completions):
-    from tokalign.train.batching import Seq, collate
-    from tokalign.train.loop import frozen_logps
+    from tokalign.batching import Seq, collate
+    from tokalign.forward import frozen_logps
 
     seqs = [Seq(p, c.ids, g) for g, (p, group) in enumerate(zip(prompts, completions)) for c in group]
     batch = collate(seqs, 0)

@@ -83,7 +83,7 @@ def parse_set(items: list[str]) -> dict:
         key, eq, raw = item.partition("=")
         if not eq or not key.strip():
             raise UserError(f"--set expects key=value (e.g. --set train.lr=1e-5), got '{item}'.")
-        value = _scalar(raw)
+        value = parse_scalar(raw)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -92,8 +92,8 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def _scalar(raw: str) -> Any:
-    """A --set value as YAML, except that 1e-5 is a number (YAML 1.1 would keep it a string)."""
+def parse_scalar(raw: str) -> Any:
+    """A --set (or --reward-opt) value as YAML, except that 1e-5 is a number (YAML 1.1 would keep it a string)."""
     if not raw.strip():
         return ""
     value = yaml.safe_load(raw)

@@ -19,15 +19,21 @@ Plug-in kinds:
   constructor takes one argument also answers ``NAME:ARG`` data sources (``gsm8k:data/train.jsonl``:
   a local copy of its dataset), built as ``Task(ARG)``.
 * **Algorithm** — a class with a ``Config`` dataclass (defaults = the paper's), constructed as
-  ``Algo(config)``; ``needs`` says which data and models it wants; ``prepare(batch)`` (called once
-  per step, after ``ref_logps``/``old_logps`` are in ``batch.fields``) computes
-  advantages/targets without gradients; ``loss(batch, out) -> LossOutput``. An algorithm with
-  state across steps (e.g. running statistics per prompt, keyed by ``batch.fields["prompt_index"]``)
-  defines ``state_dict()``/``load_state_dict(d)`` and resumes with the run. Optional hooks the online
-  source uses: ``prompt_weights(n_prompts)`` (prioritised prompt sampling) and ``adaptive_sampling``
-  (an object with ``max_rounds``, ``round_n`` and ``select(pool, n, final)``: per-prompt multi-round
-  sampling); with ``needs.trained_models``, ``aux_lr(role)`` and ``aux_loss(role, batch, out)``. The
-  train loop never branches on algorithm names.
+  ``Algo(config)``; ``needs`` (a ``Needs``) says which data it trains on and which *batch components* and *sampling
+  hooks* it uses; ``prepare(batch)`` (once per step, after every component has filled its fields) computes
+  advantages/targets without gradients; ``loss(batch, out) -> LossOutput``. An algorithm with state across steps
+  (e.g. running statistics per prompt, keyed by ``batch.fields["prompt_index"]``) is ``Stateful``: it defines
+  ``state_dict()``/``load_state_dict(d)`` and resumes with the run.
+* **Batch component** (``BatchComponent``; ``tokalign.components`` has the built-ins and a base class) — fills named
+  per-row ``[B]`` or per-token ``[B, L-1]`` fields of a step's batch before ``prepare`` (reference log-probs, a
+  value head's values, a trained model's log-probs, …) and may touch each training micro-batch's ``PolicyOutput``;
+  it may own models, parameters, an optimiser and state, which are checkpointed and resumed with the run.
+* **Sampling hook** (``SamplingHook``; ``tokalign.sampling`` has the built-ins and a base class) — steers online
+  sampling: weights for picking prompts, which groups to accept (and so how often to resample), the whole per-step
+  collection (multi-round adaptive sampling), and extra samples or values added to the chosen rows (a greedy
+  baseline, reference samples, segment values).
+
+The train loop is a fixed pipeline over these: it never branches on an algorithm's name or probes it for features.
 """
 
 from __future__ import annotations
@@ -80,32 +86,20 @@ class RewardFn(Protocol):
 
 @dataclass(frozen=True)
 class Needs:
-    """What an algorithm asks of the train loop."""
+    """What an algorithm asks of the train loop: generic requirements, plus the components and hooks it uses."""
 
-    data: tuple[str, ...]  # what it trains on, in order of preference: "online", "scored", "pairs", "completions"
-    reference: bool = False  # frozen reference model log-probs (batch.fields["ref_logps"])
+    data: tuple[str, ...]  # what it trains on, in order of preference: online, scored, pairs, triples, unpaired, completions
+    reference: bool = False  # frozen reference model log-probs in batch.fields["ref_logps"] (components.Reference)
     groups: bool = False  # several samples per prompt (rollout.n > 1)
-    old_logps: bool = False  # behaviour-policy log-probs (batch.fields["old_logps"])
-    old_logps_upfront: bool = False  # ... computed before prepare() even with one update per batch (KL in the reward)
-    value_head: bool = False  # a trainable critic V(s_t) on the policy's trunk: PolicyOutput.values, fields["old_values"]
-    greedy_baseline: bool = False  # online: one greedy completion per prompt, scored, in fields["baseline"] (ReMax)
-    informative_groups: bool = False  # drop groups whose rewards are all equal; online: resample to refill
-    full_vocab: bool = False  # PolicyOutput.logits (and .ref_logits with reference=True), per micro-batch
-    # roles of extra frozen models (e.g. "teacher"): the user names each with --with ROLE=PATH (or
-    # --teacher PATH) and the loop puts their per-token log-probs in batch.fields["<role>_logps"]
+    old_logps: bool = False  # behaviour-policy log-probs in batch.fields["old_logps"] (components.BehaviourLogps)
+    full_vocab: bool = False  # PolicyOutput.logits (and .ref_logits / .extra_logits of the frozen models), per micro-batch
+    # roles of extra frozen models (e.g. "teacher"): the user names each with --with ROLE=PATH (or --teacher PATH) and
+    # their per-token log-probs land in batch.fields["<role>_logps"] (components.FrozenModel)
     models: tuple[str, ...] = ()
-    # roles of extra models the algorithm *trains* beside the policy (PRIME's implicit PRM): each starts from
-    # --with ROLE=PATH or else the starting model, has its own optimiser (lr from the algorithm's aux_lr(role)),
-    # is updated once per step on aux_loss(role, batch, out) before prepare(), and its per-token log-probs from
-    # that update's forward pass (before the update) are in batch.fields["<role>_logps"]; saved in <out>/<role>/
-    trained_models: tuple[str, ...] = ()
-    # online: this many completions per prompt sampled from the *reference* model (seeded per prompt, cached) and
-    # scored with the run's rewards, in fields["ref_reward_0" ...] (PAR's reference rewards)
-    reference_samples: int = 0
-    hidden_states: bool = False  # PolicyOutput.hidden: the policy's final hidden states (detached), per micro-batch
-    # names of prompt variants: for each, the algorithm's prompt_variant(name, prompt) rewrites a row's prompt and the
-    # reference model's log-probs of the *same* completion after it land in batch.fields["<name>_logps"] (T-REG)
-    prompt_variants: tuple[str, ...] = ()
+    # BatchComponent instances, run in this order after the reference and the frozen models (and before the
+    # behaviour log-probs, which are computed only if no component provides them)
+    components: tuple = ()
+    hooks: tuple = ()  # SamplingHook instances for online training (and their group filters for scored data)
 
 
 @dataclass
@@ -153,13 +147,15 @@ class PolicyOutput:
     logps: "torch.Tensor"  # [B, L-1] log π_θ of each next token (with grad)
     entropy: "torch.Tensor | None" = None  # [B, L-1], no grad, for metrics
     logits: "torch.Tensor | None" = None  # [B, L-1, V] policy logits (with grad), only with Needs.full_vocab
-    values: "torch.Tensor | None" = None  # [B, L-1] value-head outputs V(s_t) (with grad), only with Needs.value_head
+    values: "torch.Tensor | None" = None  # [B, L-1] value-head outputs V(s_t) (with grad), from components.ValueHead
     # [B, L-1, V] reference logits (no grad) with full_vocab + reference: a tensor, or an ops.HeadLogits
     # whose .split(rows) yields them chunk by chunk; ops.position_kl takes either
     ref_logits: Any = None
     # the same for each extra frozen model (Needs.models) when full_vocab: {role: logits or HeadLogits}
     extra_logits: dict = field(default_factory=dict)
-    hidden: "torch.Tensor | None" = None  # [B, L-1, H] final hidden states (no grad), only with Needs.hidden_states
+    # [B, L-1, H] the policy's final hidden states (with grad: read them under no_grad) when a component asks for
+    # them (forward_outputs = ("hidden",)); values: set by the value-head component from them
+    hidden: "torch.Tensor | None" = None
 
 
 @dataclass
@@ -176,6 +172,108 @@ class Algorithm(Protocol):
     def prepare(self, batch: TokenBatch) -> TokenBatch: ...
 
     def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput: ...
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything the train loop checkpoints and resumes: an algorithm, a component or a hook with state."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TrainContext(Protocol):
+    """What the train loop gives components (``tokalign.train.state.TrainState`` implements it)."""
+
+    cfg: Any  # the resolved run config (tokalign.config.RunConfig): cfg.train, cfg.rollout, cfg.models, cfg.model
+    policy: Any  # the model being trained
+    tokenizer: Any
+    device: Any
+    needs: Needs  # the algorithm's
+    resume_from: Any  # the checkpoint directory being resumed (a Path), or None
+    step: int  # the current step (0-based), during fill/on_forward
+    seqs: list  # the step's sequences (tokalign.batching.Seq: prompt_ids, completion_ids, raw prompt, ...)
+
+    def load_model(self, source: str, trainable: bool = False) -> Any: ...  # a path/hub id, in the run's dtype, on device
+
+    def reference_model(self) -> Any: ...  # the run's frozen reference, loaded once and shared
+
+    def frozen_logps(self, model: Any, batch: TokenBatch) -> "torch.Tensor": ...  # no grad, micro-batched like training
+
+    def micro_batches(self, batch: TokenBatch) -> list[TokenBatch]: ...  # the run's micro-batching
+
+
+@runtime_checkable
+class BatchComponent(Protocol):
+    """Fills named fields of every step's batch. ``tokalign.components.Component`` implements every method as a no-op;
+    subclass it and override what you need. Called in this order: ``setup`` once (models load here; on resume
+    ``ctx.resume_from`` holds the checkpoint, and ``load_state_dict`` follows with what ``state_dict`` returned), then
+    each step ``fill`` (before ``prepare``) and ``on_forward`` for every training micro-batch; ``save`` writes the
+    component's files into each checkpoint and into the final artifact."""
+
+    name: str  # unique within a run: the key of its state in checkpoints, and of its metrics
+    provides: tuple[str, ...]  # the batch.fields it fills (the dry run lists them; a field is filled once)
+    forward_outputs: tuple[str, ...]  # what it needs from the policy's training forward: "hidden"
+
+    def roles(self) -> dict[str, bool]: ...  # model roles it takes (--with ROLE=PATH) -> required?
+
+    def describe(self) -> str: ...  # what it holds, for the dry run's "models in memory" ("" = nothing)
+
+    def setup(self, ctx: TrainContext) -> None: ...
+
+    def parameters(self) -> list: ...  # trained by the policy's optimiser (a value head); its own optimiser stays inside
+
+    def models(self) -> list: ...  # the models it holds (memory accounting)
+
+    def fill(self, batch: TokenBatch, ctx: TrainContext) -> dict[str, float]: ...  # -> metrics
+
+    def on_forward(self, batch: TokenBatch, out: PolicyOutput, ctx: TrainContext) -> None: ...
+
+    def save(self, directory: Any) -> None: ...
+
+
+class SamplingContext(Protocol):
+    """What the online source gives sampling hooks (``tokalign.train.sources.OnlineSource`` implements it). Rows are
+    the row schema's dicts (``tokalign.rows``); a hook adds per-row numbers for the algorithm under
+    ``row["fields"][name]`` and per-completion-token lists under ``row["token_fields"][name]``."""
+
+    rows: list[dict]  # the data's prompt rows (id, prompt, prompt_ids, reference, ...)
+    spec: Any  # the run's tokalign.rollout.SamplingSpec (n, temperature, max_new_tokens, ...)
+    batch_size: int  # prompts per step
+    seed: int
+    step: int
+    tokenizer: Any
+    rounds_used: int  # after the default rounds: how many were sampled this step
+    accepted_groups: int  # ... and how many groups every hook accepted
+
+    def pick(self, step: int, round_: int) -> list[int]: ...  # prompts of a round (uses the hooks' prompt weights)
+
+    def sample(self, prompts: list[dict], **spec: Any) -> list[dict]: ...  # sample and score; group_id k = prompts[k]
+
+    def generate(self, prompt_ids: list[list[int]], **spec: Any) -> list: ...  # raw completions, seeded per call
+
+    def score(self, rows: list[dict]) -> list[dict]: ...  # the run's rewards on rollout rows
+
+    def reference_engine(self) -> Any: ...  # an HF engine on the run's reference model (generate(prompts, spec))
+
+
+@runtime_checkable
+class SamplingHook(Protocol):
+    """Steers online sampling. ``tokalign.sampling.Hook`` implements every method with its neutral default."""
+
+    name: str
+
+    def prompt_weights(self, n_prompts: int) -> "list[float] | None": ...  # None: uniform prompts
+
+    def accept(self, group: list[dict]) -> bool: ...  # keep this scored group? (also filters scored data)
+
+    def rounds(self, rollout_config: Any) -> int: ...  # sampling rounds allowed to fill the batch with accepted groups
+
+    # the step's whole collection, replacing the default rounds: (groups of rows, every sampled row, metrics) or None
+    def collect(self, ctx: SamplingContext) -> "tuple[list[list[dict]], list[dict], dict] | None": ...
+
+    def after_batch(self, rows: list[dict], ctx: SamplingContext) -> dict[str, float]: ...  # add fields; -> metrics
 
 
 def check_plugin(kind: str, obj: Any) -> str | None:

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from tokalign.errors import UserError, unknown
+from tokalign.plugin_errors import PluginError
+
+LOCAL = "(local)"  # the distribution of a ``module:attr`` that no installed distribution provides
 
 GROUPS = {
     "algorithm": "tokalign.algorithms",
@@ -38,6 +41,13 @@ class PluginInfo:
     @property
     def group(self) -> str:
         return GROUPS[self.kind]
+
+    @property
+    def label(self) -> str:
+        """Where it comes from, for messages: ``pkg 0.1.0``, or ``module my_mod, no distribution``."""
+        if self.distribution in (LOCAL, "?"):
+            return f"module {self.value.partition(':')[0]}, no distribution"
+        return self.distribution if self.version == "?" else f"{self.distribution} {self.version}"
 
 
 @lru_cache(maxsize=None)
@@ -104,20 +114,20 @@ def load(kind: str, name: str):
     try:
         return _load_value(plugin.value)
     except ModuleNotFoundError as e:
-        if ":" in name and e.name and plugin.value.startswith(e.name):
+        if ":" in name and e.name and plugin.value.startswith(e.name):  # the path itself is wrong: the user's to fix
             raise UserError(f"Cannot import '{name}': module '{e.name}' not found. Check the path or PYTHONPATH.") from e
-        raise UserError(f"{kind} '{name}' ({plugin.distribution}) failed to import: {e}") from e
+        raise PluginError(f"{kind} '{name}' ({plugin.label}) failed to import: {type(e).__name__}: {e}") from e
     except AttributeError as e:
-        raise UserError(f"{kind} '{name}' ({plugin.value}) failed to load: {e}") from e
+        raise UserError(f"{kind} '{name}' ({plugin.label}) failed to load: {e}") from e
     except Exception as e:  # a broken plug-in is the plug-in's fault, reported in one line
-        raise UserError(f"{kind} '{name}' ({plugin.distribution}) failed to import: {type(e).__name__}: {e}") from e
+        raise PluginError(f"{kind} '{name}' ({plugin.label}) failed to import: {type(e).__name__}: {e}") from e
 
 
 def _distribution_of(module_name: str) -> tuple[str, str]:
     top = module_name.split(".")[0]
     dists = md.packages_distributions().get(top, [])
     if not dists:
-        return "(local)", "?"
+        return LOCAL, "?"
     try:
         return dists[0], md.version(dists[0])
     except md.PackageNotFoundError:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from tokalign import ops
 from tokalign.protocols import LossOutput, Needs, PolicyOutput, TokenBatch
+from tokalign.sampling import DynamicSampling
 
 
 @dataclass
@@ -121,4 +122,5 @@ class DAPO(GRPO):
 
     def __init__(self, config: DAPOConfig):
         super().__init__(config)
-        self.needs = dataclasses.replace(self.needs, informative_groups=config.dynamic_sampling)
+        if config.dynamic_sampling:
+            self.needs = dataclasses.replace(self.needs, hooks=(*self.needs.hooks, DynamicSampling()))

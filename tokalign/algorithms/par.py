@@ -24,6 +24,7 @@ import torch
 
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
 from tokalign.protocols import TokenBatch
+from tokalign.sampling import ReferenceSamples
 
 
 @dataclass
@@ -49,7 +50,8 @@ class PAR(GRPO):
 
     def __init__(self, config: PARConfig):
         super().__init__(config)
-        self.needs = dataclasses.replace(self.needs, data=("online",), reference=True, reference_samples=config.num_references)
+        self.needs = dataclasses.replace(self.needs, data=("online",), reference=True,
+                                         hooks=(*self.needs.hooks, ReferenceSamples(config.num_references)))
 
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         f = batch.fields

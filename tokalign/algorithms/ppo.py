@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from tokalign import ops
+from tokalign.components import ValueHead
 from tokalign.protocols import LossOutput, Needs, PolicyOutput, TokenBatch
 
 
@@ -53,7 +54,8 @@ class PPO:
 
     def __init__(self, config: PPOConfig):
         self.config = config
-        self.needs = Needs(data=("online", "scored"), reference=config.kl_coef > 0, old_logps=True, value_head=True)
+        # the critic's values (and the old log-probs with them) before the update, for GAE
+        self.needs = Needs(data=("online", "scored"), reference=config.kl_coef > 0, old_logps=True, components=(ValueHead(),))
 
     def outcome(self, rewards: torch.Tensor) -> torch.Tensor:
         """The sequence reward placed on each row's last token; variants (RTO) clamp it."""

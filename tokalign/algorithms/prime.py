@@ -29,7 +29,9 @@ import torch.nn.functional as F
 
 from tokalign import ops
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
+from tokalign.components import TrainedModel
 from tokalign.protocols import LossOutput, Needs, PolicyOutput, TokenBatch
+from tokalign.sampling import DynamicSampling
 
 
 @dataclass
@@ -68,12 +70,11 @@ class PRIME(GRPO):
     def __init__(self, config: PRIMEConfig):
         super().__init__(config)
         self.needs = Needs(data=("online", "scored"), reference=True, groups=True, old_logps=True,
-                           informative_groups=config.accuracy_filter, trained_models=("prm",))
+                           components=(TrainedModel("prm", config.prm_lr, self.prm_loss),),
+                           hooks=(DynamicSampling(),) if config.accuracy_filter else ())
 
-    def aux_lr(self, role: str) -> float:
-        return self.config.prm_lr
-
-    def aux_loss(self, role: str, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
+    def prm_loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
+        """The PRM's cross-entropy update on outcome labels (``out``: the PRM's forward)."""
         c, f = self.config, batch.fields
         score = implicit_rewards(out.logps, f["ref_logps"], batch.completion_mask, c.beta_train).sum(-1)
         label = (f["rewards"] > c.correct_threshold).to(score.dtype)

@@ -21,7 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
+import dataclasses
+
 from tokalign.protocols import TokenBatch
+from tokalign.sampling import AdaptiveSampling
 
 CHOICES = ("balanced", "positive_focused")
 
@@ -46,8 +49,9 @@ class ReinforceAdaConfig(GRPOConfig):
 
 
 @dataclass
-class AdaptiveSampling:
-    """The online source's hook: ``select(pool, n, final)`` returns the group to train on, or None to keep sampling."""
+class Selection:
+    """Reinforce-Ada's stop-and-select rule for ``sampling.AdaptiveSampling``: ``select(pool, n, final)`` returns the
+    group to train on, or None to keep sampling."""
 
     choice: str
     max_rounds: int
@@ -73,7 +77,8 @@ class ReinforceAda(GRPO):
 
     def __init__(self, config: ReinforceAdaConfig):
         super().__init__(config)
-        self.adaptive_sampling = AdaptiveSampling(config.choice, config.max_rounds, config.round_n, config.positive_threshold)
+        rule = Selection(config.choice, config.max_rounds, config.round_n, config.positive_threshold)
+        self.needs = dataclasses.replace(self.needs, hooks=(*self.needs.hooks, AdaptiveSampling(rule.select, config.max_rounds, config.round_n)))
 
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         c, f = self.config, batch.fields

@@ -29,6 +29,7 @@ import torch
 
 from tokalign import ops
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
+from tokalign.components import BehaviourLogps
 from tokalign.protocols import Needs, TokenBatch
 
 WHITEN_OVER = ("tokens", "seqs")
@@ -76,8 +77,8 @@ class ReinforcePP(GRPO):
 
     def __init__(self, config: ReinforcePPConfig):
         super().__init__(config)
-        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0 or config.kl_coef > 0, old_logps=True,
-                           old_logps_upfront=config.kl_coef > 0)
+        upfront = (BehaviourLogps(upfront=True),) if config.kl_coef > 0 else ()  # a KL in the reward: before prepare()
+        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0 or config.kl_coef > 0, old_logps=True, components=upfront)
 
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         c, f, mask = self.config, batch.fields, batch.completion_mask

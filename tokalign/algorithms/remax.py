@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from tokalign import ops
+from tokalign.components import BehaviourLogps
 from tokalign.protocols import LossOutput, Needs, PolicyOutput, TokenBatch
+from tokalign.sampling import GreedyBaseline
 
 
 @dataclass
@@ -42,7 +44,9 @@ class ReMax:
     def __init__(self, config: ReMaxConfig):
         self.config = config
         kl = config.kl_coef > 0
-        self.needs = Needs(data=("online",), reference=kl, old_logps=kl, old_logps_upfront=kl, greedy_baseline=True)
+        # the KL is in the advantages, so the behaviour log-probs are needed before prepare()
+        self.needs = Needs(data=("online",), reference=kl, old_logps=kl, components=(BehaviourLogps(upfront=True),) if kl else (),
+                           hooks=(GreedyBaseline(),))
 
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         c, f, mask = self.config, batch.fields, batch.completion_mask

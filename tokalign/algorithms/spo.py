@@ -28,6 +28,7 @@ import torch
 
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
 from tokalign.protocols import TokenBatch
+from tokalign.sampling import SegmentRollouts
 
 
 @dataclass
@@ -46,17 +47,10 @@ class SPOConfig(GRPOConfig):
             raise ValueError("interval and rollouts must be ≥ 1")
 
 
-@dataclass
-class SegmentHook:
-    """The online source's hook: where to cut a completion, and how many rollouts estimate each cut's value."""
-
-    p_threshold: float
-    interval: int
-    rollouts: int
-
-    def cut_points(self, sampler_logps: list[float]) -> list[int]:
-        low = [t for t, lp in enumerate(sampler_logps) if math.exp(lp) < self.p_threshold]
-        return low[:: self.interval]
+def cut_points(sampler_logps: list[float], p_threshold: float, interval: int) -> list[int]:
+    """Where to cut a completion: every ``interval``-th token (the first included) with π_old(y_t) < p_threshold."""
+    low = [t for t, lp in enumerate(sampler_logps) if math.exp(lp) < p_threshold]
+    return low[::interval]
 
 
 class SPO(GRPO):
@@ -64,8 +58,8 @@ class SPO(GRPO):
 
     def __init__(self, config: SPOConfig):
         super().__init__(config)
-        self.needs = dataclasses.replace(self.needs, data=("online",), groups=False)
-        self.segments = SegmentHook(config.p_threshold, config.interval, config.rollouts)
+        cuts = SegmentRollouts(lambda logps: cut_points(logps, config.p_threshold, config.interval), config.rollouts)
+        self.needs = dataclasses.replace(self.needs, data=("online",), groups=False, hooks=(*self.needs.hooks, cuts))
 
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         c, f, mask = self.config, batch.fields, batch.completion_mask

@@ -28,6 +28,7 @@ import torch
 
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
 from tokalign.protocols import Needs, TokenBatch
+from tokalign.sampling import PrioritisedPrompts
 
 EXPLORATION_EPSILON = 0.05
 
@@ -52,7 +53,7 @@ class SSPO(GRPO):
 
     def __init__(self, config: SSPOConfig):
         super().__init__(config)
-        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, old_logps=True)
+        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, old_logps=True, hooks=(PrioritisedPrompts(self.prompt_weights),))
         self.tracker: dict[int, tuple[float, float]] = {}  # prompt_index -> (α, β)
 
     def state_dict(self) -> dict:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
+from tokalign.components import HiddenStates
 from tokalign.protocols import LossOutput, PolicyOutput, TokenBatch
 
 
@@ -92,7 +93,7 @@ class THR(GRPO):
 
     def __init__(self, config: THRConfig):
         super().__init__(config)
-        self.needs = dataclasses.replace(self.needs, full_vocab=True, hidden_states=True)
+        self.needs = dataclasses.replace(self.needs, full_vocab=True, components=(*self.needs.components, HiddenStates()))
 
     def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
         c, f, mask = self.config, batch.fields, batch.completion_mask

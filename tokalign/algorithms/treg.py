@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tokalign.algorithms.dpo import DPO, DPOConfig
+from tokalign.components import PromptVariants
 from tokalign.protocols import LossOutput, PolicyOutput, TokenBatch
 
 
@@ -63,7 +64,8 @@ class TREG(DPO):
 
     def __init__(self, config: TREGConfig):
         super().__init__(config)
-        self.needs = dataclasses.replace(self.needs, prompt_variants=("better", "worse"))
+        variants = PromptVariants(("better", "worse"), self.prompt_variant)
+        self.needs = dataclasses.replace(self.needs, components=(*self.needs.components, variants))
 
     def prompt_variant(self, name: str, prompt: Any) -> Any:
         return with_instruction(prompt, self.config.better_instruction if name == "better" else self.config.worse_instruction)

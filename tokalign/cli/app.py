@@ -50,16 +50,31 @@ def _quiet_libraries() -> None:
         os.environ.setdefault(key, value)
 
 
+def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove ``--debug`` from anywhere before a ``--``: it is a global switch, so ``tokalign train grpo … --debug``
+    works as well as ``tokalign --debug train …`` (Typer only knows it on the root command)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    return kept, len(kept) != len(argv)
+
+
+def debugging() -> bool:
+    return os.environ.get("TOKALIGN_DEBUG", "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> None:
     from tokalign.errors import UserError
 
     _quiet_libraries()
-    debug = "--debug" in (argv if argv is not None else sys.argv)
+    argv, flag = _take_debug(list(sys.argv[1:] if argv is None else argv))
+    if flag:
+        os.environ["TOKALIGN_DEBUG"] = "1"  # also seen by worker processes
+    debug = debugging()
     try:
         app(args=argv, prog_name="tokalign", standalone_mode=True)
     except UserError as e:
         if debug:
-            raise
+            raise  # the traceback, with the plug-in's original exception chained above it
         sys.stderr.write(f"error: {e}\n")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ from tokalign.cli.common import OUT_HELP, OVERWRITE, REWARD_OPT_HELP, default_ou
 
 
 def evaluate(
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="A prompts artifact, task (arith), data file or hub id, with reference answers; omitted: stdin."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="A prompts artifact, task (arith, or module:Class), data file or hub id, with reference answers; omitted: stdin."),
     split: str = typer.Option("test", "--split", help="Split of a task or hub dataset given to --data (tasks: train/test)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N prompts."),
     model: str = typer.Option("", "--model", "-m", help="Model dir, tokalign checkpoint or hub id (default: the bundled tiny model)."),

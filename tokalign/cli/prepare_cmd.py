@@ -8,7 +8,7 @@ from tokalign.cli.common import OUT_HELP, OVERWRITE, default_out, emit
 
 
 def prepare(
-    source: str = typer.Argument(..., help="Built-in task (arith, gsm8k, math, ultrafeedback; TASK:PATH for a local copy of a task's dataset), a .jsonl/.json/.parquet/.csv file, or a hub dataset id. TRL formats are accepted as they are."),
+    source: str = typer.Argument(..., help="Task: built-in (arith, gsm8k, math, ultrafeedback; TASK:PATH for a local copy of a task's dataset), installed, or module:Class; a .jsonl/.json/.parquet/.csv file, or a hub dataset id. TRL formats are accepted as they are."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP),
     model: str = typer.Option("", "--model", "-m", help="Model whose tokenizer/chat template renders the prompts (default: the bundled tiny model)."),
     split: str = typer.Option("train", "--split", help="Dataset split (tasks: train/test; hub: any split name)."),

@@ -19,7 +19,7 @@ def _algorithms_help() -> str:
 
 def train(
     algo: str = typer.Argument(..., help=_algorithms_help(), metavar="ALGO"),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Task (arith), file, hub id, or artifact (prompts → online; scored; pairs). Omitted: from --config, else stdin."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Task (arith, or module:Class), file, hub id, or artifact (prompts → online; scored; pairs). Omitted: from --config, else stdin."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Starting model (default: the bundled tiny model)."),
     ref_model: Optional[str] = typer.Option(None, "--ref-model", "--ref", help="Reference model (default: the starting model)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output checkpoint directory (default: runs/checkpoint-<time>)."),

@@ -1,12 +1,14 @@
 """Load raw records from a built-in task, a local file (JSONL/JSON/Parquet/CSV) or a hub id.
 
 ``TASK:ARG`` hands ARG to the task's constructor (a task that takes one: e.g. ``gsm8k:data/gsm8k.jsonl``
-loads a local copy instead of the hub's; see ``tokalign.data.tasks``)."""
+loads a local copy instead of the hub's; see ``tokalign.data.tasks``). A task need not be registered:
+``module:Class`` (and ``module:Class:ARG``) names one on the Python path, as for every other plug-in."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 from tokalign import registry
@@ -31,18 +33,9 @@ def _load(source: str, split: str) -> tuple[list[dict], dict]:
         return load_file(path), {"source": "file", "path": str(path.resolve())}
     if path.is_dir():
         raise UserError(f"'{source}' is a directory but not a tokalign artifact; pass a data file, a task or an artifact.")
-    tasks = registry.available("task")
-    name, colon, arg = source.partition(":")
-    if source in tasks or (colon and name in tasks):
-        task = _make_task(name, arg) if colon else registry.load("task", source)()
-        if split not in task.splits:
-            raise UserError(f"Task '{name}' has no split '{split}'. Available: {', '.join(task.splits)}.")
-        info = {"source": "task", "task": name, "default_reward": getattr(task, "default_reward", None)}
-        if colon and Path(arg).expanduser().exists():
-            info["path"] = str(Path(arg).expanduser().resolve())
-        elif colon:
-            info["arg"] = arg
-        return task.records(split), info
+    task = _task_source(source)
+    if task is not None:
+        return _load_task(*task, split)
     if path.suffix in SUFFIXES or source.startswith((".", "/", "~")):
         raise UserError(f"Data file '{source}' does not exist.")
     if "/" in source:
@@ -50,11 +43,75 @@ def _load(source: str, split: str) -> tuple[list[dict], dict]:
     raise registry_unknown(source)
 
 
-def _make_task(name: str, arg: str):
-    """``TASK:ARG``: the task class built with ARG (only tasks whose constructor takes an argument)."""
+# module:Attr, optionally :ARG after it; an attribute ending like a data file is a missing file, not a plug-in.
+_PLUGIN_PATH = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?::(.*))?", re.S)
+
+
+def _task_source(source: str) -> tuple[str, str | None] | None:
+    """(task name, ARG or None) when ``source`` names a task: NAME, NAME:ARG, module:Attr or module:Attr:ARG."""
+    tasks = registry.available("task")
+    name, colon, arg = source.partition(":")
+    if source in tasks or (colon and name in tasks):
+        return (name, arg) if colon else (source, None)
+    m = _PLUGIN_PATH.fullmatch(source)
+    if m and not m[2].lower().endswith(SUFFIXES):
+        return f"{m[1]}:{m[2]}", m[3]
+    return None
+
+
+def _load_task(name: str, arg: str | None, split: str) -> tuple[list[dict], dict]:
+    """Records of a task plug-in; what its code raises is reported as the task's (``plugin_errors``)."""
+    from tokalign.data import render
+
+    task = _make_task(name, arg)
+    if split not in task.splits:
+        raise UserError(f"Task '{name}' has no split '{split}'. Available: {', '.join(task.splits)}.")
+    records = _records(name, task, split)
+    plugin = registry.info("task", name)
+    info = {"source": "task", "task": name, "distribution": plugin.distribution, "version": plugin.version,
+            "default_reward": getattr(task, "default_reward", None)}
+    if arg and Path(arg).expanduser().exists():
+        info["path"] = str(Path(arg).expanduser().resolve())
+    elif arg:
+        info["arg"] = arg
+    if any(isinstance(r.get("prompt"), str) for r in records):  # warned about where a tokenizer renders them
+        render.note_plain_prompts(f"task '{name}'")
+    return records, info
+
+
+def _records(name: str, task, split: str) -> list[dict]:
+    from tokalign import plugin_errors
+
+    with plugin_errors.guard("task", name, "records"):
+        records = task.records(split)
+        if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):
+            plugin_errors.contract("task", name, "records", f"it must return a list of dicts, got {type(records).__name__}")
+        records = list(records)  # a generator's own errors surface here, still inside the guard
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            plugin_errors.contract("task", name, "records", f"it must return a list of dicts; record {i + 1} is a {type(r).__name__}")
+    return records
+
+
+def plugin_refs(info: dict) -> list[dict]:
+    """The manifest's ``plugins`` entry of the task that ``load_records`` read (none for files and hub data)."""
+    if info.get("source") != "task":
+        return []
+    return [{"kind": "task", "name": info["task"], "distribution": info["distribution"], "version": info["version"]}]
+
+
+def _make_task(name: str, arg: str | None):
+    """The task plug-in built as ``Task()``, or ``Task(ARG)`` for ``NAME:ARG`` (only tasks whose constructor takes one)."""
     import inspect
 
+    from tokalign import plugin_errors
+
     cls = registry.load("task", name)
+    problem = registry.check_obj("task", cls)
+    if problem:
+        raise plugin_errors.PluginError(f"{plugin_errors.label('task', name)} does not satisfy the task protocol: {problem}.")
+    if arg is None:
+        return plugin_errors.call("task", name, "__init__", cls) if isinstance(cls, type) else cls
     try:
         takes_arg = bool(inspect.signature(cls).parameters)
     except (TypeError, ValueError):
@@ -63,7 +120,7 @@ def _make_task(name: str, arg: str):
         raise UserError(f"Task '{name}' takes nothing after a colon ('{name}:{arg}'); write '{name}'.")
     if not arg:
         raise UserError(f"'{name}:' names no data after the colon; write {name}:PATH for a local copy, or '{name}'.")
-    return cls(arg)
+    return plugin_errors.call("task", name, "__init__", cls, arg)
 
 
 def registry_unknown(source: str) -> UserError:

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from tokalign.errors import UserError
+
+# Tasks whose records have plain-string prompts -> warned yet. The loader notes them; the warning needs the
+# tokenizer, which the train loop only loads long after (and far from) loading the data.
+_plain_prompt_tasks: dict[str, bool] = {}
+
+
+def note_plain_prompts(task: str) -> None:
+    """``task`` (e.g. "task 'my_mod:Task'") gave string prompts: warn once if a chat-template tokenizer renders them."""
+    _plain_prompt_tasks.setdefault(task, False)
+
+
+def _warn_plain_prompts(tokenizer, prompts: list[Any]) -> None:
+    pending = [t for t, warned in _plain_prompt_tasks.items() if not warned]
+    if not pending or not getattr(tokenizer, "chat_template", None) or not any(isinstance(p, str) for p in prompts):
+        return
+    for task in pending:
+        _plain_prompt_tasks[task] = True
+        sys.stderr.write(f"warning: {task} gives plain-string prompts: they are not chat-templated, though the model has "
+                         "a chat template (a task returning [{\"role\": \"user\", \"content\": ...}] messages gets it).\n")
 
 
 def prompt_text(tokenizer, prompt: Any) -> str:
@@ -19,6 +39,7 @@ def prompt_text(tokenizer, prompt: Any) -> str:
 
 def render_prompts(tokenizer, prompts: list[Any]) -> list[tuple[str, list[int]]]:
     """(text, ids) per prompt, tokenised in one batched call per kind."""
+    _warn_plain_prompts(tokenizer, prompts)
     texts = [prompt_text(tokenizer, p) for p in prompts]
     ids: list[list[int] | None] = [None] * len(prompts)
     # The chat template already carries the special tokens; plain text gets the tokenizer's own.
@@ -38,3 +59,13 @@ def completion_ids(tokenizer, text: str) -> list[int]:
     if eos is not None and (not ids or ids[-1] != eos):
         ids = ids + [eos]
     return ids
+
+
+def retokenize(rows: list[dict], tokenizer) -> list[dict]:
+    """Render prompts (JSON-encoded in ``prompt``) with *this* model's tokenizer: an artifact may have been prepared
+    for another."""
+    from tokalign.rows import loads
+
+    for r, (text, ids) in zip(rows, render_prompts(tokenizer, [loads(r["prompt"]) for r in rows])):
+        r["prompt_text"], r["prompt_ids"] = text, ids
+    return rows

@@ -235,28 +235,22 @@ def advantages(samples: list[TokenSample]) -> None:
 
 
 def trainer_forward(model: str, samples: list[TokenSample], batch_size: int = 8) -> None:
-    """``values['trainer_logps']`` and ``values['entropy']`` per completion token from one forward pass of
-    prompt + completion (right-padded batches: causal attention keeps the padding out of real positions)."""
+    """``values['trainer_logps']`` and ``values['entropy']`` per completion token from the train loop's own forward
+    pass (``tokalign.forward``) over prompt + completion."""
     import torch
 
-    from tokalign import models, ops
+    from tokalign import models
+    from tokalign.batching import Seq, collate
+    from tokalign.forward import forward, to_device
 
     net = models.load_model(model).eval()
     device = next(net.parameters()).device
     with torch.inference_mode():
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
-            seqs = [s.prompt_ids + s.token_ids for s in chunk]
-            width = max(len(q) for q in seqs)
-            ids = torch.zeros(len(seqs), width, dtype=torch.long)
-            mask = torch.zeros(len(seqs), width, dtype=torch.long)
-            for i, q in enumerate(seqs):
-                ids[i, :len(q)] = torch.tensor(q)
-                mask[i, :len(q)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            logits = net(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            logps = ops.selective_log_softmax(logits, ids[:, 1:]).float().cpu()
-            ent = ops.entropy_from_logits(logits).float().cpu()
+            batch = to_device(collate([Seq(list(s.prompt_ids), list(s.token_ids), i) for i, s in enumerate(chunk)], 0), device)
+            out = forward(net, batch, with_entropy=True)
+            logps, ent = out.logps.float().cpu(), out.entropy.float().cpu()
             for i, s in enumerate(chunk):
                 a, n = len(s.prompt_ids) - 1, len(s.token_ids)
                 s.values["trainer_logps"] = logps[i, a:a + n].tolist()

@@ -47,7 +47,7 @@ def parse_spec(spec: str) -> tuple[str, float]:
 def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
     """['math.tolerance=1e-6', 'length.target=64'] -> {'math': {'tolerance': 1e-06}, 'length': {'target': 64}}.
     The key is what follows the last dot, so ``pkg.mod:Cls.key=v`` names the reward ``pkg.mod:Cls``."""
-    from tokalign.config import _scalar
+    from tokalign.config import parse_scalar
 
     out: dict[str, dict[str, Any]] = {}
     for item in items or []:
@@ -55,12 +55,13 @@ def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
         name, dot, key = lhs.strip().rpartition(".")
         if not eq or not dot or not name or not key.isidentifier():
             raise UserError(f"--reward-opt expects NAME.key=value (e.g. --reward-opt math.tolerance=1e-6), got '{item}'.")
-        out.setdefault(name, {})[key] = _scalar(raw)
+        out.setdefault(name, {})[key] = parse_scalar(raw)
     return out
 
 
-def _lookup(name: str) -> tuple[Any, registry.PluginInfo, str]:
-    """A name is looked up among rewards, then verifiers; a module:attr path is loaded directly."""
+def _lookup(name: str, what: str = "reward") -> tuple[Any, registry.PluginInfo, str]:
+    """A name is looked up among rewards, then verifiers; a module:attr path is loaded directly.
+    ``what`` names the option in the unknown-name message (eval's --verifier takes a reward too)."""
     rewards, verifiers = registry.available("reward"), registry.available("verifier")
     if ":" in name or name in rewards:
         obj, kind = registry.load("reward", name), "reward"
@@ -69,7 +70,7 @@ def _lookup(name: str) -> tuple[Any, registry.PluginInfo, str]:
     else:
         from tokalign.errors import unknown
 
-        raise unknown("reward", name, set(rewards) | set(verifiers))
+        raise unknown(what, name, set(rewards) | set(verifiers))
     return obj, registry.info(kind, name), kind
 
 
@@ -122,12 +123,12 @@ def _source_hash(obj: Any) -> str:
         return ""
 
 
-def build(name: str, options: dict[str, Any] | None = None) -> tuple[Callable, registry.PluginInfo, bool, dict | None, str]:
+def build(name: str, options: dict[str, Any] | None = None, what: str = "reward") -> tuple[Callable, registry.PluginInfo, bool, dict | None, str]:
     """(per-sample callable, plug-in info, is_verifier, resolved Config as a dict, fingerprint) for one reward name."""
     import json
 
     options = options if options is not None else {}
-    raw, info, kind = _lookup(name)
+    raw, info, kind = _lookup(name, what)
     fn, is_verifier, cfg = _make(name, raw, kind, options, info.distribution)
     ident = [info.value, info.distribution, info.version, _source_hash(raw), cfg if cfg is not None else options]
     fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
@@ -146,17 +147,18 @@ def _make(name: str, raw: Any, kind: str, options: dict[str, Any], distribution:
     problem = registry.check_obj("verifier" if is_verifier else "reward", obj)
     if problem:
         raise UserError(f"reward '{name}' ({distribution}) does not satisfy the protocol: {problem}.")
-    return (_verifier_as_reward(obj) if is_verifier else obj), is_verifier, cfg
+    return (_verifier_as_reward(obj, name) if is_verifier else obj), is_verifier, cfg
 
 
-def resolve(specs: list[str], options: dict[str, dict] | None = None) -> list[ResolvedReward]:
-    """``options`` maps a reward name (as written in its spec, without the weight) to its options."""
+def resolve(specs: list[str], options: dict[str, dict] | None = None, what: str = "reward") -> list[ResolvedReward]:
+    """``options`` maps a reward name (as written in its spec, without the weight) to its options.
+    ``what``: how an unknown name is called in the error ("verifier" for eval's --verifier)."""
     options = dict(options or {})
     out = []
     for spec in specs:
         name, weight = parse_spec(spec)
         opts = options.get(name) or {}
-        fn, info, is_verifier, cfg, fingerprint = build(name, opts)
+        fn, info, is_verifier, cfg, fingerprint = build(name, opts, what)
         out.append(ResolvedReward(name, weight, fn, info, is_verifier, dict(opts), cfg, fingerprint))
     names = [r.name for r in out]
     for name in options:
@@ -166,39 +168,66 @@ def resolve(specs: list[str], options: dict[str, dict] | None = None) -> list[Re
     return out
 
 
-def _verifier_as_reward(verifier) -> Callable[[list[Sample]], list[Reward]]:
+def plugin_refs(resolved: list[ResolvedReward]) -> list[dict[str, Any]]:
+    """The rewards of a run as an artifact's provenance ``plugins`` entries (name, distribution, version, weight,
+    resolved options)."""
+    return [{"kind": r.plugin.kind, "name": r.name, "distribution": r.plugin.distribution,
+             "version": r.plugin.version, "weight": r.weight, **({"options": r.config} if r.config is not None else {})}
+            for r in resolved]
+
+
+def _verifier_as_reward(verifier, name: str = "") -> Callable[[list[Sample]], list[Reward]]:
+    """A verifier raising on a sample fails that sample (scoring records it); one returning anything but a
+    Verdict with a numeric score breaks its contract, which stops the run (``plugin_errors.ContractViolation``)."""
+    from tokalign.plugin_errors import contract
+
+    name = name or type(verifier).__name__
+
     def call(samples: list[Sample]) -> list[Reward]:
         results = []
         for s in samples:
-            v: Verdict = verifier.verify(s)
-            results.append(Reward(float(v.score), None, {"passed": bool(v.passed), "detail": v.detail}))
+            v = verifier.verify(s)
+            if not isinstance(v, Verdict):
+                contract("verifier", name, "verify", f"it must return tokalign.protocols.Verdict, got {type(v).__name__}")
+            try:
+                score = float(v.score)
+            except (TypeError, ValueError):
+                contract("verifier", name, "verify", f"Verdict.score must be a number, got {type(v.score).__name__}")
+            results.append(Reward(score, None, {"passed": bool(v.passed), "detail": v.detail}))
         return results
 
     call.verifier = verifier  # its optional hooks (answer) stay reachable, e.g. for eval's maj@k
+    call.plugin_kind, call.plugin_method = "verifier", "verify"  # how scoring names its failures
     return call
 
 
 def normalise(name: str, sample: Sample, value: Any) -> Reward:
-    """Coerce a reward's return value and check the per-token contract."""
+    """Coerce a reward's return value and check the per-token contract; a breach is the reward's bug on any
+    input, so it raises ``plugin_errors.ContractViolation`` (scoring stops the run on it)."""
+    import numbers
+
+    from tokalign.plugin_errors import contract
+
+    def broke(problem: str):
+        contract("reward", name, "__call__", problem)
+
     if isinstance(value, Verdict):
-        value = Reward(float(value.score), None, {"passed": value.passed, "detail": value.detail})
-    elif isinstance(value, (int, float)) or value is None:
+        value = Reward(value.score, None, {"passed": value.passed, "detail": value.detail})
+    elif isinstance(value, numbers.Real) or value is None:  # numbers.Real: numpy scalars too
         value = Reward(float("nan") if value is None else float(value))
     if not isinstance(value, Reward):
-        raise UserError(f"reward '{name}' returned {type(value).__name__}; it must return Reward or float per sample.")
+        broke(f"it must return a Reward or a float per sample, got {type(value).__name__}")
+    try:
+        value.value = float(value.value)  # a numpy or 0-d torch scalar is a number too
+    except (TypeError, ValueError):
+        broke(f"Reward.value must be a number, got {type(value.value).__name__}")
     if value.token_values is not None:
         n = len(sample.completion_ids)
         if len(value.token_values) != n:
-            raise UserError(
-                f"reward '{name}' returned {len(value.token_values)} token values for sample '{sample.id}' "
-                f"with {n} completion tokens; token_values needs one value per completion token."
-            )
-        value.token_values = [float(v) for v in value.token_values]
+            broke(f"it returned {len(value.token_values)} token values for sample '{sample.id}' with {n} completion tokens; "
+                  "token_values needs one value per completion token")
+        try:
+            value.token_values = [float(v) for v in value.token_values]
+        except (TypeError, ValueError):
+            broke("token_values must be numbers")
     return value
-
-
-def score_samples(rewards: list[ResolvedReward], samples: list[Sample], **kwargs) -> list[dict[str, Any]]:
-    """Per-sample dicts with reward, rewards, verdicts, token_rewards, reward_errors (see ``tokalign.scoring``)."""
-    from tokalign.scoring import score_samples as run
-
-    return run(rewards, samples, **kwargs)[0]

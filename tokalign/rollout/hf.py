@@ -13,6 +13,10 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.batch_size = batch_size  # prompts per generate call (each expanded n times)
 
+    def sync(self, model) -> None:
+        """Nothing to push: this engine samples from the trained model itself (None: no sync time to report)."""
+        return None
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
         from transformers import GenerationConfig

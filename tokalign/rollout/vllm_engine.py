@@ -85,10 +85,10 @@ class VLLMEngine:
         import torch
 
         start = time.perf_counter()
-        from tokalign.train import lora
+        from tokalign.rollout.weights import state_dict
 
         with torch.no_grad():  # a LoRA policy: the merged W + ΔW, computed without merging the model in place
-            state = lora.merged_state_dict(model) if lora.is_lora(model) else model.state_dict()
+            state = state_dict(model)
             weights = [(name, t.detach()) for name, t in state.items()]
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})

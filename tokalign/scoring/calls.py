@@ -6,6 +6,10 @@ that wants whole batches on a GPU): then it gets lists of up to ``BATCH`` sample
 of ``timeout × len(samples)``; a batched call that raises is retried one sample at a time (so only
 the culprits fail), one that runs past its budget fails all its samples as timed out.
 
+A contract violation (``plugin_errors.ContractViolation``: a reward returning a str, a verifier returning a
+bool, the wrong number of values or token values) is the plug-in's bug on any input, not a bad sample: it
+stops the run with the plug-in's one-line error. So does a reward failing on every sample (``check_broken``).
+
 The timeout is a SIGALRM timer (Unix, main thread) that interrupts Python code and sleeps. Code
 stuck inside a C call that never returns to the interpreter is only stopped in worker processes,
 whose parent kills them at a hard deadline (see ``pool``).
@@ -18,6 +22,8 @@ import signal
 import threading
 from typing import Any, Callable
 
+from tokalign.plugin_errors import ContractViolation, PluginError, contract, label
+
 OK, ERROR, TIMEOUT = "ok", "error", "timeout"
 MAX_MESSAGE = 300
 BATCH = 64  # samples per call of a batched reward (and per chunk handed to a worker process)
@@ -25,6 +31,11 @@ BATCH = 64  # samples per call of a batched reward (and per chunk handed to a wo
 
 def is_batched(fn) -> bool:
     return bool(getattr(fn, "batched", False))
+
+
+def plugin_of(fn) -> tuple[str, str]:
+    """(kind, method) to name a reward callable's failures: a wrapped verifier fails in verify()."""
+    return getattr(fn, "plugin_kind", "reward"), getattr(fn, "plugin_method", "__call__")
 
 
 class SampleTimeout(BaseException):
@@ -75,16 +86,18 @@ def _timed(fn: Callable, samples: list, alarm: Alarm, budget: float | None) -> l
 
 
 def _checked(name: str, sample, value) -> tuple[str, Any]:
-    from tokalign.errors import UserError
     from tokalign.rewards import normalise
 
+    r = normalise(name, sample, value)  # a contract violation propagates: it stops the run
     try:
-        r = normalise(name, sample, value)
         return OK, (float(r.value), r.token_values, _plain(r.info))
-    except UserError as e:  # the reward contract
-        return ERROR, one_line(str(e))
-    except (Exception, SystemExit) as e:  # e.g. a value float() refuses, info json refuses
+    except (Exception, SystemExit) as e:  # e.g. an info json refuses (a circular reference)
         return ERROR, one_line(f"{type(e).__name__}: {e}")
+
+
+def _count_mismatch(fn, name: str, got: int, want: int) -> None:
+    kind, method = plugin_of(fn)
+    contract(kind, name, method, f"it must return one value per sample, got {got} for {want}")
 
 
 def call_one(fn: Callable, name: str, sample, alarm: Alarm) -> tuple[str, Any]:
@@ -93,10 +106,12 @@ def call_one(fn: Callable, name: str, sample, alarm: Alarm) -> tuple[str, Any]:
         values = _timed(fn, [sample], alarm, alarm.timeout)
     except SampleTimeout:
         return TIMEOUT, f"timed out after {alarm.timeout:g}s"
+    except ContractViolation:
+        raise
     except (Exception, SystemExit) as e:
         return ERROR, one_line(f"{type(e).__name__}: {e}")
     if len(values) != 1:
-        return ERROR, f"returned {len(values)} values for 1 sample"
+        _count_mismatch(fn, name, len(values), 1)
     return _checked(name, sample, values[0])
 
 
@@ -109,8 +124,20 @@ def call_many(fn: Callable, name: str, samples: list, alarm: Alarm) -> list[tupl
         values = _timed(fn, samples, alarm, budget)
     except SampleTimeout:
         return [(TIMEOUT, f"timed out: a batched call of {len(samples)} samples ran past {budget:g}s")] * len(samples)
+    except ContractViolation:
+        raise
     except (Exception, SystemExit):
         return [call_one(fn, name, s, alarm) for s in samples]  # find the culprits
     if len(values) != len(samples):
-        return [(ERROR, f"returned {len(values)} values for {len(samples)} samples")] * len(samples)
+        _count_mismatch(fn, name, len(values), len(samples))
     return [_checked(name, s, v) for s, v in zip(samples, values)]
+
+
+def check_broken(report, rewards) -> None:
+    """A reward failing on every one of ≥ 2 samples is broken, not unlucky: its one-line ``PluginError``.
+    ``report``: a ``scoring.ScoreReport`` of a run of ``rewards`` (``ResolvedReward``s)."""
+    for r in rewards:
+        stats = report.rewards.get(r.name)
+        if stats is not None and report.samples >= 2 and stats.failed == report.samples:
+            kind, method = plugin_of(r.fn)
+            raise PluginError(f"{label(kind, r.name)} failed in {method}() on all {report.samples} samples: {stats.first_error}")

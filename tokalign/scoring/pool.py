@@ -10,6 +10,8 @@ Timeouts: a worker interrupts a sample at ``timeout`` with SIGALRM (``calls.Alar
 does not come back (stuck in C code, ignoring the alarm) is killed at a hard deadline: that sample
 is recorded as timed out, the rest of its chunk goes back in the queue, and a new worker starts.
 A worker that dies (segfault, ``os._exit``, the OOM killer) fails only the sample it was running.
+A reward breaking its contract in a worker stops the run in the parent with the worker's one-line error
+(and, under ``--debug``, the worker's traceback on stderr).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokalign.errors import UserError
+from tokalign.plugin_errors import ContractViolation
 from tokalign.scoring.calls import BATCH, ERROR, TIMEOUT, Alarm, call_many, call_one, is_batched, one_line
 
 POLL_S = 0.05
@@ -64,21 +67,31 @@ def _worker_main(conn, refs: list[tuple[str, str, str, dict]], timeout: float | 
             if msg is None:
                 return
             task_id, ri, items = msg
-            fn, name = fns[ri], refs[ri][0]
-            if is_batched(fn) and len(items) > 1:
+            try:
+                out = _run_task(fns[ri], refs[ri][0], ri, items, timeout, slot, alarm)
+            except ContractViolation as e:  # the reward is broken: the parent stops the run
+                import traceback
+
                 slot[2] = 0.0
-                slot[0], slot[1], slot[3] = ri, -1, 2 * (timeout or 0) * len(items)  # the call, then maybe one by one
-                slot[2] = time.monotonic()
-                out = call_many(fn, name, [sample for _, sample in items], alarm)
-            else:
-                out = []
-                for pos, sample in items:
-                    slot[2] = 0.0
-                    slot[0], slot[1], slot[3] = ri, pos, timeout or 0
-                    slot[2] = time.monotonic()
-                    out.append(call_one(fn, name, sample, alarm))
+                conn.send(("contract", (str(e), traceback.format_exc())))
+                return
             slot[2] = 0.0
             conn.send((task_id, out))
+
+
+def _run_task(fn, name: str, ri: int, items: list, timeout: float | None, slot, alarm: Alarm) -> list:
+    if is_batched(fn) and len(items) > 1:
+        slot[2] = 0.0
+        slot[0], slot[1], slot[3] = ri, -1, 2 * (timeout or 0) * len(items)  # the call, then maybe one by one
+        slot[2] = time.monotonic()
+        return call_many(fn, name, [sample for _, sample in items], alarm)
+    out = []
+    for pos, sample in items:
+        slot[2] = 0.0
+        slot[0], slot[1], slot[3] = ri, pos, timeout or 0
+        slot[2] = time.monotonic()
+        out.append(call_one(fn, name, sample, alarm))
+    return out
 
 
 @dataclass
@@ -125,6 +138,13 @@ class _Run:
             w.ready = True
         elif kind == "init_error":
             raise UserError(f"A reward worker process could not load the rewards: {payload}")
+        elif kind == "contract":
+            message, worker_traceback = payload
+            if os.environ.get("TOKALIGN_DEBUG", "") not in ("", "0"):
+                import sys
+
+                sys.stderr.write(f"reward worker {w.proc.pid}:\n{worker_traceback}")
+            raise ContractViolation(message)
         else:
             ri, items = self.tasks.pop(kind)
             for (pos, _), result in zip(items, payload):

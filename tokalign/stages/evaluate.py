@@ -24,7 +24,7 @@ Metrics in ``results.json`` (per-sample columns in the rows where noted):
   ``kl`` and ``kl_k3`` (per-sample sum of k1 and mean of k3).
 
 Entropy and KL come from one transformers forward pass of each model over the sampled tokens
-(``tokalign.train.loop.forward``, the train loop's own), with the models' untempered log-probs.
+(``tokalign.forward.forward``, the train loop's own), with the models' untempered log-probs.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def answer_fn(reward: rewards.ResolvedReward) -> Callable:
 
 def add_answers(rows: list[dict], reward: rewards.ResolvedReward) -> None:
     """Column ``answer``; a hook that raises on a sample gives it no answer (it does not vote)."""
-    from tokalign.stages.common import to_sample
+    from tokalign.rows import to_sample
 
     fn = answer_fn(reward)
     for r in rows:
@@ -150,8 +150,8 @@ def add_token_stats(rows: list[dict], model: str, tokenizer, ref: str = "", entr
     import torch
 
     from tokalign import ops
-    from tokalign.train.batching import Seq, collate
-    from tokalign.train.loop import _to, forward
+    from tokalign.batching import Seq, collate
+    from tokalign.forward import forward, to_device as _to
 
     if not rows or not (entropy or ref):
         return
@@ -197,7 +197,7 @@ def add_token_stats(rows: list[dict], model: str, tokenizer, ref: str = "", entr
 def load_prompts(source: str, tokenizer, split: str = "test", limit: int | None = None) -> tuple[list[dict], list[dict], str | None]:
     """(rows rendered for ``tokenizer``, manifest inputs, the data's default reward): a prompts artifact,
     or a built-in task / data file / hub dataset (``split``: a task's or hub dataset's split)."""
-    from tokalign.stages.common import retokenize
+    from tokalign.data.render import retokenize
 
     if artifacts.is_artifact(source):
         src = artifacts.read(source, ["prompts"])
@@ -221,9 +221,9 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     import sys
 
     from tokalign.scoring import resolve_workers
-    from tokalign.stages.common import score_rows
+    from tokalign.scoring.rows import score_rows
     from tokalign.stages.rollout import check_backend, sample
-    from tokalign.stages.score import plugin_refs
+    from tokalign.rewards import plugin_refs
 
     check_backend(backend)
 
@@ -234,7 +234,7 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     if not rows:
         raise UserError(f"'{prompts}' holds no prompts to evaluate.")
     verifier = verifier or default_reward or "exact_match"
-    resolved = rewards.resolve([verifier], reward_options)
+    resolved = rewards.resolve([verifier], reward_options, what="verifier")
     if ref:
         check_ref(ref, tokenizer)  # a bad --ref fails before any sampling
     scored, report = score_rows(sample(rows, model, backend, spec, tokenizer), resolved, workers=n_workers, timeout=timeout or None)

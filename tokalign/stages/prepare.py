@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokalign import artifacts, models
 from tokalign.data import formats, loaders, render
-from tokalign.stages.common import dumps
+from tokalign.rows import dumps
 
 
 def load_rows(source: str, tokenizer, split: str = "train", limit: int | None = None) -> tuple[str, list[dict], dict]:
@@ -37,7 +37,7 @@ def prepare(source: str, out: str, *, model: str = "", split: str = "train", lim
     prov = artifacts.Provenance(
         config={"source": source, "split": split, "limit": limit, "model": model or "(bundled)"},
         inputs=[{"path": info.get("path", source), "kind": info["source"], "split": split, "sha256": info["sha256"]}],
-        model=models.identity(model),
+        plugins=loaders.plugin_refs(info), model=models.identity(model),
         extra={"default_reward": info.get("default_reward")},
     )
     with artifacts.writing(out_path, kind, prov, overwrite) as w:

@@ -23,7 +23,7 @@ def sample(rows: list[dict], model: str, backend: str, spec: SamplingSpec, token
     """Generate ``spec.n`` completions per prompt row (already rendered for ``tokenizer``) -> rollout rows."""
     import torch
 
-    from tokalign.stages.common import rollout_rows
+    from tokalign.rows import rollout_rows
 
     torch.manual_seed(spec.seed)
     longest = max((len(r["prompt_ids"]) for r in rows), default=0)
@@ -33,7 +33,7 @@ def sample(rows: list[dict], model: str, backend: str, spec: SamplingSpec, token
 
 def rollout(prompts: str, out: str, *, model: str = "", backend: str = "hf", spec: SamplingSpec = SamplingSpec(),
             overwrite: bool = False) -> Path:
-    from tokalign.stages.common import retokenize
+    from tokalign.data.render import retokenize
 
     check_backend(backend)
     out_path = artifacts.check_output(out, overwrite)

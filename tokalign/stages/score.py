@@ -3,6 +3,7 @@
 Rewards run one sample per call, in-process (``workers=1``) or in worker processes, with a per-sample
 timeout; results are cached on disk by (reward fingerprint, sample content). A reward failing on a
 sample scores 0 there and says why in ``reward_errors``; the run goes on (see ``tokalign.scoring``).
+A reward failing on every sample, or breaking its contract, is broken: the plug-in's one-line error, no artifact.
 """
 
 from __future__ import annotations
@@ -11,12 +12,7 @@ import sys
 from pathlib import Path
 
 from tokalign import artifacts, rewards
-
-
-def plugin_refs(resolved) -> list[dict]:
-    return [{"kind": r.plugin.kind, "name": r.name, "distribution": r.plugin.distribution,
-             "version": r.plugin.version, "weight": r.weight, **({"options": r.config} if r.config is not None else {})}
-            for r in resolved]
+from tokalign.rewards import plugin_refs  # defined there (train imports it too); still importable from here
 
 
 def score(rollouts: str, out: str, *, reward: list[str], overwrite: bool = False, reward_options: dict | None = None,
@@ -25,7 +21,9 @@ def score(rollouts: str, out: str, *, reward: list[str], overwrite: bool = False
     reward (None or 0: none). ``cache``: read and write the score cache (``scoring.cache``)."""
     from tokalign.errors import UserError
     from tokalign.scoring import resolve_workers
-    from tokalign.stages.common import SCORE_COLUMNS, score_rows
+    from tokalign.scoring.calls import check_broken
+    from tokalign.rows import SCORE_COLUMNS
+    from tokalign.scoring.rows import score_rows
 
     out_path = artifacts.check_output(out, overwrite)
     if timeout is not None and timeout < 0:
@@ -49,6 +47,7 @@ def score(rollouts: str, out: str, *, reward: list[str], overwrite: bool = False
             store.close()
         if progress:
             sys.stderr.write("\r\033[K")
+    check_broken(report, resolved)
     sys.stderr.write(f"score: {report.summary()}\n")
     config = {"reward": reward, "reward_options": dict(reward_options or {}), "timeout_s": timeout or None}
     prov = artifacts.Provenance(config=config, inputs=[src.ref()], plugins=plugin_refs(resolved),

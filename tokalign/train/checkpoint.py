@@ -1,7 +1,8 @@
-"""Resume points inside ``<out>.partial/``: model (save_pretrained), optimiser, scheduler, RNG, step.
+"""Resume points inside ``<out>.partial/``: model (save_pretrained), optimiser, scheduler, RNG, step, and the state and
+files of the algorithm, its components and hooks.
 
-Each checkpoint is written to a temp dir and renamed, so a kill never leaves a half checkpoint;
-only the newest one is kept.
+Each checkpoint is written to a temp dir and renamed, so a kill never leaves a half checkpoint; only the newest one
+is kept.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 import torch
 
 from tokalign.errors import UserError
+from tokalign.protocols import Stateful
 
 STATE = "trainer_state.pt"
-VALUE_HEAD = "value_head.safetensors"
 
 
 def work_dir(out: Path) -> Path:
@@ -28,32 +29,47 @@ def latest(work: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save(work: Path, step: int, model, tokenizer, optimizer, scheduler, config_sha256: str, algorithm=None,
-         value_head=None, trained: dict | None = None, state_dict: dict | None = None) -> Path:
-    """``trained``: {role: (model, optimizer)} of the algorithm's auxiliary trained models, saved in <ckpt>/<role>/."""
+def states(state) -> dict:
+    """The checkpointed state of everything stateful in a run: the algorithm, its components and hooks."""
+    return {
+        "algorithm": state.algorithm.state_dict() if isinstance(state.algorithm, Stateful) else None,
+        "components": {c.name: c.state_dict() for c in state.components if isinstance(c, Stateful)},
+        "hooks": {h.name: h.state_dict() for h in state.needs.hooks if isinstance(h, Stateful)},
+    }
+
+
+def restore(state, saved: dict) -> None:
+    """Put a checkpoint's ``states`` back (and the optimiser, scheduler and RNG)."""
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    restore_rng(saved)
+    if saved.get("algorithm") is not None:
+        state.algorithm.load_state_dict(saved["algorithm"])
+    for group, objs in (("components", state.components), ("hooks", state.needs.hooks)):
+        for obj in objs:
+            if obj.name in (saved.get(group) or {}):
+                obj.load_state_dict(saved[group][obj.name])
+
+
+def save(work: Path, step: int, state, config_sha256: str, weights: dict | None = None) -> Path:
+    """``weights``: the gathered weights of a sharded model (None: the model's own state_dict)."""
     final = work / f"checkpoint-{step}"
     tmp = work / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)  # state_dict: the gathered weights of a sharded model
-    tokenizer.save_pretrained(tmp)
-    if value_head is not None:
-        from safetensors.torch import save_file
-
-        save_file(value_head.state_dict(), tmp / VALUE_HEAD)
-    for role, (aux, _) in (trained or {}).items():
-        aux.save_pretrained(tmp / role)
+    state.policy.save_pretrained(tmp, state_dict=weights)
+    state.tokenizer.save_pretrained(tmp)
+    for c in state.components:
+        c.save(tmp)
     torch.save(
         {
             "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "python_rng": random.getstate(),
             "config_sha256": config_sha256,
-            # algorithms with state across steps (running statistics per prompt, ...) resume it too
-            "algorithm": algorithm.state_dict() if hasattr(algorithm, "state_dict") else None,
-            "aux_optimizers": {role: opt.state_dict() for role, (_, opt) in (trained or {}).items()},
+            **states(state),
         },
         tmp / STATE,
     )
@@ -65,7 +81,7 @@ def save(work: Path, step: int, model, tokenizer, optimizer, scheduler, config_s
 
 
 def load_state(ckpt: Path, config_sha256: str) -> dict:
-    state = torch.load(ckpt / STATE, weights_only=False)
+    state = torch.load(ckpt / STATE, weights_only=False, map_location="cpu")
     if state["config_sha256"] != config_sha256:
         raise UserError(
             f"The configuration differs from the one that wrote {ckpt}; resume with the same command and config, "

@@ -13,9 +13,7 @@ from typing import Any
 from tokalign import artifacts, config, models, registry
 from tokalign.errors import UserError
 from tokalign.rollout import check_backend
-
-# Training-data kinds, in the order an algorithm lists what it accepts.
-KIND_OF_ARTIFACT = {"prompts": ("online", "completions"), "pairs": ("pairs",), "scored": ("scored", "pairs")}
+from tokalign.train.kinds import KIND_OF_ARTIFACT, KINDS
 
 
 @dataclass
@@ -24,7 +22,7 @@ class Plan:
     algorithm: Any
     algo_config: Any
     cfg: config.RunConfig
-    data_kind: str  # online | scored | pairs | completions
+    data_kind: str  # a key of train.kinds.KINDS
     data: dict[str, Any]  # how the data was found: artifact / task / file / hub
     rows: list[dict]  # raw rows (artifact rows, or normalised records; tokenised at run time)
     rewards: list = field(default_factory=list)
@@ -36,6 +34,15 @@ class Plan:
     def needs(self):
         return self.algorithm.needs
 
+    @property
+    def kind(self):
+        return KINDS[self.data_kind]
+
+    def components(self) -> list:
+        from tokalign import components
+
+        return components.resolve(self.needs)
+
     def run_config_dict(self) -> dict:
         d = config.to_dict(self.cfg)
         d["algorithm"] = dataclasses.asdict(self.algo_config)
@@ -44,12 +51,11 @@ class Plan:
 
     def arithmetic(self) -> dict[str, Any]:
         t, r = self.cfg.train, self.cfg.rollout
-        per_item = {"online": r.n, "scored": self.group_size(), "pairs": 2, "completions": 1, "unpaired": 2, "triples": 3}[self.data_kind]
+        per_item = self.group_size()
         seqs = t.batch_size * per_item
         micro = t.micro_batch_size or seqs
-        unit = {"online": "prompts", "scored": "groups", "pairs": "pairs", "completions": "examples",
-                "unpaired": "labelled examples", "triples": "triples"}[self.data_kind]
-        items = len({r_["group_id"] for r_ in self.rows}) if self.data_kind == "scored" else len(self.rows)
+        unit = self.kind.unit
+        items = len({r_["group_id"] for r_ in self.rows}) if self.kind.keeps_ids else len(self.rows)
         out = {
             f"{unit} per step": t.batch_size,
             "sequences per step": seqs,
@@ -62,12 +68,12 @@ class Plan:
             "passes over the data": round(t.max_steps * t.batch_size / max(items, 1), 3),
         }
         prompt_tokens = sum(len(x.get("prompt_ids") or ()) for x in self.rows) / max(len(self.rows), 1)
-        if self.data_kind == "online":
+        if self.kind.sampled:
             out["samples per prompt"] = r.n
             out["generated tokens per step (max)"] = seqs * r.max_new_tokens
             if prompt_tokens:  # prompts already rendered (a prompts artifact); task records are rendered at load
                 out["tokens per step (max, prompt + completion)"] = round(seqs * (prompt_tokens + r.max_new_tokens))
-        elif self.data_kind == "scored":
+        elif self.kind.keeps_ids:
             completion = sum(len(x.get("completion_ids") or ()) for x in self.rows) / max(len(self.rows), 1)
             out["tokens per step (mean, prompt + completion)"] = round(seqs * (prompt_tokens + completion))
         world = _world_size()
@@ -80,32 +86,31 @@ class Plan:
         return out
 
     def models_in_memory(self) -> str:
-        t, n = self.cfg.train, self.needs
+        t = self.cfg.train
         parts = ["policy" + (f" (+ LoRA r={t.lora_r}{', 4-bit base' if t.lora_4bit else ''})" if t.lora_r else "")]
-        if n.reference:
-            parts.append("reference = policy with the adapter off" if t.lora_r and not self.cfg.ref_model else "reference")
-        parts += [f"{role} (frozen)" for role in n.models] + [f"{role} (trained)" for role in n.trained_models]
-        if n.value_head:
-            parts.append("value head")
+        for what in dict.fromkeys(c.describe() for c in self.components()):
+            if what == "reference" and t.lora_r and not self.cfg.ref_model:
+                what = "reference = policy with the adapter off"
+            parts += [what] if what else []
         return ", ".join(parts)
 
     def option_warnings(self) -> list[str]:
         """Combinations that run but probably do not do what the user meant."""
         t, r, out = self.cfg.train, self.cfg.rollout, []
-        if self.data_kind != "online" and r.backend != "hf":
+        if not self.kind.sampled and r.backend != "hf":
             out.append(f"rollout.backend={r.backend} is ignored: {self.data_kind} data is not sampled during training.")
-        if self.data_kind == "online" and self.rows:
+        if self.kind.sampled and self.rows:
             longest = max(len(x.get("prompt_ids") or ()) for x in self.rows)
             if longest and longest + r.max_new_tokens > t.max_length:
                 out.append(f"train.max_length={t.max_length} < longest prompt ({longest}) + rollout.max_new_tokens ({r.max_new_tokens}): "
                            "long samples are truncated before training.")
-        group = r.n if self.data_kind == "online" else self.group_size()
+        group = self.group_size()
         if t.micro_batch_size and t.micro_batch_size < group:
             out.append(f"train.micro_batch_size={t.micro_batch_size} < group size {group}: micro-batches never split a group, "
                        f"so each holds {group} rows.")
         if t.lora_4bit and not t.lora_r:
             out.append("train.lora_4bit has no effect without train.lora_r > 0.")
-        if getattr(self.algo_config, "mismatch_correction", "none") != "none" and r.backend == "hf" and self.data_kind == "online":
+        if self.run_config_dict()["algorithm"].get("mismatch_correction", "none") != "none" and r.backend == "hf" and self.kind.sampled:
             out.append("algorithm.mismatch_correction with the hf backend: the sampler is the trained model itself, weights stay ≈ 1.")
         world = _world_size()
         if world > t.batch_size:
@@ -113,7 +118,12 @@ class Plan:
         return out
 
     def group_size(self) -> int:
-        if self.data_kind != "scored" or not self.rows:
+        """Sequences per item: the kind's, rollout.n online, the largest group of scored data."""
+        if self.kind.per_item is not None:
+            return self.kind.per_item
+        if self.kind.sampled:
+            return self.cfg.rollout.n
+        if not self.rows:
             return 1
         counts: dict[Any, int] = {}
         for row in self.rows:
@@ -128,7 +138,11 @@ class Plan:
                  f"data: {json.dumps(self.data)} -> {self.data_kind}"]
         if self.rewards:
             lines.append("rewards: " + ", ".join(f"{r.name}*{r.weight:g} ({r.plugin.distribution} {r.plugin.version})" for r in self.rewards))
-        lines.append(f"reference model: {'yes' if self.needs.reference else 'no'}")
+        comps = self.components()
+        lines.append(f"reference model: {'yes' if any(c.describe() == 'reference' for c in comps) else 'no'}")
+        lines.append("batch components: " + (", ".join(f"{c.name} -> {', '.join(c.provides) or 'forward outputs'}" for c in comps) or "none"))
+        if self.kind.sampled or self.kind.keeps_ids:
+            lines.append("sampling hooks: " + (", ".join(h.name for h in self.needs.hooks) or "none"))
         lines.append("batch arithmetic:")
         lines += [f"  {k}: {v}" for k, v in self.arithmetic().items()]
         lines += [f"warning: {w}" for w in [*self.warnings, *self.option_warnings()]]
@@ -169,7 +183,7 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
         extra = {"inputs": [art.ref()], "default_reward": art.manifest.get("default_reward"),
                  "max_new_tokens": _sampler_max_new_tokens(art)}
         if art.kind == "scored":
-            from tokalign.stages.common import failed_reward_rows
+            from tokalign.rows import failed_reward_rows
 
             extra.update(reward_failures=failed_reward_rows(rows), scored_rows=len(rows))
     else:
@@ -201,6 +215,21 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
         f"'{algo_name}' trains on {' or '.join(accepts)} data, but '{source}' provides {' or '.join(kinds)}."
         + (" Run `tokalign rollout` and `tokalign score` first, or pass prompts for online training." if "scored" in accepts else "")
     )
+
+
+def _roles(algo_name: str, needs) -> dict[str, bool]:
+    """Model roles the algorithm's components take (--with ROLE=PATH) -> required?"""
+    from tokalign import components
+
+    try:
+        comps = components.resolve(needs)
+    except ValueError as e:
+        raise UserError(f"algorithm '{algo_name}': {e}") from e
+    out: dict[str, bool] = {}
+    for c in comps:
+        for role, required in c.roles().items():
+            out[role] = out.get(role, False) or required
+    return out
 
 
 def _world_size() -> int:
@@ -236,15 +265,14 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
     models.resolve_model(run_cfg.model)
     if run_cfg.ref_model:
         models.resolve_model(run_cfg.ref_model)
-    for role in algorithm.needs.models:
-        if not run_cfg.models.get(role):
+    roles = _roles(algo_name, algorithm.needs)
+    for role, required in roles.items():
+        if required and not run_cfg.models.get(role):
             flag = {"teacher": "--teacher PATH", "dpo": "--dpo-model PATH", "reverse": "--reverse-model PATH"}.get(role, f"--with {role}=PATH")
             raise UserError(f"'{algo_name}' needs a '{role}' model: pass {flag} (or models.{role} in the config).")
-        models.resolve_model(run_cfg.models[role])
-    for role in algorithm.needs.trained_models:  # optional: they start from the starting model
-        if run_cfg.models.get(role):
+        if run_cfg.models.get(role):  # optional ones (a trained model) start from the starting model otherwise
             models.resolve_model(run_cfg.models[role])
-    takes = (*algorithm.needs.models, *algorithm.needs.trained_models)
+    takes = tuple(roles)
     unused = sorted(set(run_cfg.models) - set(takes))
     if unused:
         raise UserError(f"'{algo_name}' uses no model for role(s) {', '.join(unused)}; it takes: {', '.join(takes) or 'none'}.")
@@ -259,7 +287,7 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
     if not rows:
         raise UserError(f"Training data '{run_cfg.data}' has no rows.")
     plan = Plan(algo_name, algorithm, algo_cfg, run_cfg, kind, desc, rows, extra=extra)
-    if kind == "online":
+    if KINDS[kind].sampled:
         if run_cfg.rollout.backend == "vllm":
             import importlib.util
 
@@ -279,8 +307,6 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
     if extra.get("reward_failures"):
         plan.warnings.append(f"{extra['reward_failures']} of {extra['scored_rows']} scored rows had a reward fail on them (scored 0 for it); "
                              "see their reward_errors column, or re-score.")
-    if hasattr(algorithm, "warnings"):
-        plan.warnings += list(algorithm.warnings(run_cfg))
     if out is not None:
         plan.out = Path(out)
         if not resume:

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 import torch
 
-from tokalign.train.batching import Seq
+from tokalign.batching import Seq
+from tokalign.errors import UserError
+from tokalign.rows import loads, rollout_rows
+from tokalign.scoring.rows import scored_rows
 
 
 def indices_for_step(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -45,25 +48,17 @@ def reward_metrics(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def informative(group: list[dict]) -> bool:
-    """A group teaches something relative only if its rewards differ."""
-    return len({float(r["reward"]) for r in group}) > 1
-
-
-ROW_SCALARS = ("baseline", "pool_mean", "pool_std", "pool_size")  # per-row numbers a source may add for the algorithm
-
-
-def _row_scalars(r: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in r.items() if k in ROW_SCALARS or k.startswith("ref_reward_")}
+STANDARD_TOKEN_COLUMNS = ("sampler_logps", "token_rewards")  # per-token columns of the row schema the algorithms see
 
 
 def scored_seqs(rows: list[dict], prompt_index: list[int]) -> list[Seq]:
-    """``prompt_index[k]``: the stable index of row k's prompt in the data source."""
+    """``prompt_index[k]``: the stable index of row k's prompt in the data source. A row's ``fields`` / ``token_fields``
+    (what sampling hooks added) become per-row / per-token batch fields beside ``rewards`` and the standard columns."""
     return [
         Seq(
             list(r["prompt_ids"]), list(r["completion_ids"]), int(r["group_id"]),
-            row={"rewards": float(r["reward"]), **_row_scalars(r)},
-            token={k: r.get(k) for k in ("sampler_logps", "token_rewards", "segment_value_start", "segment_value_end")},
+            row={"rewards": float(r["reward"]), **{k: float(v) for k, v in (r.get("fields") or {}).items()}},
+            token={**{k: r.get(k) for k in STANDARD_TOKEN_COLUMNS}, **(r.get("token_fields") or {})},
             prompt_index=k,
         )
         for r, k in zip(rows, prompt_index)
@@ -72,24 +67,23 @@ def scored_seqs(rows: list[dict], prompt_index: list[int]) -> list[Seq]:
 
 @dataclass
 class ScoredSource:
-    """Offline RL from a ``scored`` artifact: ``batch_size`` whole groups per step."""
+    """Offline RL from a ``scored`` artifact: ``batch_size`` whole groups per step; groups the algorithm's sampling
+    hooks do not ``accept`` (e.g. equal rewards under dynamic sampling) are dropped up front."""
 
     rows: list[dict]
     batch_size: int
     seed: int
-    max_completion_len: int | None = None
-    informative_only: bool = False  # drop groups whose rewards are all equal (DAPO's dynamic sampling)
+    hooks: tuple = ()
 
     def __post_init__(self):
         self.groups: dict[Any, list[dict]] = {}
         for r in self.rows:
             self.groups.setdefault(r["group_id"], []).append(r)
-        if self.informative_only:
-            self.groups = {k: g for k, g in self.groups.items() if informative(g)}
-            if not self.groups:
-                from tokalign.errors import UserError
-
-                raise UserError("Every group in the scored data has equal rewards: nothing to learn from with dynamic sampling.")
+        self.groups = {k: g for k, g in self.groups.items() if all(h.accept(g) for h in self.hooks)}
+        if not self.groups:
+            names = ", ".join(h.name for h in self.hooks)
+            raise UserError(f"No group of the scored data passes the algorithm's group filter ({names}): nothing to learn from "
+                            "(dynamic sampling drops groups whose rewards are all equal).")
         self.keys = sorted(self.groups)
 
     def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
@@ -133,7 +127,6 @@ class PairSource:
 
     def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
         from tokalign.data.render import completion_ids
-        from tokalign.stages.common import loads
 
         seqs = []
         for gid, i in enumerate(indices_for_step(len(self.rows), self.batch_size, step, self.seed)):
@@ -168,8 +161,10 @@ class CompletionSource:
 
 @dataclass
 class OnlineSource:
-    """Online RL: each step samples ``spec.n`` completions for ``batch_size`` prompts from the
-    live policy and scores them with the same code as the ``rollout`` and ``score`` stages."""
+    """Online RL: each step samples ``spec.n`` completions for ``batch_size`` prompts from the live policy and scores
+    them with the same code as the ``rollout`` and ``score`` stages. The algorithm's sampling hooks steer it (they see
+    this object as their ``SamplingContext``): prompt weights, accepted groups and resampling rounds, a whole
+    collection of their own, extra samples or values on the chosen rows."""
 
     rows: list[dict]
     engine: Any
@@ -177,170 +172,81 @@ class OnlineSource:
     spec: Any
     batch_size: int
     seed: int
-    informative_only: bool = False  # DAPO's dynamic sampling: keep sampling until the batch has
-    max_rounds: int = 1  # `batch_size` groups whose rewards differ, for at most this many rounds
-    greedy_baseline: bool = False  # ReMax: also decode each prompt greedily and score it (row "baseline")
-    prompt_weights: Any = None  # the algorithm's prompt_weights(n_prompts) hook: prioritised prompt sampling
-    adaptive: Any = None  # the algorithm's AdaptiveSampling: per-prompt multi-round sampling (Reinforce-Ada)
-    reference_engine: Any = None  # samples of the reference model (PAR), ``reference_samples`` per prompt
-    reference_samples: int = 0
-    segments: Any = None  # the algorithm's segment hook (SPO): cut_points(sampler_logps) and rollouts per cut
+    hooks: tuple = ()
+    rollout_config: Any = None  # the run's rollout section (hooks read e.g. max_sampling_rounds)
+    policy: Any = None  # pushed into the engine before every step (engines that sample from their own copy)
+    reference: Callable[[], Any] | None = None  # the run's reference model, for hooks that sample from it
+    step: int = field(default=0, init=False)
 
     def __post_init__(self):
-        self._ref_rewards: dict[int, list[float]] = {}
-        self._step, self._calls = 0, 0
+        self._calls, self._reference_engine = 0, None
+        self.rounds_used = self.accepted_groups = 0
 
-    def _segment_values(self, rows: list[dict]) -> float:
-        """Monte-Carlo values at each row's cut points: V(c) = mean reward of ``segments.rollouts`` continuations of
-        prompt + completion[:c] (c = 0 is the prompt alone); V(end) = the row's own reward. Each completion token gets
-        the values at the start and at the end of its segment (token fields ``segment_value_start``/``_end``)."""
-        from tokalign.stages.common import scored_rows
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
 
-        h, tok = self.segments, self.engine.tokenizer
-        cuts = [sorted({0, *h.cut_points(r["sampler_logps"])} - {len(r["completion_ids"])}) for r in rows]
-        jobs = [(i, c) for i, cs in enumerate(cuts) for c in cs]
-        conts = self._generate([rows[i]["prompt_ids"] + rows[i]["completion_ids"][:c] for i, c in jobs], n=h.rollouts)
-        mc_rows = []
-        for (i, c), samples in zip(jobs, conts):
-            prefix, room = rows[i]["completion_ids"][:c], self.spec.max_new_tokens - c
-            for k in samples:
-                ids = prefix + k.ids[:room]
-                mc_rows.append({**rows[i], "completion": tok.decode(ids, skip_special_tokens=True), "completion_ids": ids,
-                                "finish_reason": "length" if len(k.ids) > room else k.finish_reason})
-        scores = [float(r["reward"]) for r in scored_rows(mc_rows, self.rewards)] if mc_rows else []
-        values: dict[tuple[int, int], float] = {}
-        for j, job in enumerate(jobs):
-            part = scores[j * h.rollouts : (j + 1) * h.rollouts]
-            values[job] = sum(part) / len(part)
-        for i, r in enumerate(rows):
-            n, bounds = len(r["completion_ids"]), cuts[i] + [len(r["completion_ids"])]
-            start, end = [0.0] * n, [0.0] * n
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                v_end = values[(i, b)] if b < n else float(r["reward"])
-                for t in range(a, b):
-                    start[t], end[t] = values[(i, a)], v_end
-            r["segment_value_start"], r["segment_value_end"] = start, end
-        return len(jobs) / len(rows)  # cut points (segments) per completion
+    def reference_engine(self):
+        if self._reference_engine is None:
+            from tokalign.rollout.hf import HFEngine
 
-    def _reference_rewards(self, prompt_index: int) -> list[float]:
-        """Rewards of ``reference_samples`` completions of the reference model for one prompt. Sampled under an RNG
-        seeded by (seed, prompt) and cached, so they do not disturb the policy's sampling and a resumed run (which
-        starts with an empty cache) sees the same values."""
-        if prompt_index not in self._ref_rewards:
-            from dataclasses import replace
+            self._reference_engine = HFEngine(self.reference(), self.tokenizer)
+        return self._reference_engine
 
-            from tokalign.stages.common import rollout_rows, scored_rows
-
-            prompt = self.rows[prompt_index]
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed * 1_000_003 + prompt_index)
-                completions = self.reference_engine.generate([prompt["prompt_ids"]], replace(self.spec, n=self.reference_samples))
-            scored = scored_rows(rollout_rows([prompt], completions, self.spec.max_new_tokens), self.rewards)
-            self._ref_rewards[prompt_index] = [float(r["reward"]) for r in scored]
-        return self._ref_rewards[prompt_index]
-
-    def _pick(self, step: int, round_: int) -> list[int]:
-        """Prompts of round ``round_`` of step ``step``: a function of (seed, step, round) and the algorithm's
-        state only, so a resumed run draws the same ones."""
-        weights = self.prompt_weights(len(self.rows)) if self.prompt_weights is not None else None
+    def pick(self, step: int, round_: int) -> list[int]:
+        """Prompts of round ``round_`` of step ``step``: a function of (seed, step, round) and the hooks' state only,
+        so a resumed run draws the same ones."""
+        weights = next((w for w in (h.prompt_weights(len(self.rows)) for h in self.hooks) if w is not None), None)
         if weights is None:
             return indices_for_step(len(self.rows), self.batch_size, step, self.seed + 7919 * round_)
         gen = torch.Generator().manual_seed(self.seed * 100_003 + step * 7919 + round_)
         w = torch.tensor(weights, dtype=torch.float64)
         return torch.multinomial(w, self.batch_size, replacement=self.batch_size > len(self.rows), generator=gen).tolist()
 
-    def _generate(self, prompt_ids: list[list[int]], **spec):
+    def generate(self, prompt_ids: list[list[int]], **spec):
         """The engine's completions (``spec`` overrides the sampling spec, e.g. n). Engines that take a seed per call
         (vLLM) get one per (step, call): fresh samples every step, the same ones on resume."""
-        from dataclasses import replace
-
         self._calls += 1
-        spec = {"seed": self.seed * 1_000_003 + self._step * 7919 + self._calls, **spec}
+        spec = {"seed": self.seed * 1_000_003 + self.step * 7919 + self._calls, **spec}
         return self.engine.generate(prompt_ids, replace(self.spec, **spec))
 
-    def _sample(self, prompts: list[dict], **spec) -> list[dict]:
+    def score(self, rows: list[dict]) -> list[dict]:
+        return scored_rows(rows, self.rewards)
+
+    def sample(self, prompts: list[dict], **spec) -> list[dict]:
         """Sample and score; group_id k = prompts[k]."""
-        from tokalign.stages.common import rollout_rows, scored_rows
+        completions = self.generate([p["prompt_ids"] for p in prompts], **spec)
+        return self.score(rollout_rows(prompts, completions, self.spec.max_new_tokens))
 
-        completions = self._generate([p["prompt_ids"] for p in prompts], **spec)
-        return scored_rows(rollout_rows(prompts, completions, self.spec.max_new_tokens), self.rewards)
-
-    def _adaptive_batch(self, step: int) -> tuple[list[dict], dict[str, float]]:
-        """Reinforce-Ada: sample ``round_n`` more completions for every unfinished prompt, round after round,
-        until the algorithm's ``select`` accepts a prompt's pool; then each group is the selection, and its rows
-        carry the whole pool's reward mean/std/size."""
-        a = self.adaptive
-        picked = self._pick(step, 0)
-        pools: list[list[dict]] = [[] for _ in picked]
-        done: dict[int, list[dict]] = {}
-        rounds = 0
-        for rounds in range(1, a.max_rounds + 1):
-            active = [g for g in range(len(picked)) if g not in done]
-            if not active:
-                break
-            rows = self._sample([self.rows[picked[g]] for g in active], n=a.round_n)
-            for k, g in enumerate(active):
-                pools[g] += [r for r in rows if r["group_id"] == k]
-                chosen = a.select(pools[g], self.spec.n, final=False)
-                if chosen is not None:
-                    done[g] = chosen
-        out = []
-        for g, pool in enumerate(pools):
-            group = done.get(g) or a.select(pool, self.spec.n, final=True)
-            rewards = torch.tensor([float(r["reward"]) for r in pool], dtype=torch.float64)
-            stats = {"pool_mean": float(rewards.mean()), "pool_std": float(rewards.std()) if len(pool) > 1 else 0.0,
-                     "pool_size": float(len(pool)), "prompt_index": picked[g]}
-            out += [{**r, **stats, "group_id": g} for r in group]
-        metrics = reward_metrics([r for p in pools for r in p])
-        metrics.update({"sampling/rounds": rounds, "sampling/finished_prompts": len(done),
-                        "sampling/pool_size_mean": sum(map(len, pools)) / len(pools)})
-        return out, metrics
-
-    def _greedy_baseline(self, rows: list[dict]) -> float:
-        """Score one greedy completion per prompt into each row's ``baseline`` (greedy decoding draws no
-        random numbers, so a resumed run is unaffected)."""
-        firsts = {}
-        for r in rows:
-            firsts.setdefault(r["group_id"], r)
-        scores = self._sample([firsts[g] for g in sorted(firsts)], n=1, temperature=0.0)
-        by_group = {g: s["reward"] for g, s in zip(sorted(firsts), scores)}
-        for r in rows:
-            r["baseline"] = by_group[r["group_id"]]
-        return sum(by_group.values()) / len(by_group)
-
-    def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
-        self._step, self._calls = step, 0
-        if self.adaptive is not None:
-            out, metrics = self._adaptive_batch(step)
-            return scored_seqs(out, [r["prompt_index"] for r in out]), metrics
+    def _rounds(self) -> tuple[list[list[dict]], list[dict], dict]:
+        """Sample rounds of fresh prompts until ``batch_size`` groups are accepted by every hook, for at most the
+        largest number of rounds a hook allows; nothing accepted: the last round (zero advantages)."""
         kept: list[list[dict]] = []
         sampled: list[dict] = []
+        limit = max([h.rounds(self.rollout_config) for h in self.hooks] + [1])
         rounds = 0
-        while rounds < max(1, self.max_rounds) and len(kept) < self.batch_size:
+        while rounds < limit and len(kept) < self.batch_size:
             # round r of step s draws its own prompts, a function of (seed, step, round) only: resumable
-            picked = self._pick(step, rounds)
-            rows = self._sample([self.rows[i] for i in picked])
+            picked = self.pick(self.step, rounds)
+            rows = self.sample([self.rows[i] for i in picked])
             sampled += rows
-            for g in range(len(picked)):
-                group = [{**r, "prompt_index": picked[g]} for r in rows if r["group_id"] == g]
-                if not self.informative_only or informative(group):
-                    kept.append(group)
+            groups = [[{**r, "prompt_index": picked[g]} for r in rows if r["group_id"] == g] for g in range(len(picked))]
+            kept += [group for group in groups if all(h.accept(group) for h in self.hooks)]
             rounds += 1
-        if not kept:  # nothing informative after every round: train on the last round (zero advantages)
-            kept = [[{**r, "prompt_index": picked[g]} for r in rows if r["group_id"] == g] for g in range(len(picked))]
-        out = [{**r, "group_id": gid} for gid, group in enumerate(kept[: self.batch_size]) for r in group]
-        metrics = reward_metrics(sampled)
-        if self.segments is not None:
-            metrics["segments/per_completion"] = self._segment_values(out)
-        if self.reference_samples:
-            for r in out:
-                r.update({f"ref_reward_{k}": v for k, v in enumerate(self._reference_rewards(r["prompt_index"]))})
-            metrics["reward/reference_mean"] = sum(v for r in out for k, v in r.items() if k.startswith("ref_reward_")) / (
-                len(out) * self.reference_samples)
-        if self.greedy_baseline:
-            metrics["reward/greedy_baseline"] = self._greedy_baseline(out)
-        if self.informative_only:
-            metrics.update({"sampling/rounds": rounds, "sampling/informative_groups": len(kept)})
+        self.rounds_used, self.accepted_groups = rounds, len(kept)
+        return (kept or groups), sampled, {}
+
+    def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
+        self.step, self._calls = step, 0
+        sync_s = self.engine.sync(self.policy)
+        collected = next((c for c in (h.collect(self) for h in self.hooks) if c is not None), None)
+        groups, sampled, extra = collected if collected is not None else self._rounds()
+        out = [{**r, "group_id": gid} for gid, group in enumerate(groups[: self.batch_size]) for r in group]
+        metrics = {**reward_metrics(sampled), **extra}
+        for h in self.hooks:
+            metrics.update(h.after_batch(out, self))
+        if sync_s is not None:
+            metrics["time/weight_sync_s"] = round(sync_s, 4)
         return scored_seqs(out, [r["prompt_index"] for r in out]), metrics
 
 

@@ -1,4 +1,4 @@
-"""Row conversions shared by the stages and the online train loop (one code path for both)."""
+"""The row schema the stages and the online train loop share: JSON-encoded columns, rollout rows, samples."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 from tokalign.protocols import Sample
+
+SCORE_COLUMNS = ("reward", "rewards", "verdicts", "token_rewards", "reward_errors")
 
 
 def dumps(x: Any) -> str:
@@ -54,43 +56,6 @@ def to_sample(row: dict) -> Sample:
     )
 
 
-SCORE_COLUMNS = ("reward", "rewards", "verdicts", "token_rewards", "reward_errors")
-
-
-def score_rows(rows: list[dict], rewards, *, workers: int = 1, timeout: float | None = None, cache=None, progress=None):
-    """(rows + score columns, ``scoring.ScoreReport``). ``reward_errors`` is a JSON object {reward: why
-    it failed on this row} ("{}" when none failed); a failed reward counts 0 in ``reward`` (see ``tokalign.scoring``)."""
-    from tokalign.scoring import score_samples
-
-    results, report = score_samples(rewards, [to_sample(r) for r in rows], workers=workers, timeout=timeout, cache=cache, progress=progress)
-    out = []
-    for r, s in zip(rows, results):
-        out.append({**r, "reward": s["reward"], "rewards": s["rewards"], "verdicts": dumps(s["verdicts"]),
-                    "token_rewards": s["token_rewards"], "reward_errors": dumps(s["reward_errors"])})
-    return out, report
-
-
-def scored_rows(rows: list[dict], rewards) -> list[dict]:
-    """In-process scoring for the online train loop. A sample whose reward fails scores 0 for it (see
-    ``reward_errors``); a reward failing on every sample of a batch is broken, not unlucky: UserError."""
-    from tokalign.errors import UserError
-
-    out, report = score_rows(rows, rewards)
-    for name, s in report.rewards.items():
-        if report.samples >= 2 and s.failed == report.samples:
-            raise UserError(f"reward '{name}' failed on all {report.samples} samples of the batch; first: {s.first_error}")
-    return out
-
-
 def failed_reward_rows(rows: list[dict]) -> int:
     """Rows of a scored artifact with at least one failed reward (artifacts from before the column count none)."""
     return sum(1 for r in rows if r.get("reward_errors") not in (None, "", "{}"))
-
-
-def retokenize(rows: list[dict], tokenizer) -> list[dict]:
-    """Render prompts with *this* model's tokenizer: an artifact may have been prepared for another."""
-    from tokalign.data.render import render_prompts
-
-    for r, (text, ids) in zip(rows, render_prompts(tokenizer, [loads(r["prompt"]) for r in rows])):
-        r["prompt_text"], r["prompt_ids"] = text, ids
-    return rows

@@ -1,0 +1,67 @@
+"""The one forward path: training, ``eval``'s token statistics and ``inspect`` all take per-token log-probs (and
+entropies, logits, final hidden states) from here, so the numbers they report are the numbers training sees."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from tokalign import ops
+from tokalign.batching import micro_batches
+from tokalign.protocols import PolicyOutput, TokenBatch
+
+
+def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: bool = False, keep_hidden: bool = False) -> PolicyOutput:
+    """Per-token log-probs of each next token, [B, L-1]; with ``with_entropy`` their entropies (no grad); with
+    ``keep_logits`` the logits [B, L-1, V]; with ``keep_hidden`` the final hidden states [B, L-1, H] (with grad:
+    a value head trains through them; detach them to read them)."""
+    res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=keep_hidden)
+    logits = res.logits[:, :-1]
+    logps = ops.selective_log_softmax(logits, batch.input_ids[:, 1:])
+    entropy = ops.entropy_from_logits(logits.detach()) if with_entropy else None
+    hidden = res.hidden_states[-1][:, :-1] if keep_hidden else None
+    return PolicyOutput(logps=logps, entropy=entropy, logits=logits if keep_logits else None, hidden=hidden)
+
+
+@torch.no_grad()
+def reference_logits(model, batch: TokenBatch):
+    """A frozen model's [B, L-1, V] logits as a HeadLogits (final hidden states + LM head, computed chunk by chunk
+    later), or as a tensor when the head alone does not reproduce the model's logits (models that scale or soft-cap
+    logits after the head)."""
+    res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, logits_to_keep=1)
+    hidden, head = res.hidden_states[-1], model.get_output_embeddings()
+    if head is not None and torch.allclose(head(hidden[:, -1:]), res.logits[:, -1:], atol=1e-5, rtol=1e-5):
+        return ops.HeadLogits(hidden[:, :-1], head)
+    return forward(model, batch, keep_logits=True).logits
+
+
+def with_row_index(batch: TokenBatch) -> TokenBatch:
+    """The batch with a ``_row`` field (each row's position), so micro-batch results can be put back in order."""
+    out = TokenBatch(batch.input_ids, batch.attention_mask, batch.completion_mask, dict(batch.fields), batch.totals)
+    out.fields["_row"] = torch.arange(len(batch), device=batch.input_ids.device)
+    return out
+
+
+def map_micro_batches(batch: TokenBatch, micro: int, tokens: int, fn: Callable[[TokenBatch], dict]) -> dict[str, torch.Tensor]:
+    """``fn(micro_batch) -> {name: [b, l-1] tensor}`` over the run's micro-batches (by rows, or by padded ``tokens``),
+    the results back in the batch's row order and width."""
+    width = batch.completion_mask.shape[1]
+    parts = micro_batches(with_row_index(batch), micro, tokens)
+    outs = [fn(mb) for mb in parts]
+    order = torch.argsort(torch.cat([mb.fields["_row"] for mb in parts]))
+    pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))  # noqa: E731
+    return {k: torch.cat([pad(o[k]) for o in outs])[order] for k in outs[0]}
+
+
+@torch.no_grad()
+def frozen_logps(model, batch: TokenBatch, micro: int = 0, tokens: int = 0) -> torch.Tensor:
+    """A model's per-token log-probs [B, L-1] without gradients, micro-batched."""
+    return map_micro_batches(batch, micro, tokens, lambda mb: {"logps": forward(model, mb).logps})["logps"]
+
+
+def to_device(batch: TokenBatch, device) -> TokenBatch:
+    batch.input_ids, batch.attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    batch.completion_mask = batch.completion_mask.to(device)
+    batch.fields = {k: v.to(device) for k, v in batch.fields.items()}
+    return batch

@@ -1,0 +1,68 @@
+"""The kinds of training data, in one table: what ``train.batch_size`` counts, how many sequences each item gives,
+and where a step's batch comes from. Plan, dry run and loop read this table instead of comparing kind names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tokalign.train import sources
+
+
+@dataclass(frozen=True)
+class DataKind:
+    name: str
+    unit: str  # what train.batch_size counts
+    per_item: int | None  # sequences per item; None: the group size (rollout.n online, the data's groups when scored)
+    sampled: bool  # sampled from the live policy during training (rewards, rollout backend and sampling hooks apply)
+    keeps_ids: bool  # rows keep the sampler's own token ids (prompts are not re-rendered for this tokenizer)
+    source: Callable[[Any, list[dict], Any], Any]  # (plan, rows, train state) -> a source with batch(step)
+    # the sampler's max_new_tokens, for length-normalised aggregations (None: the batch's longest completion)
+    length_limit: Callable[[Any], int | None] = lambda plan: None
+
+
+def _online(plan, rows, state):
+    from tokalign.rollout import SamplingSpec
+    from tokalign.rollout.hf import HFEngine
+
+    cfg, r = plan.cfg, plan.cfg.rollout
+    spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
+    if r.backend == "vllm":  # sampling in vLLM; the trainer's weights are pushed into it before every step
+        from tokalign import models
+        from tokalign.rollout.vllm_engine import VLLMEngine
+
+        longest = max(len(x["prompt_ids"]) for x in rows) + r.max_new_tokens
+        engine = VLLMEngine(models.resolve_model(cfg.model)[0], state.tokenizer, longest + 1, cfg.seed, r.vllm_gpu_memory_utilization)
+    else:
+        engine = HFEngine(state.policy, state.tokenizer)
+    return sources.OnlineSource(rows, engine, plan.rewards, spec, cfg.train.batch_size, cfg.seed, hooks=tuple(plan.needs.hooks),
+                                rollout_config=r, policy=state.policy, reference=state.reference_model)
+
+
+def _scored(plan, rows, state):
+    return sources.ScoredSource(rows, plan.cfg.train.batch_size, plan.cfg.seed, hooks=tuple(plan.needs.hooks))
+
+
+def _pairs(with_gold: bool):
+    return lambda plan, rows, state: sources.PairSource(rows, state.tokenizer, plan.cfg.train.batch_size, plan.cfg.seed, with_gold=with_gold)
+
+
+def _unpaired(plan, rows, state):
+    return sources.UnpairedSource(rows, state.tokenizer, plan.cfg.train.batch_size, plan.cfg.seed)
+
+
+def _completions(plan, rows, state):
+    rows = [r for r in rows if r.get("completion")]
+    return sources.CompletionSource(rows, state.tokenizer, plan.cfg.train.batch_size, plan.cfg.seed)
+
+
+KINDS: dict[str, DataKind] = {k.name: k for k in (
+    DataKind("online", "prompts", None, True, False, _online, lambda plan: plan.cfg.rollout.max_new_tokens),
+    DataKind("scored", "groups", None, False, True, _scored, lambda plan: plan.extra.get("max_new_tokens")),
+    DataKind("pairs", "pairs", 2, False, False, _pairs(False)),
+    DataKind("triples", "triples", 3, False, False, _pairs(True)),
+    DataKind("unpaired", "labelled examples", 2, False, False, _unpaired),
+    DataKind("completions", "examples", 1, False, False, _completions),
+)}
+# what each artifact kind can be trained as, in order of preference
+KIND_OF_ARTIFACT = {"prompts": ("online", "completions"), "pairs": ("pairs",), "scored": ("scored", "pairs")}

@@ -1,0 +1,88 @@
+"""Everything a run holds — config, models, components, optimiser, data source — in one object. It is the
+``TrainContext`` components see (``tokalign.protocols``), and what the loop and checkpoints pass around instead of
+long parameter lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tokalign import components as components_mod
+from tokalign import forward, models
+from tokalign.train import distributed, lora
+from tokalign.train.kinds import KINDS
+
+
+class TrainState:
+    def __init__(self, plan, resume_from: Path | None, dist: distributed.Dist):
+        cfg, t = plan.cfg, plan.cfg.train
+        self.plan, self.cfg, self.needs, self.algorithm = plan, cfg, plan.needs, plan.algorithm
+        self.resume_from, self.dist = resume_from, dist
+        self.step, self.seqs = 0, []
+        self._reference = None
+        self.tokenizer = models.load_tokenizer(cfg.model)
+        self.policy = _policy(cfg, resume_from)
+        self.device = next(self.policy.parameters()).device
+        self.components = components_mod.resolve(plan.needs)
+        for c in self.components:
+            c.setup(self)
+        self.source = KINDS[plan.data_kind].source(plan, _rows(plan, self.tokenizer), self)
+        self.max_completion_len = KINDS[plan.data_kind].length_limit(plan)
+        self.forward_outputs = {o for c in self.components for o in c.forward_outputs}
+        distributed.shard_model(self.policy, dist, t.distributed)  # before the optimiser: it must see the sharded parameters
+        self.params = [p for p in self.policy.parameters() if p.requires_grad] + [p for c in self.components for p in c.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(t.warmup_steps))
+
+    # -- the TrainContext of components
+    def load_model(self, source: str, trainable: bool = False):
+        model = models.load_model(source, self.cfg.train.dtype)
+        return model.train() if trainable else model.eval().requires_grad_(False)
+
+    def reference_model(self):
+        """The frozen reference, loaded once (LoRA without --ref-model: the policy with its adapter off, no copy)."""
+        if self._reference is None:
+            self._reference = lora.reference_or_none(self.policy, True, self.cfg.ref_model) or self.load_model(
+                self.cfg.ref_model or self.cfg.model)
+        return self._reference
+
+    def micro_batches(self, batch):
+        from tokalign.batching import micro_batches
+
+        return micro_batches(batch, self.cfg.train.micro_batch_size, self.cfg.train.micro_batch_tokens)
+
+    def frozen_logps(self, model, batch) -> torch.Tensor:
+        return forward.frozen_logps(model, batch, self.cfg.train.micro_batch_size, self.cfg.train.micro_batch_tokens)
+
+    # -- what the loop reads
+    def held_models(self) -> list:
+        return [self.policy, *(m for c in self.components for m in c.models())]
+
+
+def _policy(cfg, ckpt: Path | None):
+    t = cfg.train
+    if t.lora_r > 0:  # the base from the starting model, the adapter fresh or from the checkpoint
+        policy = lora.wrap(models.load_model(cfg.model, t.dtype, quantization_config=lora.quantisation_config(t)), t, ckpt)
+    else:
+        policy = models.load_model(str(ckpt) if ckpt else cfg.model, t.dtype)
+    if t.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "enable_input_require_grads"):  # a transformers model feature, not an algorithm's
+            policy.enable_input_require_grads()
+    policy.train()
+    return policy
+
+
+def _rows(plan, tokenizer) -> list[dict]:
+    from tokalign.data.render import retokenize
+    from tokalign.rows import dumps
+
+    rows = plan.rows
+    if plan.extra.get("normalised"):  # records from a task/file: into artifact-row shape
+        rows = [{**r, "prompt": dumps(r["prompt"]), "reference": dumps(r.get("reference"))} for r in rows]
+    return rows if KINDS[plan.data_kind].keeps_ids else retokenize(rows, tokenizer)
+
+
+def _schedule(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
