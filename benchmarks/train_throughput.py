@@ -16,7 +16,7 @@ Data: one fixed batch, reused at every step, with no padding, so both sides see 
 
 What is timed, per optimiser step (wall clock; tokens/s = non-pad tokens of the batch / step time):
 
-- tokalign: one call of the train loop's own step, ``tokalign.train.loop._step``, with a source that
+- tokalign: one call of the train loop's own step, ``tokalign.train.loop.step_once``, with a source that
   hands back the fixed batch (its time, ~0, is excluded as the loop's own ``tokens_per_s`` does):
   collate → (DPO: reference log-probs, micro-batched) → ``algorithm.prepare`` → per micro-batch
   ``forward`` (logits, chunked selective log-softmax, entropy) + ``algorithm.loss`` + backward →
@@ -91,7 +91,9 @@ from types import SimpleNamespace
 from tokalign import ops, registry
 from tokalign.config import TrainSection
 from tokalign.batching import Seq
-from tokalign.train.loop import _step
+from tokalign import components, forward as fwd
+from tokalign.train import distributed
+from tokalign.train.loop import step_once
 cls = registry.load("algorithm", algo_name)
 algo = cls(cls.Config())
 if algo_name == "grpo":
@@ -104,18 +106,34 @@ class Fixed:
     def batch(self, step):
         return list(seqs), {}
 train = TrainSection(lr=1e-6, micro_batch_size=micro, max_length=4096, max_grad_norm=1.0, weight_decay=0.0)
-plan = SimpleNamespace(cfg=SimpleNamespace(train=train), algorithm=algo, needs=algo.needs)
 tk_policy = build().train()
 tk_ref = build().eval().requires_grad_(False) if algo.needs.reference else None
 tk_opt = torch.optim.AdamW(tk_policy.parameters(), lr=train.lr, weight_decay=train.weight_decay)
 tk_sched = torch.optim.lr_scheduler.LambdaLR(tk_opt, lambda s: 1.0)
 tk_tok = SimpleNamespace(pad_token_id=0)
+
+
+class BenchState(SimpleNamespace):  # the train loop's TrainState, by hand around the benchmark's models
+
+    def frozen_logps(self, model, batch):
+        return fwd.frozen_logps(model, batch, train.micro_batch_size, train.micro_batch_tokens)
+
+    def reference_model(self):
+        return tk_ref
+
+
+state = BenchState(cfg=SimpleNamespace(train=train), plan=SimpleNamespace(algo_name=algo_name), algorithm=algo, needs=algo.needs,
+                   source=Fixed(), policy=tk_policy, tokenizer=tk_tok, device=torch.device("cpu"), dist=distributed.Dist(),
+                   max_completion_len=C if algo_name == "grpo" else None, forward_outputs=set(), step=0, seqs=[],
+                   params=list(tk_policy.parameters()), optimizer=tk_opt, scheduler=tk_sched)
+state.components = components.resolve(algo.needs)
+for c in state.components:
+    c.setup(state)
 tk_times, tk_losses = [], []
 def tokalign_step():
     step = len(tk_times)
     t0 = time.perf_counter()
-    m = _step(plan, step, Fixed(), tk_policy, tk_ref, {}, None, tk_opt, tk_sched, tk_tok, C if algo_name == "grpo" else None,
-              torch.device("cpu"), {})
+    m = step_once(state, step)
     tk_times.append(time.perf_counter() - t0 - m["time/batch_s"])
     tk_losses.append(m["loss"])
     assert m["tokens"] == tokens, (m["tokens"], tokens)

@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from tokalign.algorithms.dpo import DPO, DPOConfig
 from tokalign.algorithms.modpo import MODPO, MODPOConfig
 from tokalign.algorithms.pure import PURE, PUREConfig, min_form_weights, step_lengths
-from tokalign.algorithms.reinforce_ada import AdaptiveSampling, ReinforceAda, ReinforceAdaConfig
+from tokalign.algorithms.reinforce_ada import ReinforceAda, ReinforceAdaConfig, Selection
 from tokalign.algorithms.sspo import SSPO, SSPOConfig
 from tokalign.errors import UserError
 from tokalign.protocols import PolicyOutput
@@ -193,7 +193,7 @@ def _pool(rewards):
 def test_reinforce_ada_balanced_selection():
     """n = 4, balanced: needs 2 positives (R ≥ 0.7) and 2 negatives. (1, 1, 1) → keep sampling; (1, 1, 0, 1, 0) →
     2 positives + 2 negatives; at the last round (1, 1, 1) keeps what it has."""
-    a = AdaptiveSampling("balanced", 4, 4, 0.7)
+    a = Selection("balanced", 4, 4, 0.7)
     assert a.select(_pool([1, 1, 1]), 4, final=False) is None
     chosen = a.select(_pool([1, 1, 0, 1, 0]), 4, final=False)
     assert [r["reward"] for r in chosen] == [1, 1, 0, 0]
@@ -202,7 +202,7 @@ def test_reinforce_ada_balanced_selection():
 
 
 def test_reinforce_ada_positive_focused_selection():
-    a = AdaptiveSampling("positive_focused", 4, 4, 0.7)
+    a = Selection("positive_focused", 4, 4, 0.7)
     assert a.select(_pool([0, 0, 0, 0]), 4, final=False) is None
     assert [r["reward"] for r in a.select(_pool([0, 0, 1, 0, 0]), 4, final=False)] == [1, 0, 0, 0]
 
@@ -316,11 +316,12 @@ from tokalign.algorithms.prime import PRIME, PRIMEConfig, rloo_source  # noqa: E
 def test_prime_phi_equals_ref_zero_rewards_and_ln2():
     """π_φ = π_ref ⇒ every implicit token reward is 0 and the PRM's cross-entropy is ln 2 whatever the labels."""
     algo = PRIME(PRIMEConfig())
-    assert algo.needs.trained_models == ("prm",) and algo.needs.reference and algo.aux_lr("prm") == 1e-6
+    prm = [c for c in algo.needs.components if c.name == "prm"][0]
+    assert prm.roles() == {"prm": False} and algo.needs.reference and prm.lr == 1e-6 and prm.loss == algo.prm_loss
     ref = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     batch = token_batch(torch.ones(4, 3), {"rewards": torch.tensor([1.0, 0.0, 1.0, 0.0]), "group_ids": torch.tensor([0, 0, 1, 1]),
                                            "ref_logps": ref}, {"seqs": 4.0})
-    out = algo.aux_loss("prm", batch, PolicyOutput(leaf(ref)))
+    out = algo.prm_loss(batch, PolicyOutput(leaf(ref)))
     assert_close(out.loss, torch.tensor(math.log(2)))
     batch.fields["prm_logps"] = ref.clone()
     algo.prepare(batch)
@@ -385,7 +386,8 @@ def test_par_reward_hand_and_limits():
 def test_par_prepare_shapes_then_group_advantages():
     """Two samples of one prompt, R = (2, 0), references (1,): shaped (σ(1), σ(−1)) → GRPO's ±0.7071."""
     algo = PAR(PARConfig(num_references=1))
-    assert algo.needs.reference_samples == 1 and algo.needs.reference and algo.needs.data == ("online",)
+    assert [h.count for h in algo.needs.hooks if h.name == "reference_samples"] == [1]
+    assert algo.needs.reference and algo.needs.data == ("online",)
     batch = token_batch(torch.ones(2, 1), {"rewards": torch.tensor([2.0, 0.0]), "group_ids": torch.tensor([0, 0]),
                                            "ref_reward_0": torch.tensor([1.0, 1.0])})
     algo.prepare(batch)
@@ -402,6 +404,7 @@ def test_online_source_reference_rewards_are_seeded_per_prompt(tiny_model):
     from tokalign.rollout.hf import HFEngine
     from tokalign.rows import dumps
     from tokalign.data.render import retokenize
+    from tokalign.sampling import ReferenceSamples
     from tokalign.train.sources import OnlineSource
 
     tok, model = models.load_tokenizer(str(tiny_model)), models.load_model(str(tiny_model), "float32")
@@ -410,13 +413,13 @@ def test_online_source_reference_rewards_are_seeded_per_prompt(tiny_model):
 
     def source():
         return OnlineSource(rows, HFEngine(model, tok), rewards.resolve(["exact_match"]), SamplingSpec(n=2, max_new_tokens=4), 2, 0,
-                            reference_engine=HFEngine(model, tok), reference_samples=3)
+                            reference=lambda: model)
 
     torch.manual_seed(5)
     before = torch.get_rng_state()
-    first = source()._reference_rewards(1)
+    first = ReferenceSamples(3)._rewards(1, source())
     assert torch.equal(torch.get_rng_state(), before)
-    assert len(first) == 3 and source()._reference_rewards(1) == first
+    assert len(first) == 3 and ReferenceSamples(3)._rewards(1, source()) == first
 
 
 @pytest.mark.slow
@@ -431,14 +434,14 @@ def test_cli_par(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # SPO (segments)
 
-from tokalign.algorithms.spo import SPO, SegmentHook, SPOConfig  # noqa: E402
+from tokalign.algorithms.spo import SPO, SPOConfig, cut_points  # noqa: E402
 
 
 def test_spo_cut_points_hand():
     """p = (0.95, 0.5, 0.99, 0.3, 0.2), threshold 0.9: low-probability tokens 1, 3, 4; every 2nd from the first → 1, 4."""
     logps = [math.log(p) for p in (0.95, 0.5, 0.99, 0.3, 0.2)]
-    assert SegmentHook(0.9, 2, 4).cut_points(logps) == [1, 4]
-    assert SegmentHook(0.9, 1, 4).cut_points(logps) == [1, 3, 4]
+    assert cut_points(logps, 0.9, 2) == [1, 4]
+    assert cut_points(logps, 0.9, 1) == [1, 3, 4]
 
 
 def test_spo_one_segment_is_r_minus_root_value_with_probability_mask():
@@ -459,6 +462,7 @@ def test_online_source_segment_values_hand():
     from tokalign.protocols import Reward
     from tokalign.rewards import ResolvedReward
     from tokalign.rollout import Completion, SamplingSpec
+    from tokalign.sampling import SegmentRollouts
     from tokalign.train.sources import OnlineSource
 
     class Tok:
@@ -472,12 +476,13 @@ def test_online_source_segment_values_hand():
             return [[Completion([7], [0.0], "stop", "7") for _ in range(spec.n)] for _ in prompts]
 
     reward = ResolvedReward("len", 1.0, lambda samples: [Reward(len(s.completion_ids) / 10) for s in samples], None, False)
-    src = OnlineSource([], Engine(), [reward], SamplingSpec(n=1, max_new_tokens=8), 1, 0, segments=SegmentHook(0.9, 1, 3))
+    src = OnlineSource([], Engine(), [reward], SamplingSpec(n=1, max_new_tokens=8), 1, 0)
+    hook = SegmentRollouts(lambda logps: cut_points(logps, 0.9, 1), 3)
     row = {"id": "a#0", "prompt": '"q"', "prompt_ids": [5], "reference": None, "completion": "1 2 3 4", "completion_ids": [1, 2, 3, 4],
            "sampler_logps": [math.log(p) for p in (0.99, 0.99, 0.5, 0.99)], "finish_reason": "stop", "reward": 0.0}
-    assert src._segment_values([row]) == 2
-    assert row["segment_value_start"] == pytest.approx([0.1, 0.1, 0.3, 0.3])
-    assert row["segment_value_end"] == pytest.approx([0.3, 0.3, 0.0, 0.0])
+    assert hook.after_batch([row], src) == {"segments/per_completion": 2}
+    assert row["token_fields"]["segment_value_start"] == pytest.approx([0.1, 0.1, 0.3, 0.3])
+    assert row["token_fields"]["segment_value_end"] == pytest.approx([0.3, 0.3, 0.0, 0.0])
 
 
 @pytest.mark.slow
@@ -533,7 +538,7 @@ def test_thr_p0_is_grpo_and_weights_scale_the_gradient():
         lp = leaf(torch.full((2, 1), -math.log(2)))
         algo.loss(b, PolicyOutput(lp, logits=logits, hidden=hidden)).loss.backward()
         grads[name] = lp.grad
-    assert THR(THRConfig()).needs.full_vocab and THR(THRConfig()).needs.hidden_states
+    assert THR(THRConfig()).needs.full_vocab and [c.forward_outputs for c in THR(THRConfig()).needs.components] == [("hidden",)]
     assert_close(grads["p0"], grads["grpo"])
     assert_close(grads["p05"], 1.5 * grads["grpo"])
 
@@ -563,7 +568,7 @@ def test_treg_hand():
     """ρ = 2σ(±1) − 1 = ±0.462117. Δ = (1, −1), β = 0.1: DPO = softplus(−0.2) = 0.598139; regulariser per token
     −log σ(0.462117·0.1) (both tokens agree in sign) = softplus(−0.0462117) = 0.670337; L = 0.598139 + 0.5·0.670337."""
     algo = TREG(TREGConfig())
-    assert algo.needs.prompt_variants == ("better", "worse") and algo.needs.reference
+    assert [c.names for c in algo.needs.components] == [("better", "worse")] and algo.needs.reference
     batch = algo.prepare(_treg_batch())
     rho = 2 / (1 + math.exp(-1)) - 1
     assert_close(batch.fields["self_token_rewards"], torch.tensor([[rho], [-rho]]))

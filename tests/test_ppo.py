@@ -77,15 +77,14 @@ def test_value_head_is_restored_from_a_checkpoint(tmp_path, tiny_model):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from tokalign.train import checkpoint
-    from tokalign.train.loop import _value_head
+    from tokalign.components import value_head
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model)
-    head = _value_head(policy, None)
+    head = value_head.build(policy, None)
     assert float(head.weight.detach().abs().sum()) == 0.0  # zero-initialised: first values are 0
     state = {"weight": torch.full_like(head.weight, 0.5), "bias": torch.tensor([1.5])}
-    save_file(state, tmp_path / checkpoint.VALUE_HEAD)
-    restored = _value_head(policy, tmp_path)
+    save_file(state, tmp_path / value_head.FILE)
+    restored = value_head.build(policy, tmp_path)
     assert_close(restored.weight.detach(), state["weight"])
     assert float(restored.bias.detach()) == 1.5
 

@@ -30,6 +30,9 @@ class _Engine:
     def __init__(self):
         self.calls = 0
 
+    def sync(self, model):  # samples from nothing it would need to be told about
+        return None
+
     def generate(self, prompts, spec):
         from tokalign.rollout import Completion
 
@@ -45,8 +48,12 @@ def _online(informative_only, max_rounds=3):
 
     rows = [{"id": f"p{i}", "prompt": '"q"', "prompt_text": "q", "prompt_ids": [i], "reference": '"1"'} for i in range(20)]
     engine = _Engine()
+    from tokalign.config import RolloutSection
+    from tokalign.sampling import DynamicSampling
+
     return OnlineSource(rows, engine, resolve(["exact_match"]), SamplingSpec(n=4), batch_size=6, seed=0,
-                        informative_only=informative_only, max_rounds=max_rounds), engine
+                        hooks=(DynamicSampling(),) if informative_only else (),
+                        rollout_config=RolloutSection(max_sampling_rounds=max_rounds)), engine
 
 
 def test_dynamic_sampling_keeps_only_informative_groups_and_resamples():

@@ -115,7 +115,7 @@ def test_train_and_eval_take_a_module_attr_task(work):
 
 
 def test_train_warns_once_about_string_prompts(work):
-    proc = run(work, "train", "grpo", "--data", "mytasks:Plain", "--max-steps", "1", "--batch-size", "2", "--n", "2",
+    proc = run(work, "train", "grpo", "--data", "mytasks:Plain", "--reward", "exact_match", "--max-steps", "1", "--batch-size", "2", "--n", "2",
                "--set", "rollout.max_new_tokens=2", "--quiet", "--out", "C")
     assert proc.stderr.count("warning: task 'mytasks:Plain' gives plain-string prompts") == 1, proc.stderr
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tokalign.errors import UserError
+from tokalign.rollout.weights import is_lora, merged_state_dict  # noqa: F401  (the sampler syncs the same merged weights)
 
 ADAPTER_DIR = "adapter"
 
@@ -26,10 +27,6 @@ def _peft():
     except ImportError as e:
         raise UserError("train.lora_r > 0 needs PEFT: pip install peft (or tokalign[lora]).") from e
     return peft
-
-
-def is_lora(model) -> bool:
-    return hasattr(model, "peft_config")
 
 
 def wrap(model, t, resume_from: Path | None = None):
@@ -64,27 +61,6 @@ def reference_or_none(policy, needs_reference: bool, explicit_ref: str):
     if needs_reference and not explicit_ref and is_lora(policy):
         return AdapterOff(policy)
     return None
-
-
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """The base model's state dict with every LoRA layer's W + ΔW, under the plain transformers names (no copy of the
-    model; only the adapted matrices are materialised)."""
-    base = model.get_base_model()
-    out = {}
-    for name, module in base.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            w = module.base_layer.weight.detach()
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    w = w + module.get_delta_weight(adapter).detach()
-            out[f"{name}.weight"] = w
-            if getattr(module.base_layer, "bias", None) is not None:
-                out[f"{name}.bias"] = module.base_layer.bias.detach()
-    for key, value in base.state_dict().items():
-        if "lora_" in key or ".base_layer." in key:
-            continue
-        out.setdefault(key, value.detach())
-    return out
 
 
 def save(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
