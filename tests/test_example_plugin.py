@@ -38,7 +38,8 @@ def test_install_use_uninstall(installed, tmp_path):
     cli("train", "reinforce_mean", "--data", "arith", "--reward", "numeric_close", "--max-steps", "2", "--batch-size", "2",
         "--n", "4", "--set", "rollout.max_new_tokens=6", "--out", "C", cwd=tmp_path)
     plugins = json.loads((tmp_path / "C" / "manifest.json").read_text())["plugins"]
-    assert {(p["name"], p["distribution"]) for p in plugins} == {("reinforce_mean", "tokalign-example"), ("numeric_close", "tokalign-example")}
+    assert {(p["name"], p["distribution"]) for p in plugins} == {("reinforce_mean", "tokalign-example"), ("numeric_close", "tokalign-example"),
+                                                                 ("arith", "tokalign")}  # the task, a built-in
 
     cli("prepare", "arith", "--limit", "4", "--out", "P", cwd=tmp_path)
     cli("rollout", "P", "--n", "2", "--max-new-tokens", "6", "--out", "R", cwd=tmp_path)

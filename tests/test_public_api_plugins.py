@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, cli
 
 pytestmark = pytest.mark.slow
@@ -49,6 +48,11 @@ COMMON = ("--max-steps", "2", "--batch-size", "2", "--seed", "0", "--quiet")
 # static check: the package imports tokalign's public API only
 
 
+def private(name: str) -> bool:
+    """``_x`` is private; dunders (``__future__``, ``__init__``) are not."""
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 def api_violations(source: str, filename: str = "<src>") -> list[str]:
     """Why ``source`` reaches past tokalign's public plug-in API: a tokalign module outside PUBLIC (in particular
     train/stages/cli), a private (``_``-prefixed) module or name, a ``_`` attribute of something imported from
@@ -58,7 +62,7 @@ def api_violations(source: str, filename: str = "<src>") -> list[str]:
     tokalign_names: set[str] = set()  # local names bound to tokalign modules or objects
 
     def module_ok(module: str, where: int) -> None:
-        if any(part.startswith("_") for part in module.split(".")):
+        if any(private(part) for part in module.split(".")):
             bad.append(f"{filename}:{where}: private module {module}")
         if module == "tokalign" or module.startswith("tokalign."):
             if any(module == f or module.startswith(f + ".") for f in FORBIDDEN):
@@ -83,7 +87,7 @@ def api_violations(source: str, filename: str = "<src>") -> list[str]:
             for alias in node.names:
                 if alias.name == "*":
                     bad.append(f"{filename}:{node.lineno}: star import from {module}")
-                elif alias.name.startswith("_"):
+                elif private(alias.name):
                     bad.append(f"{filename}:{node.lineno}: imports private name {alias.name} from {module}")
                 if module.split(".")[0] == "tokalign":
                     tokalign_names.add(alias.asname or alias.name)
@@ -97,15 +101,15 @@ def api_violations(source: str, filename: str = "<src>") -> list[str]:
             while isinstance(root, ast.Attribute):
                 chain.append(root.attr)
                 root = root.value
-            if isinstance(root, ast.Name) and root.id == "tokalign" and len(chain) > 1:  # `import tokalign.ops` binds
-                dotted = ".".join(["tokalign", *reversed(chain)])                          # `tokalign`: tokalign.train.x
+            if isinstance(root, ast.Name) and root.id == "tokalign":  # `import tokalign.ops` binds `tokalign`, which
+                dotted = ".".join(["tokalign", *reversed(chain)])  # reaches everything: tokalign.train.x
                 if not any(dotted == m or dotted.startswith(m + ".") for m in PUBLIC) and not any(
                         m.startswith(dotted + ".") for m in PUBLIC):
                     bad.append(f"{filename}:{node.lineno}: reaches {dotted}")
             if isinstance(root, ast.Name) and root.id in tokalign_names:
-                private = [a for a in chain if a.startswith("_") and not (a.startswith("__") and a.endswith("__"))]
-                if private:
-                    bad.append(f"{filename}:{node.lineno}: private attribute {private[0]} of {root.id}")
+                hidden = [a for a in chain if private(a)]
+                if hidden:
+                    bad.append(f"{filename}:{node.lineno}: private attribute {hidden[0]} of {root.id}")
     return sorted(set(bad))
 
 

@@ -40,7 +40,6 @@ def metrics(run) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"} for r in rows]
 
 
-def test_resume_without_a_checkpoint_is_refused(tmp_path):
-    (tmp_path / "c.partial").mkdir()
+def test_resume_without_any_run_is_refused(tmp_path):
     proc = cli(*ARGS, "--out", "c", "--resume", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "Nothing to resume" in proc.stderr
+    assert proc.returncode == 2 and "Nothing to resume" in proc.stderr and not (tmp_path / "c").exists()

@@ -37,3 +37,13 @@ def unknown(what: str, name: str, choices: Iterable[str]) -> UserError:
     choices = sorted(set(choices))
     listed = ", ".join(choices) if choices else "(none)"
     return UserError(f"Unknown {what} '{name}'.{did_you_mean(name, choices)} Available: {listed}.")
+
+
+class PluginError(UserError):
+    """A plug-in raised or broke its contract: one line naming the plug-in, its distribution and the method
+    (``tokalign.plugin_errors`` builds them; defined here so the registry can raise them without a cycle)."""
+
+
+class ContractViolation(PluginError):
+    """A plug-in returned something its protocol forbids: a bug of the plug-in on any input, so callers that
+    tolerate per-sample failures (scoring) still stop on it."""

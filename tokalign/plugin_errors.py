@@ -29,18 +29,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable, NoReturn
 
-from tokalign.errors import UserError
+from tokalign.errors import ContractViolation, PluginError, UserError
+
+__all__ = ["ContractViolation", "PluginError", "call", "contract", "guard", "label", "raised"]
 
 MAX_DETAIL = 300  # characters of the exception's message kept on the line
-
-
-class PluginError(UserError):
-    """A plug-in raised or broke its contract: one line naming the plug-in, its distribution and the method."""
-
-
-class ContractViolation(PluginError):
-    """A plug-in returned something its protocol forbids: a bug of the plug-in on any input, so callers that
-    tolerate per-sample failures (scoring) still stop on it."""
 
 
 def label(kind: str, name: str) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from tokalign.errors import UserError, unknown
-from tokalign.plugin_errors import PluginError
+from tokalign.errors import PluginError
 
 LOCAL = "(local)"  # the distribution of a ``module:attr`` that no installed distribution provides
 
@@ -84,7 +84,7 @@ def collisions(kind: str) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=None)
-def _load_value(value: str):
+def load_value(value: str):
     module_name, _, attr = value.partition(":")
     module = importlib.import_module(module_name)
     obj = module
@@ -112,7 +112,7 @@ def load(kind: str, name: str):
     """Import and return the object behind a plug-in name (class, function or instance)."""
     plugin = info(kind, name)
     try:
-        return _load_value(plugin.value)
+        return load_value(plugin.value)
     except ModuleNotFoundError as e:
         if ":" in name and e.name and plugin.value.startswith(e.name):  # the path itself is wrong: the user's to fix
             raise UserError(f"Cannot import '{name}': module '{e.name}' not found. Check the path or PYTHONPATH.") from e

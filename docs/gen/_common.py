@@ -74,3 +74,15 @@ def type_name(f: dataclasses.Field) -> str:
 def first_paragraph(doc: str | None) -> str:
     doc = inspect.cleandoc(doc or "")
     return " ".join(doc.split("\n\n", 1)[0].split()) if doc else ""
+
+
+def package_path(path: str) -> str:
+    """``tokalign/algorithms/grpo.py`` for a module file of the tokalign package (the path itself otherwise)."""
+    from pathlib import Path
+
+    import tokalign
+
+    try:
+        return str(Path(path).resolve().relative_to(Path(tokalign.__file__).resolve().parent.parent))
+    except ValueError:
+        return path

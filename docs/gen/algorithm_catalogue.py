@@ -17,7 +17,7 @@ from pathlib import Path
 import mkdocs_gen_files
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import code, default_of, field_comments, first_paragraph, md_text, show, type_name  # noqa: E402
+from _common import code, default_of, field_comments, first_paragraph, md_text, package_path, show, type_name  # noqa: E402
 
 from tokalign import registry  # noqa: E402
 
@@ -125,7 +125,7 @@ def entry(name: str, info) -> tuple[list[str], str, str]:
     doc = inspect.cleandoc(getattr(module, "__doc__", None) or "")
     if doc:
         path = getattr(module, "__file__", "") or ""
-        label = f"tokalign/{path.split('/tokalign/', 1)[1]}" if "/tokalign/" in path else cls.__module__
+        label = package_path(path) if path else cls.__module__
         body = "\n".join(("    " + line) if line else "" for line in doc.splitlines())
         lines += [f'??? note "The module\'s notes: `{label}`"', "", "    ```text", body, "    ```", ""]
     kinds = ", ".join(needs.data) if needs is not None else ""

@@ -22,13 +22,25 @@ def _source(module_name: str, qualname: str) -> tuple[str, str]:
     return textwrap.dedent(inspect.getsource(obj)).rstrip(), path
 
 
+def _relative(path: str) -> str:
+    """``tokalign/algorithms/prime.py``: the path from the package's parent directory."""
+    from pathlib import Path
+
+    import tokalign
+
+    try:
+        return str(Path(path).resolve().relative_to(Path(tokalign.__file__).resolve().parent.parent))
+    except ValueError:
+        return path
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     def replace(m: re.Match) -> str:
         try:
             text, path = _source(m[1], m[2])
         except Exception as e:
             raise PluginError(f"{page.file.src_uri}: cannot show the source of {m[1]}:{m[2]}: {type(e).__name__}: {e}") from e
-        shown = f"tokalign/{path.split('/tokalign/', 1)[1]}" if "/tokalign/" in path else m[1]
+        shown = _relative(path)
         return f'```python title="{shown} — {m[2]}"\n{text}\n```'
 
     return _MARK.sub(replace, markdown)

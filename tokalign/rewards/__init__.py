@@ -138,7 +138,7 @@ def build(name: str, options: dict[str, Any] | None = None, what: str = "reward"
 def rebuild(name: str, value: str, kind: str, options: dict[str, Any]) -> Callable:
     """The callable of a reward already resolved in another process, from its entry point's ``module:attr``
     value: a worker process skips the registry's metadata scans (a few hundred ms for a ``module:attr`` name)."""
-    return _make(name, registry._load_value(value), kind, options, "")[0]
+    return _make(name, registry.load_value(value), kind, options, "")[0]
 
 
 def _make(name: str, raw: Any, kind: str, options: dict[str, Any], distribution: str) -> tuple[Callable, bool, dict | None]:

@@ -20,11 +20,9 @@ def score_rows(rows: list[dict], rewards, *, workers: int = 1, timeout: float | 
 
 def scored_rows(rows: list[dict], rewards) -> list[dict]:
     """In-process scoring for the online train loop. A sample whose reward fails scores 0 for it (see
-    ``reward_errors``); a reward failing on every sample of a batch is broken, not unlucky: UserError."""
-    from tokalign.errors import UserError
+    ``reward_errors``); a reward failing on every sample of a batch is broken, not unlucky: the plug-in's one line."""
+    from tokalign.scoring.calls import check_broken
 
     out, report = score_rows(rows, rewards)
-    for name, s in report.rewards.items():
-        if report.samples >= 2 and s.failed == report.samples:
-            raise UserError(f"reward '{name}' failed on all {report.samples} samples of the batch; first: {s.first_error}")
+    check_broken(report, rewards)
     return out

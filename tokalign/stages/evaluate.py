@@ -221,6 +221,7 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     import sys
 
     from tokalign.scoring import resolve_workers
+    from tokalign.scoring.calls import check_broken
     from tokalign.scoring.rows import score_rows
     from tokalign.stages.rollout import check_backend, sample
     from tokalign.rewards import plugin_refs
@@ -238,6 +239,7 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     if ref:
         check_ref(ref, tokenizer)  # a bad --ref fails before any sampling
     scored, report = score_rows(sample(rows, model, backend, spec, tokenizer), resolved, workers=n_workers, timeout=timeout or None)
+    check_broken(report, resolved)  # a verifier failing on every sample is broken: no artifact of zeros
     if report.failed_samples:
         sys.stderr.write(f"eval: {report.summary()}\n")
     add_answers(scored, resolved[0])

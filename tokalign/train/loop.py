@@ -265,7 +265,9 @@ def _finish(state: TrainState, work: Path, run_config: dict, weights=None) -> Pa
 
 def _plugins(plan: Plan) -> list[dict]:
     from tokalign import registry
+    from tokalign.data.loaders import plugin_refs as task_refs
     from tokalign.rewards import plugin_refs
 
     algo = registry.info("algorithm", plan.algo_name)
-    return [{"kind": "algorithm", "name": plan.algo_name, "distribution": algo.distribution, "version": algo.version}] + plugin_refs(plan.rewards)
+    return ([{"kind": "algorithm", "name": plan.algo_name, "distribution": algo.distribution, "version": algo.version}]
+            + plugin_refs(plan.rewards) + task_refs(plan.data))

@@ -1,0 +1,1 @@
+"""tokalign-mine: the worked examples of tokalign's documentation (docs/plugins/*.md)."""
