@@ -34,6 +34,15 @@ Plug-in kinds:
   baseline, reference samples, segment values).
 
 The train loop is a fixed pipeline over these: it never branches on an algorithm's name or probes it for features.
+
+The public API a plug-in may build on: this module, ``tokalign.ops`` (shared maths), ``tokalign.forward`` (the one
+forward path: per-token log-probs, entropies, logits, hidden states), ``tokalign.batching`` (``Seq``, ``collate``,
+micro-batches), ``tokalign.rows`` (the row schema: ``rollout_rows``, ``to_sample``), ``tokalign.errors``
+(``UserError``: a one-line message, exit code 2), ``tokalign.components``, ``tokalign.sampling``, and the built-in
+algorithm classes (to subclass). ``tokalign.train``, ``tokalign.stages`` and ``tokalign.cli`` are internal; the
+import contracts in pyproject.toml keep ``tokalign.algorithms`` itself to this surface. Engines'
+``generate(prompt_ids, spec)`` return, per prompt, a list of ``tokalign.rollout.Completion`` (ids, logps,
+finish_reason, text).
 """
 
 from __future__ import annotations
@@ -293,6 +302,12 @@ def check_plugin(kind: str, obj: Any) -> str | None:
             return f"cannot construct with its default Config: {type(e).__name__}: {e}"
         if not isinstance(needs, Needs):
             return "algorithm instances need a 'needs' attribute of type tokalign.protocols.Needs"
+        for c in needs.components:
+            if not isinstance(c, BatchComponent):
+                return f"Needs.components holds {type(c).__name__}, which is not a BatchComponent (subclass tokalign.components.Component)"
+        for h in needs.hooks:
+            if not isinstance(h, SamplingHook):
+                return f"Needs.hooks holds {type(h).__name__}, which is not a SamplingHook (subclass tokalign.sampling.Hook)"
         return None
     if kind == "verifier":
         return None if callable(getattr(obj, "verify", None)) else "verifier lacks a verify(sample) method"

@@ -64,5 +64,34 @@ KINDS: dict[str, DataKind] = {k.name: k for k in (
     DataKind("unpaired", "labelled examples", 2, False, False, _unpaired),
     DataKind("completions", "examples", 1, False, False, _completions),
 )}
-# what each artifact kind can be trained as, in order of preference
-KIND_OF_ARTIFACT = {"prompts": ("online", "completions"), "pairs": ("pairs",), "scored": ("scored", "pairs")}
+
+# What rows of each shape can be trained as, in order of preference. The shape is what the rows hold: prompts alone,
+# prompts with completions, labelled completions, preference pairs (with a gold reference: also triples), scored
+# rollouts (also pairs: best vs worst of each group).
+KINDS_OF_SHAPE = {
+    "prompt-only": ("online",),
+    "prompt-completion": ("online", "completions"),
+    "unpaired": ("unpaired", "online", "completions"),
+    "preference": ("pairs",),
+    "preference+gold": ("pairs", "triples"),
+    "scored": ("scored", "pairs"),
+}
+# an artifact kind or a normalised file format -> its shape (prompts are refined by their rows)
+SHAPE_OF = {"pairs": "preference", "preference": "preference", "unpaired": "unpaired", "scored": "scored"}
+
+
+def shape(kind_or_format: str, rows: list[dict], gold: bool) -> str:
+    """The shape of these rows (``kind_or_format``: an artifact kind or ``data.formats.normalise``'s format;
+    ``gold``: every row's reference is a usable gold completion)."""
+    found = SHAPE_OF.get(kind_or_format)
+    if found is None:  # prompts: what their rows hold
+        found = ("unpaired" if any(r.get("label") is not None for r in rows)
+                 else "prompt-completion" if any(r.get("completion") for r in rows) else "prompt-only")
+    return "preference+gold" if found == "preference" and gold else found
+
+
+def convert(shape_: str, kind: str, rows: list[dict]) -> list[dict]:
+    """Rows of one shape trained as a kind that needs other rows: scored rollouts as preference pairs."""
+    if shape_ == "scored" and kind == "pairs":
+        return sources.pairs_from_scored(rows)
+    return rows

@@ -13,7 +13,8 @@ from typing import Any
 from tokalign import artifacts, config, models, registry
 from tokalign.errors import UserError
 from tokalign.rollout import check_backend
-from tokalign.train.kinds import KIND_OF_ARTIFACT, KINDS
+from tokalign.train import kinds as kinds_mod
+from tokalign.train.kinds import KINDS
 
 
 @dataclass
@@ -174,43 +175,31 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
         if art.kind == "rollouts":
             raise UserError(f"'{source}' holds unscored rollouts; score them first: tokalign score {source} --reward <name>.")
         rows = art.rows()
-        kinds = KIND_OF_ARTIFACT[art.kind]
-        if art.kind == "prompts" and not any(r.get("completion") for r in rows):
-            kinds = ("online",)
-        elif art.kind == "prompts" and any(r.get("label") is not None for r in rows):
-            kinds = ("unpaired", "online", "completions")
+        fmt = art.kind
         desc = {"artifact": str(Path(source)), "kind": art.kind}
         extra = {"inputs": [art.ref()], "default_reward": art.manifest.get("default_reward"),
                  "max_new_tokens": _sampler_max_new_tokens(art)}
-        if art.kind == "scored":
+        if art.kind == "scored":  # the artifact's own bookkeeping, not its training kind
             from tokalign.rows import failed_reward_rows
 
             extra.update(reward_failures=failed_reward_rows(rows), scored_rows=len(rows))
     else:
         records, info = loaders.load_records(source, "train")
         fmt, rows = formats.normalise(records, source)
-        if fmt == "preference":
-            kinds = ("pairs",)
-        elif fmt == "unpaired":
-            kinds = ("unpaired", "online", "completions")
-        else:
-            kinds = ("online", "completions") if any(r.get("completion") for r in rows) else ("online",)
         desc = {k: v for k, v in info.items() if k not in ("default_reward", "sha256")}
         inputs = [{"path": info.get("path", source), "kind": info["source"], "sha256": info["sha256"]}]
         extra = {"inputs": inputs, "default_reward": info.get("default_reward"), "normalised": True}
     encoded = artifacts.is_artifact(source)  # artifact rows keep 'reference' JSON-encoded
-    if "pairs" in kinds and rows and all(_gold_text(r.get("reference"), encoded) for r in rows):
-        kinds = (*kinds, "triples")  # preference data with a gold response in 'reference'
+    shape = kinds_mod.shape(fmt, rows, bool(rows) and all(_gold_text(r.get("reference"), encoded) for r in rows))
+    kinds = kinds_mod.KINDS_OF_SHAPE[shape]
     for kind in accepts:
         if kind in kinds:
-            if kind == "pairs" and desc.get("kind") == "scored":
-                from tokalign.train.sources import pairs_from_scored
-
-                rows = pairs_from_scored(rows)
-                if not rows:
-                    raise UserError(f"'{source}' has no group with unequal rewards, so no preference pairs can be formed from it.")
+            converted = kinds_mod.convert(shape, kind, rows)
+            if not converted:
+                raise UserError(f"'{source}' has no group with unequal rewards, so no preference pairs can be formed from it.")
+            if converted is not rows:
                 desc["pairs"] = "best vs worst reward per group"
-            return kind, desc, rows, extra
+            return kind, desc, converted, extra
     raise UserError(
         f"'{algo_name}' trains on {' or '.join(accepts)} data, but '{source}' provides {' or '.join(kinds)}."
         + (" Run `tokalign rollout` and `tokalign score` first, or pass prompts for online training." if "scored" in accepts else "")
