@@ -10,6 +10,7 @@ bash .ci/setup-venv.sh .venv dev
 # private name imported from another package (ruff's PLC2701, a preview rule).
 .venv/bin/lint-imports
 .venv/bin/ruff check --preview --select PLC2701 tokalign
+NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true .venv/bin/mkdocs build --strict --quiet  # the docs site (mkdocs.yml) into build/site/, generated pages included; any warning fails
 .venv/bin/python -m pytest -m "not vllm" tests "$@"
 bash .ci/vllm-venv.sh .venv-vllm
 .venv-vllm/bin/python -m pytest -m vllm tests "$@"

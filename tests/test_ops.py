@@ -1,8 +1,9 @@
-"""Shared tensor maths (tokalign/ops.py) and batching (tokalign/train/batching.py), on hand-made
-examples whose expected numbers are worked out in each docstring. CPU only, seeded.
+"""Shared tensor maths (tokalign/ops.py) on hand-made examples whose expected numbers are worked out in each docstring:
+aggregation modes, KL estimators, group statistics, log-probs and entropy from logits, the PPO-clip surrogate, GAE,
+the full-vocabulary position KL and truncated importance-sampling weights. CPU only, seeded.
 
-Reference: /work/shared/reference/algorithms.md §0 (aggregation modes, KL estimators), §1 (GRPO, PPO tests).
-"""
+The formulas are the papers': GRPO (arXiv:2402.03300; group advantages, k3 KL), Dr.GRPO (arXiv:2503.20783; aggregation
+modes), PPO (arXiv:1707.06347; clipped surrogate, GAE), TDPO (arXiv:2404.11999; position KL)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch.testing import assert_close
 
 from tokalign import ops
-from tokalign.batching import Seq, collate, micro_batches
+
 
 # ---------------------------------------------------------------------------------------------------
 # aggregation modes
@@ -294,80 +295,50 @@ def test_clipped_surrogate_unclipped_side_keeps_gradient():
 
 
 # ---------------------------------------------------------------------------------------------------
-# collate and micro_batches
+# GAE
 
 
-def _seqs():
-    return [
-        Seq([5, 6, 7], [8, 9], 0, row={"rewards": 1.0}, token={"old_logps": [-0.1, -0.2]}),
-        Seq([5, 6], [10, 11, 12], 0, row={"rewards": 0.0}, token={"old_logps": [-0.3, -0.4, -0.5]}),
-        Seq([20], [21], 1, row={"rewards": 0.5}, token={"old_logps": [-0.6]}),
-        Seq([22, 23, 24, 25], [26, 27, 28], 1, row={"rewards": 0.5}, token={"old_logps": [-0.7, -0.8, -0.9]}),
-        Seq([30, 31], [32], 2, row={"rewards": 0.0}, token={"old_logps": [-1.0]}),
-        Seq([30, 31], [33, 34], 2, row={"rewards": 1.0}, token={"old_logps": [-1.1, -1.2]}),
-        Seq([30, 31], [35], 2, row={"rewards": 1.0}, token={"old_logps": [-1.3]}),
-    ]
+def test_gae_by_hand():
+    """r = (0, 0, 1), V = (0.5, 0.2, 0.1), γ = 1, λ = 0.5, after one prompt position (mask 0):
+    δ = (0.2 − 0.5, 0.1 − 0.2, 1 − 0.1) = (−0.3, −0.1, 0.9); A_2 = 0.9, A_1 = −0.1 + 0.45 = 0.35,
+    A_0 = −0.3 + 0.175 = −0.125; returns = A + V = (0.375, 0.55, 1.0)."""
+    mask = torch.tensor([[0.0, 1, 1, 1]])
+    rewards = torch.tensor([[0.0, 0, 0, 1]])
+    values = torch.tensor([[9.0, 0.5, 0.2, 0.1]])  # the prompt position's value is ignored
+    adv, ret = ops.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    assert_close(adv, torch.tensor([[0.0, -0.125, 0.35, 0.9]]))
+    assert_close(ret, torch.tensor([[0.0, 0.375, 0.55, 1.0]]))
 
 
-def test_collate_layout_and_alignment():
-    """Row 0: prompt (5,6,7), completion (8,9) ⇒ input_ids = 5 6 7 8 9 0 0 (pad 0, L = 7);
-    per-token column t predicts input_ids[t+1], so completion token j sits at column len(prompt) − 1 + j:
-    completion_mask row 0 = 0 0 1 1 0 0 and old_logps row 0 = 0 0 −0.1 −0.2 0 0."""
-    batch = collate(_seqs(), pad_id=0)
-    assert batch.input_ids.shape == (7, 7) and batch.completion_mask.shape == (7, 6)
-    assert batch.input_ids[0].tolist() == [5, 6, 7, 8, 9, 0, 0]
-    assert batch.attention_mask[0].tolist() == [1, 1, 1, 1, 1, 0, 0]
-    assert batch.completion_mask[0].tolist() == [0, 0, 1, 1, 0, 0]
-    assert_close(batch.fields["old_logps"][0], torch.tensor([0, 0, -0.1, -0.2, 0, 0]))
-    for i, s in enumerate(_seqs()):
-        m = batch.completion_mask[i].bool()
-        # the masked *predicted* tokens are exactly the completion, in order
-        assert batch.input_ids[i, 1:][m].tolist() == s.completion_ids
-        assert_close(batch.fields["old_logps"][i][m], torch.tensor(s.token["old_logps"]))
-        assert int(batch.attention_mask[i].sum()) == len(s.prompt_ids) + len(s.completion_ids)
-    assert_close(batch.fields["rewards"], torch.tensor([1.0, 0.0, 0.5, 0.5, 0.0, 1.0, 1.0]))
-    assert batch.fields["group_ids"].tolist() == [0, 0, 1, 1, 2, 2, 2]
-    assert batch.totals == {"tokens": 13.0, "seqs": 7.0, "groups": 3.0, "max_completion_len": 3.0}
-    assert collate(_seqs(), pad_id=0, max_completion_len=16).totals["max_completion_len"] == 16.0
+# ---------------------------------------------------------------------------------------------------
+# full-vocabulary position KL
 
 
-@pytest.mark.parametrize("size", [1, 2, 3, 4, 5])
-def test_micro_batches_never_split_groups(size):
-    """Groups (0,0 | 1,1 | 2,2,2): every micro-batch holds whole groups, rows keep their order, totals stay
-    global, and each micro-batch is trimmed to its own longest sequence."""
-    batch = collate(_seqs(), pad_id=0)
-    mbs = micro_batches(batch, size)
-    seen = []
-    for mb in mbs:
-        gids = mb.fields["group_ids"].tolist()
-        for g in set(gids):
-            assert gids.count(g) == batch.fields["group_ids"].tolist().count(g), f"group {g} split at size {size}"
-        assert mb.totals == batch.totals
-        width = int(mb.attention_mask.sum(-1).max())
-        assert mb.input_ids.shape[1] == width and mb.completion_mask.shape[1] == width - 1
-        assert mb.fields["old_logps"].shape[1] == width - 1
-        seen += gids
-    assert seen == batch.fields["group_ids"].tolist()
-    # the trimmed per-token tensors still line up: same completion tokens and old_logps
-    rows = iter(range(len(batch)))
-    for mb in mbs:
-        for j in range(len(mb)):
-            i = next(rows)
-            m_full, m_mb = batch.completion_mask[i].bool(), mb.completion_mask[j].bool()
-            assert batch.input_ids[i, 1:][m_full].tolist() == mb.input_ids[j, 1:][m_mb].tolist()
-            assert_close(batch.fields["old_logps"][i][m_full], mb.fields["old_logps"][j][m_mb])
+def test_position_kl_matches_direct_formula_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    ref, pol = torch.randn(5, 3, 11, generator=g), torch.randn(5, 3, 11, generator=g)
+    a = pol.clone().requires_grad_(True)
+    b = pol.clone().requires_grad_(True)
+    chunked = ops.position_kl(ref, a, chunk_rows=2)
+    p_ref = ref.softmax(-1)
+    direct = (p_ref * (p_ref.log() - b.log_softmax(-1))).sum(-1)
+    assert_close(chunked, direct)
+    chunked.sum().backward()
+    direct.sum().backward()
+    assert_close(a.grad, b.grad)
+    assert bool((chunked >= -1e-7).all())
+    assert_close(ops.position_kl(ref, ref.clone()), torch.zeros(5, 3), atol=1e-6, rtol=0)
 
 
-def test_micro_batches_size_zero_or_large_is_one_batch():
-    batch = collate(_seqs(), pad_id=0)
-    for size in (0, 7, 50):
-        (only,) = micro_batches(batch, size)
-        assert only is batch
+# ---------------------------------------------------------------------------------------------------
+# truncated importance-sampling weights (sampler/trainer mismatch)
 
 
-def test_micro_batches_group_sizes():
-    """size 2: (0,0) closes at 2 rows, (1,1) at 2 rows, (2,2,2) is kept whole ⇒ chunk sizes 2, 2, 3.
-    size 3: (0,0) has 2 < 3 rows so group 1 joins it ⇒ 4, then 3."""
-    batch = collate(_seqs(), pad_id=0)
-    assert [len(mb) for mb in micro_batches(batch, 2)] == [2, 2, 3]
-    assert [len(mb) for mb in micro_batches(batch, 3)] == [4, 3]
+def test_truncated_is_weights_hand():
+    """trainer (−1, −2), sampler (−1.5, −1): token ratios (e^0.5, e^−1) = (1.6487, 0.3679), capped at 1.5 → (1.5, 0.3679);
+    sequence level one weight e^(0.5 − 1) = 0.6065 on both tokens; masked positions get 0."""
+    trainer, sampler = torch.tensor([[-1.0, -2.0, 0.0]]), torch.tensor([[-1.5, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert_close(ops.truncated_is_weights(trainer, sampler, mask, "token", 2.0), torch.tensor([[math.exp(0.5), math.exp(-1), 0.0]]))
+    assert_close(ops.truncated_is_weights(trainer, sampler, mask, "token", 1.5), torch.tensor([[1.5, math.exp(-1), 0.0]]))
+    assert_close(ops.truncated_is_weights(trainer, sampler, mask, "sequence", 2.0), torch.tensor([[math.exp(-0.5)] * 2 + [0.0]]))

@@ -7,7 +7,7 @@ breaks another command. ``package.module:attr`` is accepted wherever a name is.
 We use the standard library's ``importlib.metadata`` rather than the ``entrypoints`` package: the
 latter is in maintenance-only mode and its own README points new code to ``importlib.metadata``;
 the stdlib also gives each entry point its distribution and version directly, and needs no
-dependency (measured listing cost: see README "Plug-ins").
+dependency (measured listing cost: see docs/plugins/index.md).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ _COMMENT = re.compile(r"^\s+#\s?(.*?)\s*$")
 def md_text(text: str) -> str:
     """Plain help text as Markdown: code spans (`...`) kept, everything else escaped for tables and HTML."""
     out, pos = [], 0
-    for m in re.finditer(r"(`+).+?\1", text or "", re.S):  # code spans, single or double backticks
-        out += [_escape(text[pos:m.start()]), m[0].replace("|", "\\|")]
+    for m in re.finditer(r"(`+).+?\1", text or "", re.DOTALL):  # code spans, single or double backticks
+        out += [_escape(text[pos:m.start()]), m[0]]  # a pipe inside a code span does not split a table cell
         pos = m.end()
     out.append(_escape((text or "")[pos:]))
     return "".join(out).replace("\n", " ")
@@ -28,7 +28,7 @@ def _escape(part: str) -> str:
 
 def code(value: str) -> str:
     """``value`` as an inline code span that survives a table cell."""
-    value = str(value).replace("|", "\\|")
+    value = str(value)
     return f"`` {value} ``" if "`" in value else f"`{value}`"
 
 

@@ -17,9 +17,18 @@ from pathlib import Path
 import mkdocs_gen_files
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import code, default_of, field_comments, first_paragraph, md_text, package_path, show, type_name  # noqa: E402
+from _common import (
+    code,
+    default_of,
+    field_comments,
+    first_paragraph,
+    md_text,
+    package_path,
+    show,
+    type_name,
+)
 
-from tokalign import registry  # noqa: E402
+from tokalign import registry
 
 PAGE = "algorithms/catalogue.md"
 ROLE_FLAGS = {"teacher": "--teacher PATH", "dpo": "--dpo-model PATH", "reverse": "--reverse-model PATH"}
@@ -33,21 +42,28 @@ DATA_KINDS = {
 }
 
 
-def summary(cls: type) -> str:
-    """The class's own docstring's first paragraph, else its module's (which names the paper and its arXiv id)."""
+def summary(cls: type) -> tuple[str, str]:
+    """(the paragraph shown, its headline for the index). The class's own docstring's first paragraph, else its
+    module's, which names the paper and its arXiv id; a variant class whose own paragraph names no paper gets both."""
     own = first_paragraph(cls.__dict__.get("__doc__"))
     module = first_paragraph(getattr(sys.modules.get(cls.__module__), "__doc__", None))
     if own and "arXiv" not in own and module and module not in own:  # a variant class: the module names the paper
-        return f"{module} *{cls.__name__}*: {own}"
-    return own or module
+        own = own if own.startswith(cls.__name__) else f"`{cls.__name__}`: {own}"
+        return f"{module} — {own}", f"{headline(module)} — {headline(own)}"
+    text = own or module
+    return text, headline(text) if text else ""
 
 
 def headline(text: str) -> str:
-    """The summary up to the paper's arXiv id (title, authors, id), else its first sentence."""
+    """The text up to the paper's arXiv id (title, authors, id), else its first sentence."""
     m = re.search(r"arXiv:\s*\d{4}\.\d{4,5}\)?", text)
     if m:
-        return text[: m.end()]
-    first = re.split(r"(?<=[a-z0-9)])\. ", text, maxsplit=1)[0]
+        end = m.end()
+        if text[:end].count("(") > text[:end].count(")"):  # "(arXiv:… — a remark)": close the parenthesis
+            close = text.find(")", end)
+            end = close + 1 if 0 <= close - end <= 80 else end
+        return text[:end]
+    first = re.split(r"(?<=[a-z0-9)])\. ", text, maxsplit=1)[0].rstrip(".")
     return first if len(first) <= 160 else first[:159] + "…"
 
 
@@ -98,8 +114,34 @@ def needs_lines(needs) -> list[str]:
     return out + [""]
 
 
+USERS: dict[tuple[str, str], list[str]] = {}  # (kind, class name) -> algorithms using it, filled by entry()
+
+
+def note_users(name: str, needs) -> None:
+    from tokalign.components import resolve
+
+    try:
+        components = resolve(needs)
+    except Exception:
+        components = []
+    for c in components:
+        USERS.setdefault(("batch component", type(c).__name__), []).append(name)
+    for h in needs.hooks:
+        USERS.setdefault(("sampling hook", type(h).__name__), []).append(name)
+
+
+def users_table() -> list[str]:
+    out = ["## Who uses which component and hook", "",
+           "With each algorithm's default `Config` (the shorthands `Needs.reference`, `.models` and `.old_logps` "
+           "resolve to `Reference`, `FrozenModel` and `BehaviourLogps`):", "",
+           "| kind | class | algorithms |", "|---|---|---|"]
+    for (kind, cls), names in sorted(USERS.items()):
+        out.append(f"| {kind} | {code(cls)} | {', '.join(f'[`{n}`](#{n})' for n in sorted(set(names)))} |")
+    return out + [""]
+
+
 def entry(name: str, info) -> tuple[list[str], str, str]:
-    """(the algorithm's section, its one-line summary, its data kinds) for the index table."""
+    """(the algorithm's section, its headline, its data kinds) for the index table."""
     head = [f"## `{name}` {{ #{name} }}", ""]
     where = f"`tokalign train {name}` · entry point {code(info.value)} · {md_text(info.distribution)} {md_text(info.version)}"
     try:
@@ -107,7 +149,7 @@ def entry(name: str, info) -> tuple[list[str], str, str]:
     except Exception as e:
         msg = md_text(f"{type(e).__name__}: {e}")
         return head + [where, "", f"!!! failure \"Does not load\"\n    {msg}", ""], "does not load", ""
-    text = summary(cls)
+    text, short = summary(cls)
     lines = head + [where, "", md_text(text) if text else "*No docstring.*", ""]
     cfg_cls = getattr(cls, "Config", None)
     try:
@@ -119,17 +161,20 @@ def entry(name: str, info) -> tuple[list[str], str, str]:
     lines += ["**What it asks of the train loop** (with the default `Config`; some depend on options, e.g. a KL "
               "coefficient > 0 loads the reference model):", ""]
     lines += needs_lines(needs) if needs is not None else ["- unknown", ""]
+    if needs is not None:
+        note_users(name, needs)
     if cfg_cls is not None and dataclasses.is_dataclass(cfg_cls):
         lines += [f"**Options** ({code(cfg_cls.__name__)}):", ""] + config_table(cfg_cls)
     module = sys.modules.get(cls.__module__)
     doc = inspect.cleandoc(getattr(module, "__doc__", None) or "")
     if doc:
         path = getattr(module, "__file__", "") or ""
-        label = package_path(path) if path else cls.__module__
+        label = package_path(path) if path else ""
+        label = label if label and not label.startswith("/") else cls.__module__  # a third-party module: its name
         body = "\n".join(("    " + line) if line else "" for line in doc.splitlines())
         lines += [f'??? note "The module\'s notes: `{label}`"', "", "    ```text", body, "    ```", ""]
     kinds = ", ".join(needs.data) if needs is not None else ""
-    return lines, text, kinds
+    return lines, short, kinds
 
 
 def main() -> None:
@@ -137,9 +182,8 @@ def main() -> None:
     sections, rows = [], []
     for name in sorted(algorithms):
         info = algorithms[name]
-        lines, text, kinds = entry(name, info)
+        lines, short, kinds = entry(name, info)
         sections += lines
-        short = headline(text) if text else ""
         rows.append(f"| [`{name}`](#{name}) | {md_text(short)} | {md_text(kinds)} | {md_text(info.distribution)} |")
     page = [
         "# Algorithm catalogue",
@@ -154,6 +198,7 @@ def main() -> None:
         "|---|---|---|---|",
         *rows,
         "",
+        *users_table(),
         *sections,
     ]
     with mkdocs_gen_files.open(PAGE, "w") as f:

@@ -12,9 +12,9 @@ import mkdocs_gen_files
 import typer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import md_text  # noqa: E402
+from _common import md_text
 
-from tokalign.cli.app import app  # noqa: E402
+from tokalign.cli.app import app
 
 PAGE = "reference/cli.md"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import mkdocs_gen_files
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import code, default_of, field_comments, md_text, show, type_name  # noqa: E402
+from _common import code, default_of, field_comments, md_text, show, type_name
 
-from tokalign import config  # noqa: E402
+from tokalign import config
 
 PAGE = "reference/config.md"
 

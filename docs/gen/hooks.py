@@ -15,8 +15,8 @@ import textwrap
 
 from mkdocs.exceptions import PluginError
 
-_MARK = re.compile(r"^<!-- source: ([\w.]+):([\w.]+) -->$", re.M)
-_LAYERS = re.compile(r"^<!-- importlinter -->$", re.M)
+_MARK = re.compile(r"^<!-- source: ([\w.]+):([\w.]+) -->$", re.MULTILINE)
+_LAYERS = re.compile(r"^<!-- importlinter -->$", re.MULTILINE)
 
 
 def _source(module_name: str, qualname: str) -> tuple[str, str]:
@@ -65,7 +65,7 @@ def _importlinter(config) -> str:
     if start < 0:
         raise PluginError("pyproject.toml has no [tool.importlinter] section to show on the architecture page")
     section = text[start:]
-    nxt = re.search(r"^\[(?!\[?tool\.importlinter)", section[1:], re.M)  # the next table that is not ours
+    nxt = re.search(r"^\[(?!\[?tool\.importlinter)", section[1:], re.MULTILINE)  # the next table that is not ours
     section = section[: nxt.start() + 1] if nxt else section
     out = []
     try:
@@ -80,7 +80,7 @@ def _importlinter(config) -> str:
             for i, layer in enumerate(layers["layers"], 1):
                 sep = "|" if "|" in layer else ":" if ":" in layer else ""
                 names = [n.strip() for n in layer.split(sep)] if sep else [layer.strip()]
-                shown = ", ".join(f"`{n.strip('()')}`" + (" (optional)" if n.startswith("(") else "") for n in names)
+                shown = ", ".join(f"`{n.strip('()')}`" for n in names)  # "(x)": import-linter's "may be absent"
                 rel = {"|": "independent: may not import each other", ":": "may import each other (no cycles)"}.get(sep, "")
                 out.append(f"| {i} | {shown} | {rel} |")
             out.append("")
