@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="tokalign", standalone_mode=True)
     except UserError as e:
-        if debug:
-            raise  # the traceback, with the plug-in's original exception chained above it
+        if debug:  # the traceback, with the plug-in's original exception chained above it; same line, same exit code
+            import traceback
+
+            traceback.print_exc()
         sys.stderr.write(f"error: {e}\n")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:

@@ -230,7 +230,7 @@ def _check_loss(name: str, result) -> None:
         contract("algorithm", name, "loss", f"it must return tokalign.protocols.LossOutput, got {type(result).__name__}")
     if not isinstance(result.loss, torch.Tensor) or result.loss.dim() != 0:
         shape = list(result.loss.shape) if isinstance(result.loss, torch.Tensor) else type(result.loss).__name__
-        contract("algorithm", name, "loss", f"the loss must be a scalar tensor, got {shape}")
+        contract("algorithm", name, "loss", f"the loss must be a scalar tensor, got shape {shape}")
 
 
 def _finish(state: TrainState, work: Path, run_config: dict, weights=None) -> Path:

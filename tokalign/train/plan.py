@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokalign import artifacts, config, models, registry
+from tokalign import artifacts, config, models, plugin_errors, registry
 from tokalign.errors import UserError
 from tokalign.rollout import check_backend
 from tokalign.train import kinds as kinds_mod
@@ -157,7 +157,10 @@ def _algorithm(name: str, overrides: dict) -> tuple[Any, Any]:
     problem = registry.check_obj("algorithm", cls)
     if problem:
         raise UserError(f"algorithm '{name}' does not satisfy the protocol: {problem}.")
-    cfg = config.build(cls.Config, overrides, prefix="algorithm.")
+    try:
+        cfg = config.build(cls.Config, overrides, prefix="algorithm.")
+    except UserError as e:  # name the plug-in whose Config refused the value
+        raise UserError(f"{plugin_errors.label('algorithm', name)}: {e}") from e
     try:
         return cls(cfg), cfg
     except ValueError as e:  # a Config/__init__ rejecting a value names it
