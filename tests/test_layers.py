@@ -4,11 +4,10 @@
 import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:

@@ -5,9 +5,10 @@ PLC2701 leaves imports inside one's own package alone, so the package is read he
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "tokalign"
+from conftest import ROOT
+
+PACKAGE = ROOT / "tokalign"
 
 
 def _private(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""AlignDistil (arXiv:2503.02832): the reference's limiting cases (loss 0 iff π_θ = teacher; π_dpo = π_rev ⇒
+"""AlignDistil (arXiv:2503.02832): the limiting cases (loss 0 iff π_θ = teacher; π_dpo = π_rev ⇒
 w = 1e-3 and the teacher is the DPO model), a V = 2 hand case, and the DPO + reverse-DPO chain through the CLI."""
 
 from __future__ import annotations

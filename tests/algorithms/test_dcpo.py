@@ -38,7 +38,7 @@ def _group(rewards, prompt=7) -> TokenBatch:
 def test_dcpo_dynamic_bounds_hand():
     """ε_l = 0.2, ε_h = 0.28, C = 10.  q = 1: low = ½(1 + √0.2) = 0.7236068, high = ½(1 + √2.12) = 1.2280110.
     q = 0.9: low = ½(1 + √(1 − 0.8/0.9)) = ½(1 + 1/3) = 2/3.   q = 0.5: high = ½(1 + √3.24) = ½(1 + 1.8) = 1.4.
-    low = ½ exactly when 1 − 4ε_l/q ≤ 0, i.e. q ≤ 4ε_l = 0.8 (the reference's "q < 0.8 ⇒ ½" holds, q = 0.8
+    low = ½ exactly when 1 − 4ε_l/q ≤ 0, i.e. q ≤ 4ε_l = 0.8 (the rule "q < 0.8 ⇒ ½" holds, q = 0.8
     included). q → 0 (ℓ_old = −200, q underflows): [½, max(C, 10)]; C = 20 raises the cap, C = 3 keeps 10."""
     q = torch.tensor([1.0, 0.9, 0.8, 0.5, 0.01])
     low, high = dynamic_clip_bounds(q.log(), 0.2, 0.28, 10.0)

@@ -1,4 +1,4 @@
-"""KTO (arXiv:2402.01306): the reference's initialisation case, a hand case, z's clamp and detachment,
+"""KTO (arXiv:2402.01306): the initialisation case (π = π_ref), a hand case, z's clamp and detachment,
 TRL's unpaired format, and a CLI run."""
 
 from __future__ import annotations

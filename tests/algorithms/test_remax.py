@@ -1,4 +1,4 @@
-"""ReMax (arXiv:2310.10505): greedy baseline, γ^{T−t} discount, per-token KL; the reference's limit (sampled ==
+"""ReMax (arXiv:2310.10505): greedy baseline, γ^{T−t} discount, per-token KL; the limit (sampled ==
 greedy ⇒ A = −β·k1 only); the greedy baseline in the online loop."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""TGDPO (arXiv:2506.14574): the reference's hand case and its limiting cases (α = 0 or π_R = π_ref ⇒ DPO),
+"""TGDPO (arXiv:2506.14574): a hand case and its limiting cases (α = 0 or π_R = π_ref ⇒ DPO),
 and the extra-model plumbing through the real CLI (a DPO checkpoint as the teacher)."""
 
 from __future__ import annotations

@@ -2,11 +2,9 @@
 and the bash one must actually complete."""
 
 import subprocess
-from pathlib import Path
 
+from conftest import ROOT
 from tokalign.cli.completions import render_all
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_completion_scripts_are_current():

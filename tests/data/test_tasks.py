@@ -4,10 +4,9 @@ hub id otherwise (unreachable here: one clear line), through the library and the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from conftest import cli
+from conftest import ROOT, cli
 
 from tokalign.data import formats, loaders
 from tokalign.data.tasks import (
@@ -19,7 +18,7 @@ from tokalign.data.tasks import (
 )
 from tokalign.errors import UserError
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = ROOT / "tests" / "fixtures"
 
 
 def test_gsm8k_rows():

@@ -17,10 +17,10 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from tokalign.errors import UserError
 from tokalign.protocols import Sample
 from tokalign.rewards.judge import Judge, fill
@@ -159,7 +159,7 @@ def test_fill_is_one_pass():
 
 # ------------------------------------------------------------------------------- real vLLM server
 
-BUNDLED = Path(__file__).resolve().parents[1] / "tokalign" / "assets" / "tiny-arith"
+BUNDLED = ROOT / "tokalign" / "assets" / "tiny-arith"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""DAPO's overlong shaping (reference test: |y| ≤ L_max − L_buf ⇒ 0; |y| = L_max ⇒ −f)."""
+"""DAPO's overlong shaping (arXiv:2503.14476): |y| ≤ L_max − L_buf ⇒ 0; |y| = L_max ⇒ −f."""
 
 import pytest
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from tokalign import sandbox
 from tokalign.errors import UserError
 from tokalign.protocols import Sample
 from tokalign.verifiers.code import CodeConfig, CodeVerifier, extract_program, parse_tests
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(timeout_s=5.0, cpu_s=3, memory_mb=512, max_processes=16)  # generous wall time: CI machines are shared
 
 
@@ -307,7 +307,7 @@ def test_score_cli_with_the_code_reward(tmp_path, outside_targets):
     import json
 
     from conftest import cli
-    from test_math_verifier import write_rollouts
+    from verifier_helpers import write_rollouts
     from tokalign import artifacts
 
     fence = "```python\n{}\n```"

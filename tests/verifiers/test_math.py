@@ -10,6 +10,7 @@ import signal
 import threading
 
 import pytest
+from verifier_helpers import write_rollouts
 
 from tokalign.errors import UserError
 from tokalign.protocols import Sample
@@ -247,22 +248,6 @@ def test_outer_alarm_survives_a_comparison():
 
 
 # ------------------------------------------------------------------ through the real CLI
-
-
-def write_rollouts(path, items) -> None:
-    """A hand-made rollouts artifact: items = [(id, completion, reference)], one group each."""
-    from tokalign import artifacts
-    from tokalign.rows import dumps
-
-    rows = [{
-        "id": f"{rid}#0", "prompt_id": rid, "group_id": g, "sample_idx": 0,
-        "prompt": dumps([{"role": "user", "content": f"question {rid}"}]), "prompt_text": f"question {rid}",
-        "prompt_ids": [1, 2, 3], "reference": dumps(ref), "completion": text,
-        "completion_ids": list(range(4 + g)), "sampler_logps": [-0.5] * (4 + g), "finish_reason": "stop",
-        "max_new_tokens": 64,
-    } for g, (rid, text, ref) in enumerate(items)]
-    with artifacts.writing(path, "rollouts", artifacts.Provenance(config={"hand_made": True})) as w:
-        w.write_rows(rows)
 
 
 @pytest.mark.slow

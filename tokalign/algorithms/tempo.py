@@ -1,7 +1,7 @@
 """TEMPO — "Exploiting Tree Structure for Credit Assignment in RL Training of LLMs", Tran, Yao & Yu 2025,
 arXiv:2509.18314 (Tree-Estimated Mean Prefix Value for Policy Optimization). GRPO plus a temporal-difference term at
 the tokens where the group's completions branch. No official code was found: this follows the paper's description
-as summarised in tokalign's reference (algorithms.md §5), not code; the PDF's details (reward normalisation inside
+as summarised from the paper, not code; the PDF's details (reward normalisation inside
 V, any TD coefficient) were not checked.
 
 Shapes: ``rewards``, ``group_ids``: [B]; ``advantages``: [B, T] per token (0 off the completion); ``logps``,

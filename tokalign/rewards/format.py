@@ -3,7 +3,7 @@ rewards of DeepSeek-R1 ("DeepSeek-R1: Incentivizing Reasoning Capability in LLMs
 Learning", arXiv:2501.12948: reasoning inside ``<think>…</think>``), ARES ("ARES: Multimodal Adaptive
 Reasoning via Difficulty-Aware Token-Level Entropy Shaping": ``<think>…</think>`` then ``\\boxed{}``)
 and GTPO ("GTPO: Trajectory-Based Policy Optimization in Large Language Models":
-``<reasoning>…</reasoning><answer>…</answer>`` tags); see ``reference/algorithms.md`` §7.
+``<reasoning>…</reasoning><answer>…</answer>`` tags).
 
 Options (``--reward-opt format.KEY=VALUE``):
 

@@ -1,4 +1,4 @@
-"""Reward ``length``: length penalties for efficient reasoning (``reference/algorithms.md`` §5 DLER, §7).
+"""Reward ``length``: length penalties for efficient reasoning.
 
 ``mode: dler`` (default) — DLER's truncation penalty ("DLER: Doing Length pEnalty Right -
 Incentivizing More Intelligence per Token via Reinforcement Learning", 2025,

@@ -1,7 +1,7 @@
 """Verifier and reward ``code``: run the completion's Python against unit tests in a sandbox
 (``tokalign.sandbox``) — the execution-based code reward of PRIME ("Process Reinforcement through
 Implicit Rewards", Cui et al. 2025, arXiv:2502.01456, coding problems scored by test cases) and of
-the tool-use RL papers in ``reference/algorithms.md`` §7.
+the seed's tool-use RL papers.
 
 Program: the last ```` ```python ```` (or ``py``/``python3``) fenced block of the completion; else
 the last fenced block without a language; else the whole completion. A block left unclosed

@@ -1,7 +1,7 @@
 """Verifier ``math``: extract the final answer from a completion and check it against the reference
 by symbolic equivalence with Hugging Face's ``math-verify`` (https://github.com/huggingface/Math-Verify),
-the rule-based math reward used by the RLVR seed papers (DCPO, DAPO-style recipes; see
-``reference/algorithms.md`` §7: "boxed-answer extraction + symbolic equivalence").
+the rule-based math reward used by the RLVR seed papers (DCPO, DAPO-style recipes; i.e.
+boxed-answer extraction + symbolic equivalence).
 
 Answer extraction, from the completion (first rule that applies):
 
