@@ -125,7 +125,7 @@ class BenchState(SimpleNamespace):  # the train loop's TrainState, by hand aroun
 state = BenchState(cfg=SimpleNamespace(train=train), plan=SimpleNamespace(algo_name=algo_name), algorithm=algo, needs=algo.needs,
                    source=Fixed(), policy=tk_policy, tokenizer=tk_tok, device=torch.device("cpu"), dist=distributed.Dist(),
                    max_completion_len=C if algo_name == "grpo" else None, forward_outputs=set(), step=0, seqs=[],
-                   params=list(tk_policy.parameters()), optimizer=tk_opt, scheduler=tk_sched)
+                   params=list(tk_policy.parameters()), optimizer=tk_opt, scheduler=tk_sched, train_model=tk_policy, hand_reduced=[])
 state.components = components.resolve(algo.needs)
 for c in state.components:
     c.setup(state)

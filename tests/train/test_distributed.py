@@ -76,3 +76,17 @@ def test_more_processes_than_groups_is_one_line(tmp_path):
                            "train", "dpo", "--data", str(data), "--max-steps", "1", "--batch-size", "1", "--out", str(tmp_path / "x"), "--quiet"],
                           capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "raise train.batch_size to at least 2" in proc.stderr
+
+
+def test_two_process_ddp_ppo_with_micro_batches_matches_one_process(tmp_path):
+    """torch's DDP for the policy (all-reduce in the last micro-batch's backward, ``no_sync`` before it) and a hand
+    all-reduce for the value head outside it: PPO's losses and gradient norms equal the one-process run's."""
+    common = ["train", "ppo", "--data", "arith", "--set", "rollout.n=2", "--set", "train.micro_batch_size=2", "--max-steps", "3",
+              "--batch-size", "4", "--quiet"]
+    cli(*common, "--out", str(tmp_path / "one"))
+    _torchrun(29615, *common, "--out", str(tmp_path / "ddp"))
+    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "ddp"), strict=True):
+        assert b["reward/mean"] == a["reward/mean"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
+        assert b["vf_loss"] == pytest.approx(a["vf_loss"], rel=1e-4, abs=1e-7)

@@ -5,9 +5,12 @@ How a step is split: every rank builds the same optimiser batch (offline sources
 every rank samples with the same seeded RNG) and computes the frozen log-probs and ``prepare`` on all of it, so
 whole-batch statistics (group advantages, whitening, totals) are exactly the single-process ones. The policy's
 forward and backward — the expensive part — run only on this rank's share of the groups; micro-batches never split
-a group. Each loss is already its share of the *whole* batch, so the gradients are summed across ranks (one flat
-all-reduce after the backward passes) and the step equals the single-process step. Rank 0 alone writes metrics,
-checkpoints and the final artifact.
+a group. Each loss is already its share of the *whole* batch, so the gradients are summed across ranks: by torch's
+DistributedDataParallel for ``ddp`` (bucketed all-reduces overlapped with the backward of the last micro-batch; the
+others run under ``no_sync``) or FSDP2's reduce-scatter for ``fsdp`` — both average, so the loss is scaled by the
+number of processes — and by one flat all-reduce for parameters outside the policy (a value head). The step equals
+the single-process step. Rank 0 alone writes metrics, checkpoints and the final artifact. Collectives run on the
+training device (NCCL needs CUDA tensors).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # where this process's collectives run: its GPU under NCCL, else the CPU (gloo)
 
     @property
     def main(self) -> bool:
@@ -48,7 +52,7 @@ def init() -> Dist:
         torch.cuda.set_device(local)
     if not td.is_initialized():
         td.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(rank, world, local)
+    return Dist(rank, world, local, f"cuda:{local}" if torch.cuda.is_available() else "cpu")
 
 
 def check_batch(dist: Dist, groups: int) -> None:
@@ -85,6 +89,24 @@ def shard_model(model, dist: Dist, strategy: str):
     return model
 
 
+def wrap(model, dist: Dist, strategy: str):
+    """The module the training forward runs through: torch's DistributedDataParallel around the policy for ``ddp``
+    under several processes; the policy itself otherwise (FSDP2 shards it in place, see ``shard_model``)."""
+    if not dist.active or strategy != "ddp":
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [dist.local_rank] if dist.device.startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def reduces_gradients(model) -> bool:
+    """The engine sums (averages) the policy's gradients itself: DDP or FSDP2."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel) or is_sharded(model)
+
+
 def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -109,7 +131,7 @@ def max_count(n: int, dist: Dist) -> int:
         return n
     import torch.distributed as td
 
-    t = torch.tensor([n], dtype=torch.long)
+    t = torch.tensor([n], dtype=torch.long, device=dist.device)
     td.all_reduce(t, op=td.ReduceOp.MAX)
     return int(t.item())
 
@@ -142,7 +164,7 @@ def sum_metrics(values: dict[str, float], dist: Dist) -> dict[str, float]:
     import torch.distributed as td
 
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=dist.device)
     td.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 

@@ -180,32 +180,42 @@ def _update(state: TrainState, batch) -> tuple[dict, torch.Tensor, float]:
     padding fraction of the micro-batches)."""
     t, dist = state.cfg.train, state.dist
     local = distributed.shard(batch, dist)  # this process's groups; the losses stay shares of the whole batch
-    sharded = distributed.is_sharded(state.policy)
-    # FSDP averages its gradients over the processes: the loss is scaled by their number so that they sum
-    scale = dist.world if sharded else 1
-    replicated = [p for p in state.params if not (sharded and _is_dtensor(p))]
+    engine = distributed.reduces_gradients(state.train_model)
+    # DDP and FSDP average the policy's gradients over the processes: the loss is scaled by their number so they sum
+    scale = dist.world if engine else 1
     mbs = micro_batches(local, t.micro_batch_size, t.micro_batch_tokens)
     padding = padding_fraction(mbs)
+    sharded = distributed.is_sharded(state.policy)
     # FSDP's gathers are collectives: every process runs as many forward/backward passes; extra ones count 0
     mbs = mbs + [None] * ((distributed.max_count(len(mbs), dist) if sharded else len(mbs)) - len(mbs))
     sums: dict[str, float] = {}
     for _ in range(t.updates_per_batch):
         state.optimizer.zero_grad(set_to_none=True)
-        for mb in mbs:
-            if mb is None:
-                (forward(state.policy, local.select(torch.tensor([0]))).logps.sum() * 0).backward()
-                continue
-            _accumulate(sums, _micro_step(state, mb, scale), len(mb) / len(batch))
-        distributed.sum_gradients(replicated, dist, 1 / scale)
+        for k, mb in enumerate(mbs):
+            with _sync_last(state.train_model, last=k == len(mbs) - 1):
+                if mb is None:
+                    (forward(state.train_model, local.select(torch.tensor([0]))).logps.sum() * 0).backward()
+                    continue
+                _accumulate(sums, _micro_step(state, mb, scale), len(mb) / len(batch))
+        distributed.sum_gradients(state.hand_reduced, dist, 1 / scale)
         grad_norm = torch.nn.utils.clip_grad_norm_(state.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         state.optimizer.step()
         state.scheduler.step()
     return distributed.sum_metrics(sums, dist), grad_norm, padding
 
 
+def _sync_last(model, last: bool):
+    """DDP all-reduces in the backward of the last micro-batch only (the others accumulate under ``no_sync``)."""
+    from contextlib import nullcontext
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
+
+
 def _micro_step(state: TrainState, mb, scale: float) -> tuple[float, float, dict]:
     """Forward, loss and backward of one micro-batch: (loss, mean entropy, the loss's metrics)."""
-    out = forward(state.policy, mb, with_entropy=True, keep_logits=state.needs.full_vocab, keep_hidden="hidden" in state.forward_outputs)
+    out = forward(state.train_model, mb, with_entropy=True, keep_logits=state.needs.full_vocab, keep_hidden="hidden" in state.forward_outputs)
     for c in state.components:
         call_plugin("batch component", c.name, "on_forward", c.on_forward, mb, out, state)
     result = call_plugin("algorithm", state.plan.algo_name, "loss", state.algorithm.loss, mb, out)

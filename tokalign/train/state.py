@@ -31,7 +31,12 @@ class TrainState:
         self.max_completion_len = KINDS[plan.data_kind].length_limit(plan)
         self.forward_outputs = {o for c in self.components for o in c.forward_outputs}
         distributed.shard_model(self.policy, dist, t.distributed)  # before the optimiser: it must see the sharded parameters
+        self.train_model = distributed.wrap(self.policy, dist, t.distributed)  # what the training forward runs through
         self.params = [p for p in self.policy.parameters() if p.requires_grad] + [p for c in self.components for p in c.parameters()]
+        # parameters whose gradients are summed by hand across processes: all of them, unless an engine (DDP, FSDP2)
+        # reduces the policy's; then the others (a value head). Taken now: FSDP2 later swaps in unsharded parameters
+        policy_ids = {id(p) for p in self.policy.parameters()} if distributed.reduces_gradients(self.train_model) else set()
+        self.hand_reduced = [p for p in self.params if id(p) not in policy_ids]
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(t.warmup_steps))
 
