@@ -15,6 +15,7 @@ import yaml
 from tokalign.errors import UserError, did_you_mean
 
 MODEL_DEFAULTS_FILE = "tokalign.yaml"
+RENAMED = {"train.dtype": "use train.precision (fp32 | bf16-mixed | bf16 | auto); bf16-mixed keeps fp32 master weights"}
 
 
 @dataclass
@@ -30,7 +31,9 @@ class TrainSection:
     max_grad_norm: float = 1.0
     max_length: int = 1024  # prompt + completion tokens, offline data is truncated to this
     save_every: int = 25  # checkpoint every N steps (resume point); the final model is always saved
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (training weights)
+    # fp32 | bf16-mixed (fp32 master weights and optimiser state, bf16 compute, fp32 log-softmax and losses; frozen
+    # models held in bf16) | bf16 (everything in bf16) | auto: bf16-mixed on CUDA, fp32 elsewhere
+    precision: str = "auto"
     distributed: str = "ddp"  # under torchrun: ddp (full copy per process, gradients summed) | fsdp (FSDP2: parameters sharded)
     lora_r: int = 0  # > 0: train a LoRA adapter of this rank (PEFT); the reference is the base with the adapter off
     lora_alpha: int = 16
@@ -176,6 +179,8 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in RENAMED:
+            raise UserError(f"Config key '{full}' was replaced: {RENAMED[full]}.")
         if key not in names:
             known = [f"{prefix}{n}" for n in names]
             raise UserError(f"Unknown config key '{full}'.{did_you_mean(full, known)} Known keys: {', '.join(known)}.")

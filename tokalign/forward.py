@@ -3,6 +3,8 @@ entropies, logits, final hidden states) from here, so the numbers they report ar
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -12,11 +14,35 @@ from tokalign.batching import micro_batches
 from tokalign.protocols import PolicyOutput, TokenBatch
 
 
+# the dtype models compute in under mixed precision (torch.autocast around every model call); None: their own dtype
+_COMPUTE = contextvars.ContextVar("tokalign_compute_dtype", default=None)
+
+
+@contextmanager
+def compute_in(dtype: "torch.dtype | None"):
+    """Within the block every model call of this module (and HF sampling) runs under ``torch.autocast(dtype)``;
+    what is computed from its outputs — log-softmax, ratios, losses — stays outside it, in float32."""
+    token = _COMPUTE.set(dtype)
+    try:
+        yield
+    finally:
+        _COMPUTE.reset(token)
+
+
+def autocast(device: "torch.device"):
+    """The autocast context of the current compute dtype on ``device`` (a no-op without one)."""
+    from contextlib import nullcontext
+
+    dtype = _COMPUTE.get()
+    return nullcontext() if dtype is None else torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
 def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: bool = False, keep_hidden: bool = False) -> PolicyOutput:
     """Per-token log-probs of each next token, [B, L-1]; with ``with_entropy`` their entropies (no grad); with
     ``keep_logits`` the logits [B, L-1, V]; with ``keep_hidden`` the final hidden states [B, L-1, H] (with grad:
     a value head trains through them; detach them to read them)."""
-    res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=keep_hidden)
+    with autocast(batch.input_ids.device):
+        res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=keep_hidden)
     logits = res.logits[:, :-1]
     logps = ops.selective_log_softmax(logits, batch.input_ids[:, 1:])
     entropy = ops.entropy_from_logits(logits.detach()) if with_entropy else None
@@ -29,9 +55,12 @@ def reference_logits(model, batch: TokenBatch):
     """A frozen model's [B, L-1, V] logits as a HeadLogits (final hidden states + LM head, computed chunk by chunk
     later), or as a tensor when the head alone does not reproduce the model's logits (models that scale or soft-cap
     logits after the head)."""
-    res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, logits_to_keep=1)
+    with autocast(batch.input_ids.device):
+        res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, logits_to_keep=1)
     hidden, head = res.hidden_states[-1], model.get_output_embeddings()
-    if head is not None and torch.allclose(head(hidden[:, -1:]), res.logits[:, -1:], atol=1e-5, rtol=1e-5):
+    last = head(hidden[:, -1:].to(head.weight.dtype)).float() if head is not None else None
+    tol = 1e-5 if hidden.dtype == torch.float32 else 2e-2  # bf16 compute: the head's own rounding
+    if head is not None and torch.allclose(last, res.logits[:, -1:].float(), atol=tol, rtol=tol):
         return ops.HeadLogits(hidden[:, :-1], head)
     return forward(model, batch, keep_logits=True).logits
 

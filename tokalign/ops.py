@@ -224,8 +224,8 @@ class HeadLogits:
 
     def split(self, rows: int):
         for h in self.hidden.split(rows):
-            with torch.no_grad():
-                chunk = self.head(h)
+            with torch.no_grad():  # hidden states computed under autocast meet the head in its own dtype
+                chunk = self.head(h.to(self.head.weight.dtype))
             yield chunk  # outside no_grad: a yield inside it would switch gradients off for the caller
 
 

@@ -46,7 +46,8 @@ class ValueHead(Component):
         return {}
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden).squeeze(-1).float()
+        """V(s_t) [B, T] in float32 from hidden states of any dtype (bf16 ones under mixed precision)."""
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def on_forward(self, batch, out, ctx) -> None:
         out.values = self.values(out.hidden)

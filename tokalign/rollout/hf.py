@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tokalign.forward import autocast
 from tokalign.rollout import Completion, SamplingSpec, cut_at_stop, stop_ids
 
 
@@ -48,7 +49,8 @@ class HFEngine:
                 mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
                 # never run past the model's context: a longer request is cut (finish_reason "length")
                 new_tokens = max(1, min(spec.max_new_tokens, limit - width))
-                res = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, max_new_tokens=new_tokens)
+                with autocast(device):  # the trainer's mixed precision, if any
+                    res = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, max_new_tokens=new_tokens)
                 new = res.sequences[:, width:]
                 # scores are the processed logits actually sampled from (temperature, top-p applied)
                 logps = torch.stack(

@@ -74,18 +74,21 @@ def shard(batch: TokenBatch, dist: Dist) -> TokenBatch:
     return batch.select(torch.tensor(rows, dtype=torch.long))
 
 
-def shard_model(model, dist: Dist, strategy: str):
+def shard_model(model, dist: Dist, strategy: str, compute_dtype=None):
     """FSDP2: each of the model's repeated blocks (transformers' ``_no_split_modules``, the decoder layers) and then the
-    model itself become ``fully_shard`` units. A no-op for ddp or a single process."""
+    model itself become ``fully_shard`` units; with a ``compute_dtype`` (bf16-mixed) through FSDP2's
+    MixedPrecisionPolicy: parameters gathered in it for compute, gradients reduced in float32, fp32 shards kept.
+    A no-op for ddp or a single process."""
     if not dist.active or strategy != "fsdp":
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)} if compute_dtype else {}
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, **mp)
+    fully_shard(model, **mp)
     return model
 
 

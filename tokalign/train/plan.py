@@ -270,6 +270,9 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
         raise UserError(f"'{algo_name}' uses no model for role(s) {', '.join(unused)}; it takes: {', '.join(takes) or 'none'}.")
     check_backend(run_cfg.rollout.backend)
     t = run_cfg.train
+    from tokalign.train import precision
+
+    precision.resolve(t.precision, "cpu")  # checks the name before any model loads
     if t.distributed not in ("ddp", "fsdp"):
         raise UserError(f"train.distributed must be ddp or fsdp, got '{t.distributed}'.")
     for key in ("max_steps", "batch_size"):

@@ -10,7 +10,7 @@ import torch
 
 from tokalign import components as components_mod
 from tokalign import forward, models
-from tokalign.train import distributed, lora
+from tokalign.train import distributed, lora, precision
 from tokalign.train.kinds import KINDS
 
 
@@ -21,8 +21,9 @@ class TrainState:
         self.resume_from, self.dist = resume_from, dist
         self.step, self.seqs = 0, []
         self._reference = None
+        self.precision = precision.resolve(t.precision, models.default_device())
         self.tokenizer = models.load_tokenizer(cfg.model)
-        self.policy = _policy(cfg, resume_from)
+        self.policy = _policy(cfg, resume_from, self.precision.weights)
         self.device = next(self.policy.parameters()).device
         self.components = components_mod.resolve(plan.needs)
         for c in self.components:
@@ -30,7 +31,8 @@ class TrainState:
         self.source = KINDS[plan.data_kind].source(plan, _rows(plan, self.tokenizer), self)
         self.max_completion_len = KINDS[plan.data_kind].length_limit(plan)
         self.forward_outputs = {o for c in self.components for o in c.forward_outputs}
-        distributed.shard_model(self.policy, dist, t.distributed)  # before the optimiser: it must see the sharded parameters
+        # before the optimiser: it must see the sharded parameters
+        distributed.shard_model(self.policy, dist, t.distributed, self.precision.compute_dtype())
         self.train_model = distributed.wrap(self.policy, dist, t.distributed)  # what the training forward runs through
         self.params = [p for p in self.policy.parameters() if p.requires_grad] + [p for c in self.components for p in c.parameters()]
         # parameters whose gradients are summed by hand across processes: all of them, unless an engine (DDP, FSDP2)
@@ -42,7 +44,8 @@ class TrainState:
 
     # -- the TrainContext of components
     def load_model(self, source: str, trainable: bool = False):
-        model = models.load_model(source, self.cfg.train.dtype)
+        """Trained models keep the precision's master dtype, frozen ones its compute dtype."""
+        model = models.load_model(source, self.precision.weights if trainable else self.precision.frozen)
         return model.train() if trainable else model.eval().requires_grad_(False)
 
     def reference_model(self):
@@ -65,12 +68,12 @@ class TrainState:
         return [self.policy, *(m for c in self.components for m in c.models())]
 
 
-def _policy(cfg, ckpt: Path | None):
+def _policy(cfg, ckpt: Path | None, dtype: str):
     t = cfg.train
     if t.lora_r > 0:  # the base from the starting model, the adapter fresh or from the checkpoint
-        policy = lora.wrap(models.load_model(cfg.model, t.dtype, quantization_config=lora.quantisation_config(t)), t, ckpt)
+        policy = lora.wrap(models.load_model(cfg.model, dtype, quantization_config=lora.quantisation_config(t)), t, ckpt)
     else:
-        policy = models.load_model(str(ckpt) if ckpt else cfg.model, t.dtype)
+        policy = models.load_model(str(ckpt) if ckpt else cfg.model, dtype)
     if t.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(policy, "enable_input_require_grads"):  # a transformers model feature, not an algorithm's
