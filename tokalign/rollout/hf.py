@@ -8,11 +8,39 @@ from tokalign.forward import autocast
 from tokalign.rollout import Completion, SamplingSpec, cut_at_stop, stop_ids
 
 
+class SampledLogps:
+    """A logits processor, after the temperature and top-p warpers: it sees the processed scores actually sampled from (temperature,
+    top-p applied) and keeps only the log-prob of the token each sequence then took — read from the next call's
+    input ids — so memory stays one [sequences, V] step (``output_scores`` would keep all of them: ~10 GB for 64 × 256
+    tokens at a 152k vocabulary)."""
+
+    def __init__(self, prompt_width: int):
+        self.width, self.previous, self.taken = prompt_width, None, []
+
+    def _take(self, ids: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.taken.append(self.previous.gather(-1, ids[:, -1:]).squeeze(-1))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids)
+        self.previous = torch.log_softmax(scores.float(), -1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[sequences, new tokens] log-probs once generate returned its sequences."""
+        self._take(sequences[:, : self.width + len(self.taken) + 1])
+        self.previous = None
+        return torch.stack(self.taken, dim=1) if self.taken else sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
+
+
 class HFEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 64):
+    def __init__(self, model, tokenizer, batch_size: int = 64, synced_gpus: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size  # prompts per generate call (each expanded n times)
+        # several processes generating through one FSDP-sharded model: every rank must run as many forward passes
+        # (its gathers are collectives), so ranks that finished keep stepping until all have
+        self.synced_gpus = synced_gpus
 
     def sync(self, model) -> None:
         """Nothing to push: this engine samples from the trained model itself (None: no sync time to report)."""
@@ -20,20 +48,23 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, TemperatureLogitsWarper, TopPLogitsWarper
 
         stops = stop_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         sample = spec.temperature > 0
+        # temperature and top-p as explicit processors (transformers' own), so the recorder after them sees the
+        # distribution actually sampled from; generate itself then adds no warper
+        warpers = ([TemperatureLogitsWarper(spec.temperature)] if spec.temperature != 1.0 else []) + (
+            [TopPLogitsWarper(spec.top_p)] if spec.top_p < 1.0 else []) if sample else []
         gen_cfg = GenerationConfig(
             do_sample=sample,
-            temperature=spec.temperature if sample else None,
-            top_p=spec.top_p if sample else None,
+            temperature=1.0 if sample else None,
+            top_p=1.0 if sample else None,
             top_k=0 if sample else None,  # the full distribution, like vLLM's default
             num_return_sequences=spec.n,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=sorted(stops),
             return_dict_in_generate=True,
-            output_scores=True,
         )
         limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         was_training = self.model.training
@@ -49,14 +80,12 @@ class HFEngine:
                 mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
                 # never run past the model's context: a longer request is cut (finish_reason "length")
                 new_tokens = max(1, min(spec.max_new_tokens, limit - width))
+                recorder = SampledLogps(width)  # a fresh one per call: it holds this call's log-probs
                 with autocast(device):  # the trainer's mixed precision, if any
-                    res = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, max_new_tokens=new_tokens)
+                    res = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, max_new_tokens=new_tokens,
+                                              logits_processor=[*warpers, recorder], synced_gpus=self.synced_gpus)
                 new = res.sequences[:, width:]
-                # scores are the processed logits actually sampled from (temperature, top-p applied)
-                logps = torch.stack(
-                    [torch.log_softmax(s.float(), -1).gather(-1, new[:, i : i + 1]).squeeze(-1) for i, s in enumerate(res.scores)],
-                    dim=1,
-                )
+                logps = recorder.finish(res.sequences)
                 rows = [cut_at_stop(new[r].tolist(), logps[r].tolist(), stops, self.tokenizer) for r in range(new.shape[0])]
                 out.extend(rows[i * spec.n : (i + 1) * spec.n] for i in range(len(chunk)))
         finally:
