@@ -78,14 +78,16 @@ def test_more_processes_than_groups_is_one_line(tmp_path):
     assert proc.returncode != 0 and "raise train.batch_size to at least 2" in proc.stderr
 
 
-def test_two_process_ddp_ppo_with_micro_batches_matches_one_process(tmp_path):
-    """torch's DDP for the policy (all-reduce in the last micro-batch's backward, ``no_sync`` before it) and a hand
-    all-reduce for the value head outside it: PPO's losses and gradient norms equal the one-process run's."""
+@pytest.mark.parametrize("strategy,port", [("ddp", 29615), ("fsdp", 29616)])
+def test_two_process_ppo_with_micro_batches_matches_one_process(tmp_path, strategy, port):
+    """ddp: torch's DDP for the policy (all-reduce in the last micro-batch's backward, ``no_sync`` before it); fsdp:
+    FSDP2 shards, the gradient norm clipped over shards and the plain value head together. Either way the value head
+    outside the engine is all-reduced by hand, and PPO's losses and gradient norms equal the one-process run's."""
     common = ["train", "ppo", "--data", "arith", "--set", "rollout.n=2", "--set", "train.micro_batch_size=2", "--max-steps", "3",
               "--batch-size", "4", "--quiet"]
     cli(*common, "--out", str(tmp_path / "one"))
-    _torchrun(29615, *common, "--out", str(tmp_path / "ddp"))
-    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "ddp"), strict=True):
+    _torchrun(port, *common, "--set", f"train.distributed={strategy}", "--out", str(tmp_path / strategy))
+    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / strategy), strict=True):
         assert b["reward/mean"] == a["reward/mean"]
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)

@@ -18,6 +18,16 @@ def is_lora(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+def dense(weight) -> "torch.Tensor":
+    """A layer's weight as a plain dense tensor: a QLoRA base's 4-bit packed weight (bitsandbytes ``Params4bit``, which
+    carries its ``quant_state``) is dequantised first — adding ΔW to the packed bytes would be garbage."""
+    if getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).detach()
+    return weight.detach()
+
+
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
     """The base model's state dict with every LoRA layer's W + ΔW, under the plain transformers names (no copy of the
     model; only the adapted matrices are materialised)."""
@@ -25,10 +35,11 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, module in base.named_modules():
         if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            w = module.base_layer.weight.detach()
+            w = dense(module.base_layer.weight)
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    w = w + module.get_delta_weight(adapter).detach()
+                    delta = module.get_delta_weight(adapter).detach()
+                    w = w.to(delta.dtype) + delta
             out[f"{name}.weight"] = w
             if getattr(module.base_layer, "bias", None) is not None:
                 out[f"{name}.bias"] = module.base_layer.bias.detach()

@@ -129,6 +129,31 @@ def full_state_dict(model) -> dict | None:
     return {k: v for k, v in weights.items() if k not in tied}
 
 
+def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_, also over a mix of FSDP2 shards (DTensors) and plain parameters (a value head beside a
+    sharded policy), which torch's own refuses: each kind's norm separately, the total from both."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    if not sharded or not plain:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norms = []
+    for group in (sharded, plain):
+        grads = [p.grad for p in group if p.grad is not None]
+        if grads:
+            n = torch.nn.utils.get_total_norm(grads)
+            norms.append((n.full_tensor() if isinstance(n, DTensor) else n).float())
+    device = norms[0].device if norms else "cpu"
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms])) if norms else torch.zeros((), device=device)
+    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return total
+
+
 def max_count(n: int, dist: Dist) -> int:
     if not dist.active:
         return n

@@ -204,7 +204,7 @@ def _update(state: TrainState, batch) -> tuple[dict, torch.Tensor, float]:
                     continue
                 _accumulate(sums, _micro_step(state, mb, scale), len(mb) / len(batch))
         distributed.sum_gradients(state.hand_reduced, dist, 1 / scale)
-        grad_norm = torch.nn.utils.clip_grad_norm_(state.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        grad_norm = distributed.clip_grad_norm(state.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         state.optimizer.step()
         state.scheduler.step()
     return distributed.sum_metrics(sums, dist), grad_norm, padding
