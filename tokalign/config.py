@@ -51,6 +51,9 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    # prompts per sampling chunk, each under its own seed; under torchrun the chunks are shared between the processes
+    # (0: one chunk per process). A run with N processes samples exactly what one process with the same chunk does
+    sampling_chunk: int = 0
     max_sampling_rounds: int = 3  # algorithms that drop uninformative groups (DAPO) resample up to this often
     vllm_gpu_memory_utilization: float = 0.3  # online training with --backend vllm on a GPU: vLLM's share, the trainer keeps the rest
 

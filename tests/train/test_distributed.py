@@ -16,7 +16,18 @@ PAIRS = [("1+1=", "2", "3"), ("2+3=", "5", "6"), ("4+4=", "8", "9"), ("3+5=", "8
          ("6+1=", "7", "8"), ("2+2=", "4", "5"), ("9+0=", "9", "8"), ("1+7=", "8", "6")]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _torchrun(port: int, *args: str) -> None:
+    """``port``: kept for readability of the callers; a free one is taken (a fixed port can still be held by the
+    previous test's rendezvous)."""
+    port = _free_port()
     env = {**CLI_ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                            "-m", "tokalign", *args], capture_output=True, text=True, env=env)
@@ -57,12 +68,16 @@ def test_two_process_dpo_matches_one_process(tmp_path):
         assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 2e-4
 
 
-def test_two_process_fsdp_online_grpo_matches_one_process(tmp_path):
-    """Online: every process samples the same batch (same seeded RNG) and trains on its half of the groups."""
-    common = ["train", "grpo", "--data", "arith", "--set", "rollout.n=4", "--max-steps", "4", "--batch-size", "4", "--quiet"]
+@pytest.mark.parametrize("strategy,port", [("fsdp", 29613), ("ddp", 29617)])
+def test_two_process_online_grpo_matches_one_process(tmp_path, strategy, port):
+    """Online: each process samples and scores its chunks of 2 prompts (each chunk under its own seed) and the rows
+    are gathered, so two processes draw what one process with the same chunks draws; each then trains on its half of
+    the groups. (FSDP: the sharded model's generate calls run in lockstep.)"""
+    common = ["train", "grpo", "--data", "arith", "--set", "rollout.n=4", "--set", "rollout.sampling_chunk=2", "--max-steps", "4",
+              "--batch-size", "4", "--quiet"]
     cli(*common, "--out", str(tmp_path / "one"))
-    _torchrun(29613, *common, "--set", "train.distributed=fsdp", "--out", str(tmp_path / "fsdp"))
-    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "fsdp"), strict=True):
+    _torchrun(port, *common, "--set", f"train.distributed={strategy}", "--out", str(tmp_path / strategy))
+    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / strategy), strict=True):
         assert b["reward/mean"] == a["reward/mean"]
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
@@ -83,8 +98,8 @@ def test_two_process_ppo_with_micro_batches_matches_one_process(tmp_path, strate
     """ddp: torch's DDP for the policy (all-reduce in the last micro-batch's backward, ``no_sync`` before it); fsdp:
     FSDP2 shards, the gradient norm clipped over shards and the plain value head together. Either way the value head
     outside the engine is all-reduced by hand, and PPO's losses and gradient norms equal the one-process run's."""
-    common = ["train", "ppo", "--data", "arith", "--set", "rollout.n=2", "--set", "train.micro_batch_size=2", "--max-steps", "3",
-              "--batch-size", "4", "--quiet"]
+    common = ["train", "ppo", "--data", "arith", "--set", "rollout.n=2", "--set", "rollout.sampling_chunk=2", "--set",
+              "train.micro_batch_size=2", "--max-steps", "3", "--batch-size", "4", "--quiet"]
     cli(*common, "--out", str(tmp_path / "one"))
     _torchrun(port, *common, "--set", f"train.distributed={strategy}", "--out", str(tmp_path / strategy))
     for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / strategy), strict=True):

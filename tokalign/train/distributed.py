@@ -197,6 +197,17 @@ def sum_metrics(values: dict[str, float], dist: Dist) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def gather_objects(obj, dist: Dist | None) -> list:
+    """Every process's ``obj`` (picklable, small: rows of numbers and token ids), in rank order."""
+    if dist is None or not dist.active:
+        return [obj]
+    import torch.distributed as td
+
+    out = [None] * dist.world
+    td.all_gather_object(out, obj)
+    return out
+
+
 def barrier(dist: Dist) -> None:
     if dist.active:
         import torch.distributed as td

@@ -34,9 +34,10 @@ def _online(plan, rows, state):
         longest = max(len(x["prompt_ids"]) for x in rows) + r.max_new_tokens
         engine = VLLMEngine(models.resolve_model(cfg.model)[0], state.tokenizer, longest + 1, cfg.seed, r.vllm_gpu_memory_utilization)
     else:
-        engine = HFEngine(state.policy, state.tokenizer)
+        engine = HFEngine(state.policy, state.tokenizer, synced_gpus=state.dist.active and cfg.train.distributed == "fsdp")
     return sources.OnlineSource(rows, engine, plan.rewards, spec, cfg.train.batch_size, cfg.seed, hooks=tuple(plan.needs.hooks),
-                                rollout_config=r, policy=state.policy, reference=state.reference_model)
+                                rollout_config=r, policy=state.policy, reference=state.reference_model, dist=state.dist,
+                                chunk=r.sampling_chunk, lockstep=state.dist.active and cfg.train.distributed == "fsdp")
 
 
 def _scored(plan, rows, state):
