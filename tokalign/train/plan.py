@@ -209,6 +209,18 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
     )
 
 
+def _check_train(t: config.TrainSection) -> None:
+    """The train section's choices and bounds, before any model loads."""
+    from tokalign.train import precision
+
+    precision.resolve(t.precision, "cpu")
+    if t.distributed not in ("ddp", "fsdp"):
+        raise UserError(f"train.distributed must be ddp or fsdp, got '{t.distributed}'.")
+    for key, value in (("max_steps", t.max_steps), ("batch_size", t.batch_size)):
+        if value < 1:
+            raise UserError(f"train.{key} must be ≥ 1, got {value}.")
+
+
 def _roles(algo_name: str, needs) -> dict[str, bool]:
     """Model roles the algorithm's components take (--with ROLE=PATH) -> required?"""
     from tokalign import components
@@ -270,14 +282,7 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
         raise UserError(f"'{algo_name}' uses no model for role(s) {', '.join(unused)}; it takes: {', '.join(takes) or 'none'}.")
     check_backend(run_cfg.rollout.backend)
     t = run_cfg.train
-    from tokalign.train import precision
-
-    precision.resolve(t.precision, "cpu")  # checks the name before any model loads
-    if t.distributed not in ("ddp", "fsdp"):
-        raise UserError(f"train.distributed must be ddp or fsdp, got '{t.distributed}'.")
-    for key in ("max_steps", "batch_size"):
-        if getattr(t, key) < 1:
-            raise UserError(f"train.{key} must be ≥ 1, got {getattr(t, key)}.")
+    _check_train(t)
     kind, desc, rows, extra = _resolve_data(run_cfg.data, algorithm.needs.data, algo_name)
     if not rows:
         raise UserError(f"Training data '{run_cfg.data}' has no rows.")

@@ -32,7 +32,7 @@ class Precision:
     def compute_dtype(self):
         import torch
 
-        return getattr(torch, self.compute) if self.compute else None
+        return {"bfloat16": torch.bfloat16, None: None}[self.compute]
 
 
 def resolve(name: str, device: str) -> Precision:
