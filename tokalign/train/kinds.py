@@ -36,8 +36,8 @@ def _online(plan, rows, state):
     else:
         engine = HFEngine(state.policy, state.tokenizer, synced_gpus=state.dist.active and cfg.train.distributed == "fsdp")
     return sources.OnlineSource(rows, engine, plan.rewards, spec, cfg.train.batch_size, cfg.seed, hooks=tuple(plan.needs.hooks),
-                                rollout_config=r, policy=state.policy, reference=state.reference_model, dist=state.dist,
-                                chunk=r.sampling_chunk, lockstep=state.dist.active and cfg.train.distributed == "fsdp")
+                                rollout_config=r, policy=state.policy, reference=state.reference_model,
+                                sharing=sources.Sharing(state.dist, r.sampling_chunk, state.dist.active and cfg.train.distributed == "fsdp"))
 
 
 def _scored(plan, rows, state):

@@ -166,6 +166,21 @@ class CompletionSource:
 
 
 @dataclass
+class Sharing:
+    """How the online sampling is shared between processes: prompts are sampled in chunks of ``chunk`` (0: one chunk
+    per process), each under its own seed, chunk k by process k mod N, and the scored rows gathered — so every process
+    holds the whole batch, and N processes draw exactly what one process with the same ``chunk`` draws."""
+
+    dist: Any = None  # train.distributed.Dist, or None for one process
+    chunk: int = 0
+    lockstep: bool = False  # every process must run as many generate calls (FSDP-sharded model: they are collectives)
+
+    @property
+    def world(self) -> int:
+        return self.dist.world if self.dist is not None else 1
+
+
+@dataclass
 class OnlineSource:
     """Online RL: each step samples ``spec.n`` completions for ``batch_size`` prompts from the live policy and scores
     them with the same code as the ``rollout`` and ``score`` stages. The algorithm's sampling hooks steer it (they see
@@ -182,12 +197,7 @@ class OnlineSource:
     rollout_config: Any = None  # the run's rollout section (hooks read e.g. max_sampling_rounds)
     policy: Any = None  # pushed into the engine before every step (engines that sample from their own copy)
     reference: Callable[[], Any] | None = None  # the run's reference model, for hooks that sample from it
-    # sharing the sampling between processes: prompts are sampled in chunks of ``chunk`` (0: one chunk per process),
-    # each under its own seed, chunk k by process k mod N, and the scored rows gathered — so every process holds the
-    # whole batch, and N processes draw exactly what one process with the same ``chunk`` draws
-    dist: Any = None  # train.distributed.Dist, or None for one process
-    chunk: int = 0
-    lockstep: bool = False  # every process must run as many generate calls (FSDP-sharded model: they are collectives)
+    sharing: Sharing = field(default_factory=lambda: Sharing())
     step: int = field(default=0, init=False)
 
     def __post_init__(self):
@@ -227,8 +237,8 @@ class OnlineSource:
 
     def sample(self, prompts: list[dict], **spec) -> list[dict]:
         """Sample and score; group_id k = prompts[k]. Shared between processes when chunked (see ``chunk``)."""
-        world = self.dist.world if self.dist is not None else 1
-        if world == 1 and self.chunk <= 0:  # one process, one call, the global RNG stream
+        world = self.sharing.world
+        if world == 1 and self.sharing.chunk <= 0:  # one process, one call, the global RNG stream
             completions = self.generate([p["prompt_ids"] for p in prompts], **spec)
             return self.score(rollout_rows(prompts, completions, self.spec.max_new_tokens))
         return self._sample_chunks(prompts, world, spec)
@@ -236,21 +246,21 @@ class OnlineSource:
     def _sample_chunks(self, prompts: list[dict], world: int, spec: dict) -> list[dict]:
         from tokalign.train import distributed
 
-        size = self.chunk if self.chunk > 0 else -(-len(prompts) // world)
+        size = self.sharing.chunk if self.sharing.chunk > 0 else -(-len(prompts) // world)
         starts = list(range(0, len(prompts), size))
         self._calls += 1
         base = self.seed * 1_000_003 + self.step * 7919 + self._calls * 104_729
-        rank = self.dist.rank if self.dist is not None else 0
+        rank = self.sharing.dist.rank if self.sharing.dist is not None else 0
         mine = [k for k in range(len(starts)) if k % world == rank]
         rows: dict[int, list[dict]] = {}
         for k in mine:
             part = prompts[starts[k] : starts[k] + size]
             rows[k] = self.score(rollout_rows(part, self._seeded(part, base + k, spec), self.spec.max_new_tokens, group_offset=starts[k]))
         calls = -(-len(starts) // world)
-        for _ in range(calls - len(mine) if self.lockstep else 0):  # keep a sharded model's collectives in step
+        for _ in range(calls - len(mine) if self.sharing.lockstep else 0):  # keep a sharded model's collectives in step
             self._seeded(prompts[:1], base, spec)
         merged: dict[int, list[dict]] = {}
-        for part in distributed.gather_objects(rows, self.dist):
+        for part in distributed.gather_objects(rows, self.sharing.dist):
             merged.update(part)
         return [r for k in sorted(merged) for r in merged[k]]
 
