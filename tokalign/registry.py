@@ -17,8 +17,7 @@ import importlib.metadata as md
 from dataclasses import dataclass
 from functools import lru_cache
 
-from tokalign.errors import UserError, unknown
-from tokalign.errors import PluginError
+from tokalign.errors import PluginError, UserError, unknown
 
 LOCAL = "(local)"  # the distribution of a ``module:attr`` that no installed distribution provides
 

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from tokalign.components.base import Component
-from tokalign.forward import forward, with_row_index
+from tokalign.forward import forward, map_micro_batches
 from tokalign.protocols import LossOutput, PolicyOutput, TokenBatch
 
 
@@ -44,22 +44,24 @@ class TrainedModel(Component):
         self.optimizer.load_state_dict(state["optimizer"])
 
     def fill(self, batch, ctx) -> dict:
-        t, width = ctx.cfg.train, batch.completion_mask.shape[1]
+        t = ctx.cfg.train
         self.optimizer.zero_grad(set_to_none=True)
-        logps, rows, sums = [], [], {}
-        for mb in ctx.micro_batches(with_row_index(batch)):
+        sums: dict[str, float] = {}
+
+        def update(mb):  # forward, loss and backward of one micro-batch; its log-probs from before the update
             out = forward(self.model, mb)
-            logps.append(torch.nn.functional.pad(out.logps.detach(), (0, width - out.logps.shape[1])))
-            rows.append(mb.fields["_row"])
             result = self.loss(mb, out)
             result.loss.backward()
             share = len(mb) / len(batch)
             sums["loss"] = sums.get("loss", 0.0) + float(result.loss.detach())
             for k, v in result.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * share
+            return {"logps": out.logps.detach()}
+
+        logps = map_micro_batches(batch, t.micro_batch_size, t.micro_batch_tokens, update)["logps"]
         grad = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         self.optimizer.step()
-        batch.fields[f"{self.role}_logps"] = torch.cat(logps)[torch.argsort(torch.cat(rows))]
+        batch.fields[f"{self.role}_logps"] = logps
         return {f"{self.role}/{k}": v for k, v in {**sums, "grad_norm": float(grad)}.items()}
 
     def save(self, directory) -> None:

@@ -26,6 +26,7 @@ def _online(plan, rows, state):
     from tokalign.rollout.hf import HFEngine
 
     cfg, r = plan.cfg, plan.cfg.rollout
+    lockstep = state.dist.active and cfg.train.distributed == "fsdp"  # a sharded model's generate calls are collectives
     spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
     if r.backend == "vllm":  # sampling in vLLM; the trainer's weights are pushed into it before every step
         from tokalign import models
@@ -34,10 +35,10 @@ def _online(plan, rows, state):
         longest = max(len(x["prompt_ids"]) for x in rows) + r.max_new_tokens
         engine = VLLMEngine(models.resolve_model(cfg.model)[0], state.tokenizer, longest + 1, cfg.seed, r.vllm_gpu_memory_utilization)
     else:
-        engine = HFEngine(state.policy, state.tokenizer, synced_gpus=state.dist.active and cfg.train.distributed == "fsdp")
+        engine = HFEngine(state.policy, state.tokenizer, synced_gpus=lockstep)
     return sources.OnlineSource(rows, engine, plan.rewards, spec, cfg.train.batch_size, cfg.seed, hooks=tuple(plan.needs.hooks),
                                 rollout_config=r, policy=state.policy, reference=state.reference_model,
-                                sharing=sources.Sharing(state.dist, r.sampling_chunk, state.dist.active and cfg.train.distributed == "fsdp"))
+                                sharing=sources.Sharing(state.dist, r.sampling_chunk, lockstep))
 
 
 def _scored(plan, rows, state):

@@ -15,9 +15,9 @@ from tokalign.rows import loads, rollout_rows
 from tokalign.scoring.rows import scored_rows
 
 
-def _hook(hook, method, *args):
-    """``method`` (a bound method of ``hook``) called so that its exception is the hook's one line."""
-    return plugin_errors.call("sampling hook", hook.name, method.__name__, method, *args)
+def _hook(method, *args):
+    """A sampling hook's bound ``method``, called so that its exception is the hook's one line."""
+    return plugin_errors.call("sampling hook", method.__self__.name, method.__name__, method, *args)
 
 
 def indices_for_step(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -85,7 +85,7 @@ class ScoredSource:
         self.groups: dict[Any, list[dict]] = {}
         for r in self.rows:
             self.groups.setdefault(r["group_id"], []).append(r)
-        self.groups = {k: g for k, g in self.groups.items() if all(_hook(h, h.accept, g) for h in self.hooks)}
+        self.groups = {k: g for k, g in self.groups.items() if all(_hook(h.accept, g) for h in self.hooks)}
         if not self.groups:
             names = ", ".join(h.name for h in self.hooks)
             raise UserError(f"No group of the scored data passes the algorithm's group filter ({names}): nothing to learn from "
@@ -218,7 +218,7 @@ class OnlineSource:
     def pick(self, step: int, round_: int) -> list[int]:
         """Prompts of round ``round_`` of step ``step``: a function of (seed, step, round) and the hooks' state only,
         so a resumed run draws the same ones."""
-        weights = next((w for w in (_hook(h, h.prompt_weights, len(self.rows)) for h in self.hooks) if w is not None), None)
+        weights = next((w for w in (_hook(h.prompt_weights, len(self.rows)) for h in self.hooks) if w is not None), None)
         if weights is None:
             return indices_for_step(len(self.rows), self.batch_size, step, self.seed + 7919 * round_)
         gen = torch.Generator().manual_seed(self.seed * 100_003 + step * 7919 + round_)
@@ -276,7 +276,7 @@ class OnlineSource:
         largest number of rounds a hook allows; nothing accepted: the last round (zero advantages)."""
         kept: list[list[dict]] = []
         sampled: list[dict] = []
-        limit = max([_hook(h, h.rounds, self.rollout_config) for h in self.hooks] + [1])
+        limit = max([_hook(h.rounds, self.rollout_config) for h in self.hooks] + [1])
         rounds = 0
         while rounds < limit and len(kept) < self.batch_size:
             # round r of step s draws its own prompts, a function of (seed, step, round) only: resumable
@@ -284,7 +284,7 @@ class OnlineSource:
             rows = self.sample([self.rows[i] for i in picked])
             sampled += rows
             groups = [[{**r, "prompt_index": picked[g]} for r in rows if r["group_id"] == g] for g in range(len(picked))]
-            kept += [group for group in groups if all(_hook(h, h.accept, group) for h in self.hooks)]
+            kept += [group for group in groups if all(_hook(h.accept, group) for h in self.hooks)]
             rounds += 1
         self.rounds_used, self.accepted_groups = rounds, len(kept)
         return (kept or groups), sampled, {}
@@ -292,12 +292,12 @@ class OnlineSource:
     def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
         self.step, self._calls = step, 0
         sync_s = self.engine.sync(self.policy)
-        collected = next((c for c in (_hook(h, h.collect, self) for h in self.hooks) if c is not None), None)
+        collected = next((c for c in (_hook(h.collect, self) for h in self.hooks) if c is not None), None)
         groups, sampled, extra = collected if collected is not None else self._rounds()
         out = [{**r, "group_id": gid} for gid, group in enumerate(groups[: self.batch_size]) for r in group]
         metrics = {**reward_metrics(sampled), **extra}
         for h in self.hooks:
-            metrics.update(_hook(h, h.after_batch, out, self))
+            metrics.update(_hook(h.after_batch, out, self))
         if sync_s is not None:
             metrics["time/weight_sync_s"] = round(sync_s, 4)
         return scored_seqs(out, [r["prompt_index"] for r in out]), metrics
