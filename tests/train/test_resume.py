@@ -43,3 +43,17 @@ def metrics(run) -> list[dict]:
 def test_resume_without_any_run_is_refused(tmp_path):
     proc = cli(*ARGS, "--out", "c", "--resume", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Nothing to resume" in proc.stderr and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("extra", [["train", "ppo"], ["train", "grpo", "--set", "train.lora_r=4"]], ids=["ppo-value-head", "lora"])
+def test_resume_restores_what_trains_beside_a_full_policy(tmp_path, extra):
+    """A value head (PPO) and a LoRA adapter come back from the sharded checkpoint too: exact weights again."""
+    args = [*extra, "--data", "arith", "--max-steps", "4", "--batch-size", "4", "--n", "2", "--lr", "1e-3",
+            "--set", "rollout.max_new_tokens=6", "--set", "train.save_every=2", "--quiet"]
+    cli(*args, "--out", "full", cwd=tmp_path)
+    run_and_kill(args, "cut", "checkpoint-2", tmp_path)
+    cli(*args, "--out", "cut", "--resume", cwd=tmp_path)
+    for f in sorted(p.name for p in (tmp_path / "full").glob("*.safetensors")):
+        full, cut = load_file(tmp_path / "full" / f), load_file(tmp_path / "cut" / f)
+        assert full.keys() == cut.keys() and all((full[k] == cut[k]).all() for k in full), f
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")

@@ -1,8 +1,12 @@
-"""Resume points inside ``<out>.partial/``: model (save_pretrained), optimiser, scheduler, RNG, step, and the state and
-files of the algorithm, its components and hooks.
+"""Resume points inside ``<out>.partial/``: the trained weights and the optimiser state through
+``torch.distributed.checkpoint`` (DCP: every process writes its own shard, and a checkpoint loads on any number of
+processes, sharded or not), and beside them the scheduler, RNG, step and the state and files of the algorithm, its
+components and hooks.
 
-Each checkpoint is written to a temp dir and renamed, so a kill never leaves a half checkpoint; only the newest one
-is kept.
+Only what trains is in the DCP part (all of a fully trained policy; a LoRA policy's adapter; a value head): frozen
+weights come back from the starting model. Each checkpoint is written to a temp dir and renamed, so a kill never
+leaves a half checkpoint; only the newest one is kept. The final artifact is a plain ``save_pretrained`` directory
+(``loop._finish``), not this.
 """
 
 from __future__ import annotations
@@ -14,10 +18,23 @@ from pathlib import Path
 
 import torch
 
+from tokalign.artifacts import sha256_json
 from tokalign.errors import UserError
 from tokalign.protocols import Stateful
+from tokalign.train import distributed
 
 STATE = "trainer_state.pt"
+SHARDS = "dcp"  # torch.distributed.checkpoint's directory: one .distcp file per process and a .metadata
+
+
+# how a step is executed, not what it computes: a run may resume with other values (on fewer GPUs, a smaller
+# micro-batch; another data-parallel strategy; checkpoints more often)
+EXECUTION = ("distributed", "micro_batch_size", "micro_batch_tokens", "gradient_checkpointing", "save_every", "log")
+
+
+def identity(run_config: dict) -> str:
+    """What a checkpoint must match to be resumed: the run's configuration less its ``EXECUTION`` settings."""
+    return sha256_json({**run_config, "train": {k: v for k, v in run_config["train"].items() if k not in EXECUTION}})
 
 
 def work_dir(out: Path) -> Path:
@@ -38,9 +55,83 @@ def states(state) -> dict:
     }
 
 
+class _Trained(torch.nn.Module):
+    """Everything the optimiser steps, under stable names for DCP: the policy (unwrapped, so ``ddp``, ``fsdp`` and one
+    process agree on the names) and each component's parameters (``value_head.0``, …)."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.policy = state.policy
+        for c in state.components:
+            if c.parameters():
+                self.add_module(c.name, torch.nn.ParameterList(c.parameters()))
+
+
+def _sharded_state(state) -> tuple[dict, dict]:
+    """(model, optimiser) state dicts of this process's shards (a collective under FSDP: every process calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(_Trained(state), state.optimizer, options=StateDictOptions(ignore_frozen_params=True))
+
+
+def save(work: Path, step: int, state, config_sha256: str) -> Path:
+    """Every process calls it: each writes its shard of the weights and optimiser state; the main process the rest,
+    then renames the finished checkpoint into place."""
+    import torch.distributed.checkpoint as dcp
+
+    dist = state.dist
+    final, tmp = work / f"checkpoint-{step}", work / f"checkpoint-{step}.tmp"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier(dist)
+    model, optim = _sharded_state(state)
+    dcp.save({"model": model, "optimizer": optim}, checkpoint_id=tmp / SHARDS)
+    if dist.main:
+        for c in state.components:
+            c.save(tmp)
+        torch.save(
+            {
+                "step": step,
+                "world": dist.world,
+                "scheduler": state.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python_rng": random.getstate(),
+                "config_sha256": config_sha256,
+                **states(state),
+            },
+            tmp / STATE,
+        )
+        tmp.rename(final)
+        for old in work.glob("checkpoint-*[0-9]"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier(dist)
+    return final
+
+
+def load_state(ckpt: Path, config_sha256: str) -> dict:
+    if not (ckpt / SHARDS).is_dir():
+        raise UserError(f"{ckpt} was written by an older tokalign (no '{SHARDS}/' shards); start over with --overwrite.")
+    state = torch.load(ckpt / STATE, weights_only=False, map_location="cpu")
+    if state["config_sha256"] != config_sha256:
+        raise UserError(
+            f"The configuration differs from the one that wrote {ckpt}; resume with the same command and config, "
+            "or start over with --overwrite."
+        )
+    return {**state, "path": ckpt}
+
+
 def restore(state, saved: dict) -> None:
-    """Put a checkpoint's ``states`` back (and the optimiser, scheduler and RNG)."""
-    state.optimizer.load_state_dict(saved["optimizer"])
+    """Put a checkpoint back: weights and optimiser state resharded onto this run's processes (every process calls
+    it), then the scheduler, RNG and ``states``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model, optim = _sharded_state(state)  # the structure to load into (a fresh optimiser's state is made first)
+    dcp.load({"model": model, "optimizer": optim}, checkpoint_id=saved["path"] / SHARDS)
+    set_state_dict(_Trained(state), state.optimizer, model_state_dict=model, optim_state_dict=optim,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     state.scheduler.load_state_dict(saved["scheduler"])
     restore_rng(saved)
     if saved.get("algorithm") is not None:
@@ -49,45 +140,6 @@ def restore(state, saved: dict) -> None:
         for obj in objs:
             if obj.name in (saved.get(group) or {}):
                 obj.load_state_dict(saved[group][obj.name])
-
-
-def save(work: Path, step: int, state, config_sha256: str, weights: dict | None = None) -> Path:
-    """``weights``: the gathered weights of a sharded model (None: the model's own state_dict)."""
-    final = work / f"checkpoint-{step}"
-    tmp = work / f"checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    state.policy.save_pretrained(tmp, state_dict=weights)
-    state.tokenizer.save_pretrained(tmp)
-    for c in state.components:
-        c.save(tmp)
-    torch.save(
-        {
-            "step": step,
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python_rng": random.getstate(),
-            "config_sha256": config_sha256,
-            **states(state),
-        },
-        tmp / STATE,
-    )
-    tmp.rename(final)
-    for old in work.glob("checkpoint-*[0-9]"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_state(ckpt: Path, config_sha256: str) -> dict:
-    state = torch.load(ckpt / STATE, weights_only=False, map_location="cpu")
-    if state["config_sha256"] != config_sha256:
-        raise UserError(
-            f"The configuration differs from the one that wrote {ckpt}; resume with the same command and config, "
-            "or start over with --overwrite."
-        )
-    return state
 
 
 def restore_rng(state: dict) -> None:

@@ -67,7 +67,7 @@ def _claim_work_dir(work: Path, resume: bool, overwrite: bool, dist: distributed
 def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> Path:
     work = checkpoint.work_dir(plan.out)
     run_config = plan.run_config_dict()
-    config_sha = artifacts.sha256_json(run_config)
+    config_sha = checkpoint.identity(run_config)
     dist = distributed.init()
     ckpt = _claim_work_dir(work, resume, overwrite, dist)
     saved = checkpoint.load_state(ckpt, config_sha) if ckpt else None
@@ -117,9 +117,7 @@ def _train(state: TrainState, work: Path, saved: dict | None, run_config: dict, 
                 if not math.isfinite(metrics["loss"]):
                     raise UserError(f"Loss became {metrics['loss']} at step {step + 1}; lower train.lr or check the data. Resume point: '{work}'.")
                 if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.max_steps:
-                    weights = distributed.full_state_dict(state.policy)  # every rank takes part in gathering a sharded model
-                    if dist.main:
-                        checkpoint.save(work, step + 1, state, config_sha, weights)
+                    checkpoint.save(work, step + 1, state, config_sha)  # every process writes its shard
     finally:
         progress.close()
         tracker.close()

@@ -29,11 +29,9 @@ def _peft():
     return peft
 
 
-def wrap(model, t, resume_from: Path | None = None):
-    """The base model with a trainable LoRA adapter (a fresh one, or the checkpoint's when resuming)."""
+def wrap(model, t):
+    """The base model with a fresh trainable LoRA adapter (a resumed run's comes back through the checkpoint)."""
     peft = _peft()
-    if resume_from is not None and (resume_from / "adapter_config.json").is_file():
-        return peft.PeftModel.from_pretrained(model, resume_from, is_trainable=True)
     names = t.lora_target_modules
     targets = names if names == "all-linear" else [m.strip() for m in names.split(",") if m.strip()]
     cfg = peft.LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=targets,

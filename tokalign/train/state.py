@@ -23,7 +23,7 @@ class TrainState:
         self._reference = None
         self.precision = precision.resolve(t.precision, models.default_device())
         self.tokenizer = models.load_tokenizer(cfg.model)
-        self.policy = _policy(cfg, resume_from, self.precision.weights)
+        self.policy = _policy(cfg, self.precision.weights)  # a checkpoint's trained weights: checkpoint.restore
         self.device = next(self.policy.parameters()).device
         self.components = components_mod.resolve(plan.needs)
         for c in self.components:
@@ -68,12 +68,12 @@ class TrainState:
         return [self.policy, *(m for c in self.components for m in c.models())]
 
 
-def _policy(cfg, ckpt: Path | None, dtype: str):
+def _policy(cfg, dtype: str):
     t = cfg.train
-    if t.lora_r > 0:  # the base from the starting model, the adapter fresh or from the checkpoint
-        policy = lora.wrap(models.load_model(cfg.model, dtype, quantization_config=lora.quantisation_config(t)), t, ckpt)
+    if t.lora_r > 0:  # the base from the starting model, a fresh adapter
+        policy = lora.wrap(models.load_model(cfg.model, dtype, quantization_config=lora.quantisation_config(t)), t)
     else:
-        policy = models.load_model(str(ckpt) if ckpt else cfg.model, dtype)
+        policy = models.load_model(cfg.model, dtype)
     if t.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(policy, "enable_input_require_grads"):  # a transformers model feature, not an algorithm's
