@@ -72,21 +72,25 @@ def with_row_index(batch: TokenBatch) -> TokenBatch:
     return out
 
 
-def map_micro_batches(batch: TokenBatch, micro: int, tokens: int, fn: Callable[[TokenBatch], dict]) -> dict[str, torch.Tensor]:
+def map_micro_batches(batch: TokenBatch, micro: int, tokens: int, fn: Callable[[TokenBatch], dict],
+                      calls: int = 0) -> dict[str, torch.Tensor]:
     """``fn(micro_batch) -> {name: [b, l-1] tensor}`` over the run's micro-batches (by rows, or by padded ``tokens``),
-    the results back in the batch's row order and width."""
+    the results back in the batch's row order and width. ``calls``: call ``fn`` at least this often (the extra calls
+    on one row, their results dropped) — processes sharing an FSDP-sharded model must make as many calls."""
     width = batch.completion_mask.shape[1]
     parts = micro_batches(with_row_index(batch), micro, tokens)
     outs = [fn(mb) for mb in parts]
+    for _ in range(calls - len(parts)):
+        fn(parts[0].select(torch.tensor([0])))
     order = torch.argsort(torch.cat([mb.fields["_row"] for mb in parts]))
     pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))  # noqa: E731
     return {k: torch.cat([pad(o[k]) for o in outs])[order] for k in outs[0]}
 
 
 @torch.no_grad()
-def frozen_logps(model, batch: TokenBatch, micro: int = 0, tokens: int = 0) -> torch.Tensor:
+def frozen_logps(model, batch: TokenBatch, micro: int = 0, tokens: int = 0, calls: int = 0) -> torch.Tensor:
     """A model's per-token log-probs [B, L-1] without gradients, micro-batched."""
-    return map_micro_batches(batch, micro, tokens, lambda mb: {"logps": forward(model, mb).logps})["logps"]
+    return map_micro_batches(batch, micro, tokens, lambda mb: {"logps": forward(model, mb).logps}, calls)["logps"]
 
 
 def to_device(batch: TokenBatch, device) -> TokenBatch:

@@ -77,6 +77,16 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None, qua
     return model if quantization_config else model.to(device or default_device())
 
 
+def empty_model(name: str, dtype: str = "float32"):
+    """The model's architecture on the meta device: no weights read, no memory held (sharded loading fills it)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, _ = resolve_model(name)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
+
+
 def default_device() -> str:
     import torch
 

@@ -210,6 +210,10 @@ class TrainContext(Protocol):
 
     def frozen_logps(self, model: Any, batch: TokenBatch) -> "torch.Tensor": ...  # no grad, micro-batched like training
 
+    # fn(micro_batch) -> {name: [b, T] tensor} over the whole batch, micro-batched like training and shared between
+    # processes (each computes its share of the rows; all get every row); models: those fn runs
+    def map_micro_batches(self, batch: TokenBatch, fn: Any, *models: Any) -> dict[str, "torch.Tensor"]: ...
+
     def micro_batches(self, batch: TokenBatch) -> list[TokenBatch]: ...  # the run's micro-batching
 
 

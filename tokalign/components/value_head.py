@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from tokalign.components.base import Component
-from tokalign.forward import forward, map_micro_batches
+from tokalign.forward import forward
 
 FILE = "value_head.safetensors"
 
@@ -35,13 +35,11 @@ class ValueHead(Component):
 
     @torch.no_grad()
     def fill(self, batch, ctx) -> dict:
-        t = ctx.cfg.train
-
         def old(mb):
             out = forward(ctx.policy, mb, keep_hidden=True)
             return {"logps": out.logps, "values": self.values(out.hidden)}
 
-        res = map_micro_batches(batch, t.micro_batch_size, t.micro_batch_tokens, old)
+        res = ctx.map_micro_batches(batch, old, ctx.policy)
         batch.fields["old_logps"], batch.fields["old_values"] = res["logps"], res["values"]
         return {}
 

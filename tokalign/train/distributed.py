@@ -79,7 +79,7 @@ def shard_model(model, dist: Dist, strategy: str, compute_dtype=None):
     model itself become ``fully_shard`` units; with a ``compute_dtype`` (bf16-mixed) through FSDP2's
     MixedPrecisionPolicy: parameters gathered in it for compute, gradients reduced in float32, fp32 shards kept.
     A no-op for ddp or a single process."""
-    if not dist.active or strategy != "fsdp":
+    if not dist.active or strategy != "fsdp" or is_sharded(model):
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -89,6 +89,28 @@ def shard_model(model, dist: Dist, strategy: str, compute_dtype=None):
         if type(module).__name__ in blocks:
             fully_shard(module, **mp)
     fully_shard(model, **mp)
+    return model
+
+
+def load_sharded(load_whole, load_empty, dist: Dist, compute_dtype=None):
+    """An FSDP2-sharded model that only the main process reads from disk: it loads the whole model on the CPU
+    (``load_whole()``), the others build the architecture on the meta device (``load_empty()``); all shard it, and the
+    main process's weights are broadcast shard by shard (``broadcast_from_rank0``), so no other process ever holds
+    the whole model. Buffers (e.g. rotary frequencies, which no state dict holds) are broadcast as they are."""
+    import torch.distributed as td
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model = load_whole() if dist.main else load_empty()
+    whole = model.state_dict() if dist.main else {}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if dist.main else {}
+    shard_model(model, dist, "fsdp", compute_dtype)
+    model.to_empty(device=dist.device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if dist.main:
+                buffer.copy_(buffers[name])
+            td.broadcast(buffer, src=0)
     return model
 
 
@@ -162,6 +184,25 @@ def max_count(n: int, dist: Dist) -> int:
     t = torch.tensor([n], dtype=torch.long, device=dist.device)
     td.all_reduce(t, op=td.ReduceOp.MAX)
     return int(t.item())
+
+
+def row_range(rows: int, dist: Dist) -> tuple[int, int]:
+    """This process's contiguous share [lo, hi) of ``rows`` rows (sizes differ by at most one)."""
+    return dist.rank * rows // dist.world, (dist.rank + 1) * rows // dist.world
+
+
+def gather_rows(local: torch.Tensor, rows: int, dist: Dist) -> torch.Tensor:
+    """Every process's ``row_range`` share of a [rows, ...] tensor, concatenated in rank order: the whole tensor on
+    every process (one all_gather of shares padded to the largest)."""
+    import torch.distributed as td
+
+    shares = [row_range(rows, Dist(r, dist.world)) for r in range(dist.world)]
+    most = max(hi - lo for lo, hi in shares)
+    padded = torch.zeros((most, *local.shape[1:]), dtype=local.dtype, device=dist.device)
+    padded[: len(local)] = local.to(dist.device)
+    parts = [torch.empty_like(padded) for _ in range(dist.world)]
+    td.all_gather(parts, padded)
+    return torch.cat([part[: hi - lo] for part, (lo, hi) in zip(parts, shares)]).to(local.device)
 
 
 def sum_gradients(params: list[torch.nn.Parameter], dist: Dist, scale: float = 1.0) -> None:

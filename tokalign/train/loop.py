@@ -198,7 +198,7 @@ def _update(state: TrainState, batch) -> tuple[dict, torch.Tensor, float]:
         for k, mb in enumerate(mbs):
             with _sync_last(state.train_model, last=k == len(mbs) - 1):
                 if mb is None:
-                    (forward(state.train_model, local.select(torch.tensor([0]))).logps.sum() * 0).backward()
+                    _filler(state, local)
                     continue
                 _accumulate(sums, _micro_step(state, mb, scale), len(mb) / len(batch))
         distributed.sum_gradients(state.hand_reduced, dist, 1 / scale)
@@ -206,6 +206,18 @@ def _update(state: TrainState, batch) -> tuple[dict, torch.Tensor, float]:
         state.optimizer.step()
         state.scheduler.step()
     return distributed.sum_metrics(sums, dist), grad_norm, padding
+
+
+def _filler(state: TrainState, local) -> None:
+    """A zero-weight forward and backward on one row, for a process with fewer micro-batches than the others: FSDP's
+    gathers and reduce-scatters are collectives, so every process runs as many passes through each sharded model (the
+    policy's, and those components run per micro-batch, e.g. a sharded reference's logits)."""
+    mb = local.select(torch.tensor([0]))
+    out = forward(state.train_model, mb, keep_logits=state.needs.full_vocab, keep_hidden="hidden" in state.forward_outputs)
+    if state.sharded_components:
+        for c in state.components:
+            call_plugin("batch component", c.name, "on_forward", c.on_forward, mb, out, state)
+    (out.logps.sum() * 0).backward()
 
 
 def _sync_last(model, last: bool):

@@ -212,7 +212,8 @@ class OnlineSource:
         if self._reference_engine is None:
             from tokalign.rollout.hf import HFEngine
 
-            self._reference_engine = HFEngine(self.reference(), self.tokenizer)
+            # every process samples the same reference rows (hooks see the gathered batch): in step for a sharded one
+            self._reference_engine = HFEngine(self.reference(), self.tokenizer, synced_gpus=self.sharing.lockstep)
         return self._reference_engine
 
     def pick(self, step: int, round_: int) -> list[int]:

@@ -10,6 +10,7 @@ import torch
 
 from tokalign import components as components_mod
 from tokalign import forward, models
+from tokalign.batching import micro_batches
 from tokalign.train import distributed, lora, precision
 from tokalign.train.kinds import KINDS
 
@@ -23,7 +24,7 @@ class TrainState:
         self._reference = None
         self.precision = precision.resolve(t.precision, models.default_device())
         self.tokenizer = models.load_tokenizer(cfg.model)
-        self.policy = _policy(cfg, self.precision.weights)  # a checkpoint's trained weights: checkpoint.restore
+        self.policy = self._policy()  # a checkpoint's trained weights: checkpoint.restore
         self.device = next(self.policy.parameters()).device
         self.components = components_mod.resolve(plan.needs)
         for c in self.components:
@@ -31,6 +32,8 @@ class TrainState:
         self.source = KINDS[plan.data_kind].source(plan, _rows(plan, self.tokenizer), self)
         self.max_completion_len = KINDS[plan.data_kind].length_limit(plan)
         self.forward_outputs = {o for c in self.components for o in c.forward_outputs}
+        # components whose models are sharded: a process's filler micro-batches (see loop._filler) must run them too
+        self.sharded_components = any(distributed.is_sharded(m) for c in self.components for m in c.models())
         # before the optimiser: it must see the sharded parameters
         distributed.shard_model(self.policy, dist, t.distributed, self.precision.compute_dtype())
         self.train_model = distributed.wrap(self.policy, dist, t.distributed)  # what the training forward runs through
@@ -44,9 +47,30 @@ class TrainState:
 
     # -- the TrainContext of components
     def load_model(self, source: str, trainable: bool = False):
-        """Trained models keep the precision's master dtype, frozen ones its compute dtype."""
-        model = models.load_model(source, self.precision.weights if trainable else self.precision.frozen)
-        return model.train() if trainable else model.eval().requires_grad_(False)
+        """Trained models keep the precision's master dtype, frozen ones its compute dtype; under FSDP frozen models
+        are sharded like the policy. (A trained one is not: it is saved whole by the main process alone.)"""
+        if trainable:
+            return models.load_model(source, self.precision.weights).train()
+        return self._load(source, self.precision.frozen).eval().requires_grad_(False)
+
+    def _load(self, source: str, dtype: str, compute_dtype=None):
+        """A model in ``dtype``; under FSDP sharded, read from disk by the main process alone."""
+        if self.dist.active and self.cfg.train.distributed == "fsdp":
+            return distributed.load_sharded(lambda: models.load_model(source, dtype, device="cpu"),
+                                            lambda: models.empty_model(source, dtype), self.dist, compute_dtype)
+        return models.load_model(source, dtype)
+
+    def _policy(self):
+        t, dtype = self.cfg.train, self.precision.weights
+        if t.lora_r > 0:  # the base from the starting model, a fresh adapter (sharded below, after wrapping)
+            policy = lora.wrap(models.load_model(self.cfg.model, dtype, quantization_config=lora.quantisation_config(t)), t)
+        else:
+            policy = self._load(self.cfg.model, dtype, self.precision.compute_dtype())
+        if t.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(policy, "enable_input_require_grads"):  # a transformers model feature, not an algorithm's
+                policy.enable_input_require_grads()
+        return policy.train()
 
     def reference_model(self):
         """The frozen reference, loaded once (LoRA without --ref-model: the policy with its adapter off, no copy)."""
@@ -56,30 +80,30 @@ class TrainState:
         return self._reference
 
     def micro_batches(self, batch):
-        from tokalign.batching import micro_batches
-
         return micro_batches(batch, self.cfg.train.micro_batch_size, self.cfg.train.micro_batch_tokens)
 
+    def map_micro_batches(self, batch, fn, *models) -> dict[str, torch.Tensor]:
+        """``forward.map_micro_batches`` with the run's micro-batching, shared between processes: each computes its
+        1/N of the rows and the results are gathered, so every process holds them for the whole batch. ``models``:
+        those ``fn`` runs (processes sharing a sharded one make as many calls)."""
+        t, dist = self.cfg.train, self.dist
+        if not dist.active or len(batch) < dist.world:
+            return forward.map_micro_batches(batch, t.micro_batch_size, t.micro_batch_tokens, fn)
+        lo, hi = distributed.row_range(len(batch), dist)
+        part = batch.select(torch.arange(lo, hi))
+        calls = 0
+        if any(distributed.is_sharded(m) for m in models):
+            calls = distributed.max_count(len(micro_batches(part, t.micro_batch_size, t.micro_batch_tokens)), dist)
+        local = forward.map_micro_batches(part, t.micro_batch_size, t.micro_batch_tokens, fn, calls)
+        return {k: distributed.gather_rows(v, len(batch), dist) for k, v in local.items()}
+
+    @torch.no_grad()
     def frozen_logps(self, model, batch) -> torch.Tensor:
-        return forward.frozen_logps(model, batch, self.cfg.train.micro_batch_size, self.cfg.train.micro_batch_tokens)
+        return self.map_micro_batches(batch, lambda mb: {"logps": forward.forward(model, mb).logps}, model)["logps"]
 
     # -- what the loop reads
     def held_models(self) -> list:
         return [self.policy, *(m for c in self.components for m in c.models())]
-
-
-def _policy(cfg, dtype: str):
-    t = cfg.train
-    if t.lora_r > 0:  # the base from the starting model, a fresh adapter
-        policy = lora.wrap(models.load_model(cfg.model, dtype, quantization_config=lora.quantisation_config(t)), t)
-    else:
-        policy = models.load_model(cfg.model, dtype)
-    if t.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(policy, "enable_input_require_grads"):  # a transformers model feature, not an algorithm's
-            policy.enable_input_require_grads()
-    policy.train()
-    return policy
 
 
 def _rows(plan, tokenizer) -> list[dict]:
