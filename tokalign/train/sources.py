@@ -211,9 +211,11 @@ class OnlineSource:
     def reference_engine(self):
         if self._reference_engine is None:
             from tokalign.rollout.hf import HFEngine
+            from tokalign.train.distributed import is_sharded
 
             # every process samples the same reference rows (hooks see the gathered batch): in step for a sharded one
-            self._reference_engine = HFEngine(self.reference(), self.tokenizer, synced_gpus=self.sharing.lockstep)
+            model = self.reference()
+            self._reference_engine = HFEngine(model, self.tokenizer, synced_gpus=is_sharded(model))
         return self._reference_engine
 
     def pick(self, step: int, round_: int) -> list[int]:
