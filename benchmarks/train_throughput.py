@@ -91,9 +91,11 @@ from types import SimpleNamespace
 from tokalign import ops, registry
 from tokalign.config import TrainSection
 from tokalign.batching import Seq
-from tokalign import components, forward as fwd
+from tokalign import components
 from tokalign.train import distributed
 from tokalign.train.loop import step_once
+from tokalign.train.precision import resolve as resolve_precision
+from tokalign.train.state import TrainState
 cls = registry.load("algorithm", algo_name)
 algo = cls(cls.Config())
 if algo_name == "grpo":
@@ -114,9 +116,8 @@ tk_tok = SimpleNamespace(pad_token_id=0)
 
 
 class BenchState(SimpleNamespace):  # the train loop's TrainState, by hand around the benchmark's models
-
-    def frozen_logps(self, model, batch):
-        return fwd.frozen_logps(model, batch, train.micro_batch_size, train.micro_batch_tokens)
+    map_micro_batches = TrainState.map_micro_batches  # one process: plain micro-batching
+    frozen_logps = TrainState.frozen_logps
 
     def reference_model(self):
         return tk_ref
@@ -125,7 +126,8 @@ class BenchState(SimpleNamespace):  # the train loop's TrainState, by hand aroun
 state = BenchState(cfg=SimpleNamespace(train=train), plan=SimpleNamespace(algo_name=algo_name), algorithm=algo, needs=algo.needs,
                    source=Fixed(), policy=tk_policy, tokenizer=tk_tok, device=torch.device("cpu"), dist=distributed.Dist(),
                    max_completion_len=C if algo_name == "grpo" else None, forward_outputs=set(), step=0, seqs=[],
-                   params=list(tk_policy.parameters()), optimizer=tk_opt, scheduler=tk_sched, train_model=tk_policy, hand_reduced=[])
+                   params=list(tk_policy.parameters()), optimizer=tk_opt, scheduler=tk_sched, train_model=tk_policy, hand_reduced=[],
+                   precision=resolve_precision("fp32", "cpu"), sharded_components=False)
 state.components = components.resolve(algo.needs)
 for c in state.components:
     c.setup(state)

@@ -76,7 +76,7 @@ class SSPO(GRPO):
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         c, f = self.config, batch.fields
         prompts, rewards = f["prompt_index"].tolist(), f["rewards"].double()
-        adv = rewards - torch.tensor([self.p_hat(p) for p in prompts], dtype=torch.float64)
+        adv = rewards - torch.tensor([self.p_hat(p) for p in prompts], dtype=torch.float64, device=rewards.device)
         if len(adv) > 1:
             adv = (adv - adv.mean()) / (adv.std() + c.adv_eps)
         f["advantages"] = adv.to(f["rewards"].dtype)

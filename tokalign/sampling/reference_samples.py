@@ -23,7 +23,8 @@ class ReferenceSamples(Hook):
     def _rewards(self, prompt_index: int, ctx) -> list[float]:
         if prompt_index not in self._cache:
             prompt = ctx.rows[prompt_index]
-            with torch.random.fork_rng(devices=[]):
+            # the policy's sampling streams (CPU and this process's GPU) stay as they were
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
                 torch.manual_seed(ctx.seed * 1_000_003 + prompt_index)
                 completions = ctx.reference_engine().generate([prompt["prompt_ids"]], replace(ctx.spec, n=self.count))
             scored = ctx.score(rollout_rows([prompt], completions, ctx.spec.max_new_tokens))

@@ -95,7 +95,7 @@ def save(work: Path, step: int, state, config_sha256: str) -> Path:
                 "world": dist.world,
                 "scheduler": state.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's GPU
                 "python_rng": random.getstate(),
                 "config_sha256": config_sha256,
                 **states(state),
@@ -145,7 +145,7 @@ def restore(state, saved: dict) -> None:
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+        torch.cuda.set_rng_state(state["cuda_rng"])
     random.setstate(state["python_rng"])
 
 

@@ -47,12 +47,20 @@ def init() -> Dist:
         return Dist()
     import torch.distributed as td
 
+    from tokalign.models import default_device
+
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    cuda = default_device().startswith("cuda")  # TOKALIGN_DEVICE=cpu on a GPU machine: gloo on the CPU
+    if cuda and not td.is_initialized():  # (a launcher that made its own group placed its processes itself)
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", str(local + 1))), torch.cuda.device_count()
+        if per_node > gpus:
+            raise UserError(f"torchrun started {per_node} processes on this node, which has {gpus} GPU(s): one process per GPU; "
+                            f"pass --nproc_per_node {gpus}.")
+    if cuda:
         torch.cuda.set_device(local)
     if not td.is_initialized():
-        td.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(rank, world, local, f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        td.init_process_group(backend="nccl" if cuda else "gloo")
+    return Dist(rank, world, local, f"cuda:{local}" if cuda else "cpu")
 
 
 def check_batch(dist: Dist, groups: int) -> None:
