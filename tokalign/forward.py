@@ -11,6 +11,7 @@ import torch
 
 from tokalign import ops
 from tokalign.batching import micro_batches
+from tokalign.head import confirm, why_not_fused, head_weight, linear_logps
 from tokalign.protocols import PolicyOutput, TokenBatch
 
 
@@ -40,7 +41,17 @@ def autocast(device: "torch.device"):
 def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: bool = False, keep_hidden: bool = False) -> PolicyOutput:
     """Per-token log-probs of each next token, [B, L-1]; with ``with_entropy`` their entropies (no grad); with
     ``keep_logits`` the logits [B, L-1, V]; with ``keep_hidden`` the final hidden states [B, L-1, H] (with grad:
-    a value head trains through them; detach them to read them)."""
+    a value head trains through them; detach them to read them).
+
+    Without ``keep_logits`` the log-probs come from the fused head (``tokalign.head``: no [B, L-1, V] logits held)
+    wherever the model's logits are a plain linear map of its hidden states; else, with a note saying why, from the
+    model's logits. Positions whose next token is padding get log-prob and entropy 0 on the fused path."""
+    if not keep_logits and not why_not_fused(model):
+        out = _fused(model, batch, with_entropy, keep_hidden)
+        if out is not None:
+            return out
+    elif not keep_logits:
+        _note_once(model)
     with autocast(batch.input_ids.device):
         res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=keep_hidden)
     logits = res.logits[:, :-1]
@@ -48,6 +59,41 @@ def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: b
     entropy = ops.entropy_from_logits(logits.detach()) if with_entropy else None
     hidden = res.hidden_states[-1][:, :-1] if keep_hidden else None
     return PolicyOutput(logps=logps, entropy=entropy, logits=logits if keep_logits else None, hidden=hidden)
+
+
+def _fused(model, batch: TokenBatch, with_entropy: bool, keep_hidden: bool) -> PolicyOutput | None:
+    """``forward`` through the fused head; None when the model's logits turn out not to be hidden @ W."""
+    with autocast(batch.input_ids.device):
+        res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, logits_to_keep=1)
+    hidden = res.hidden_states[-1]
+    compute = _COMPUTE.get()
+    tol = 1e-4 if compute is None and hidden.dtype == torch.float32 else 3e-2  # bf16 compute: the head's own rounding
+    if confirm(model, hidden[:, -1], res.logits[:, -1], tol):
+        _note_once(model)
+        return None
+    valid = batch.attention_mask[:, 1:].bool()  # positions whose next token is real
+    rows = hidden[:, :-1][valid]
+    logps, entropy = linear_logps(rows.to(compute) if compute is not None else rows, head_weight(model), batch.input_ids[:, 1:][valid])
+    full_logps = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    full_logps[valid] = logps
+    full_entropy = None
+    if with_entropy:
+        full_entropy = torch.zeros_like(full_logps)
+        full_entropy[valid] = entropy
+    return PolicyOutput(logps=full_logps, entropy=full_entropy, hidden=hidden[:, :-1] if keep_hidden else None)
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(model) -> None:
+    """One stderr line per reason and process: why log-probs come from the model's full logits."""
+    import sys
+
+    reason = why_not_fused(model)
+    if reason and reason not in _NOTED:
+        _NOTED.add(reason)
+        sys.stderr.write(f"note: per-token log-probs from the model's full logits (the fused log-prob head is off: {reason}).\n")
 
 
 @torch.no_grad()
