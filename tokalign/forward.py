@@ -63,7 +63,11 @@ def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: b
 
 def _fused(model, batch: TokenBatch, with_entropy: bool, keep_hidden: bool) -> PolicyOutput | None:
     """``forward`` through the fused head; None when the model's logits turn out not to be hidden @ W."""
-    with autocast(batch.input_ids.device):
+    import warnings
+
+    with autocast(batch.input_ids.device), warnings.catch_warnings():
+        # FSDP2 warns that the hidden states it returns are views (in-place ops on them would skip its hooks): none here
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, logits_to_keep=1)
     hidden = res.hidden_states[-1]
     compute = _COMPUTE.get()

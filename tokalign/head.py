@@ -83,14 +83,10 @@ def why_not_fused(model) -> str:
     if inner not in _VERDICTS:
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
         params = inspect.signature(inner.forward).parameters
-        from torch.distributed.tensor import DTensor
-
         if type(head) is not torch.nn.Linear:
             reason = f"its output layer is a {type(head).__name__}, not a plain linear map"
         elif head.bias is not None:
             reason = "its output layer has a bias"
-        elif isinstance(head.weight, DTensor):
-            reason = "its output layer is sharded (FSDP)"
         elif "logits_to_keep" not in params and "kwargs" not in params:
             reason = "its forward takes no logits_to_keep"
         else:
@@ -105,7 +101,12 @@ _CONFIRMED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 def confirm(model, hidden_last: torch.Tensor, logits_last: torch.Tensor, tol: float) -> str:
     """Check once, on the model's own last-position logits, that the head reproduces them (models that scale or
     soft-cap logits after the head do not); records and returns the reason when it does not."""
+    from torch.distributed.tensor import DTensor
+
     inner = unwrapped(model)
+    if isinstance(head_weight(model), DTensor):  # FSDP2 keeps the root's parameters gathered after its forward
+        _VERDICTS[inner] = "its output layer is still sharded after the forward (FSDP)"
+        return _VERDICTS[inner]
     if inner in _CONFIRMED:
         return ""
     with torch.no_grad():
