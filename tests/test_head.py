@@ -58,12 +58,13 @@ def test_forward_through_the_fused_head_equals_the_logits_path(tiny_model):
     """Same log-probs and entropies (on real positions) and the same gradients, as the model's own logits give."""
     from transformers import AutoModelForCausalLM
 
-    from tokalign.forward import forward
+    from tokalign.forward import forward, fused_head
 
     batch = _batch()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     assert why_not_fused(model) == ""
-    fused = forward(model, batch, with_entropy=True)
+    with fused_head("always"):
+        fused = forward(model, batch, with_entropy=True)
     (fused.logps * batch.completion_mask).sum().backward()
     g_fused = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -74,6 +75,26 @@ def test_forward_through_the_fused_head_equals_the_logits_path(tiny_model):
     assert torch.allclose(fused.entropy[real], plain.entropy[real], atol=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(g_fused[n], p.grad, atol=1e-5), n
+
+
+def test_auto_fuses_only_batches_with_large_logits(tiny_model, monkeypatch):
+    """auto: the model's logits for a batch below FUSE_ABOVE values (cheaper than the fused head's recompute), the
+    fused head above it; never: never."""
+    from transformers import AutoModelForCausalLM
+
+    from tokalign import forward as fwd
+
+    model, batch = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), _batch()
+    calls = []
+    monkeypatch.setattr(fwd, "linear_logps", lambda *a: calls.append(1) or linear_logps(*a))
+    fwd.forward(model, batch)
+    assert calls == []
+    monkeypatch.setattr(fwd, "FUSE_ABOVE", batch.input_ids.numel() * model.config.vocab_size - 1)
+    fwd.forward(model, batch)
+    assert calls == [1]
+    with fwd.fused_head("never"):
+        fwd.forward(model, batch)
+    assert calls == [1]
 
 
 def test_a_model_that_rescales_its_logits_falls_back_with_a_note(tiny_model, capsys):
@@ -91,7 +112,8 @@ def test_a_model_that_rescales_its_logits_falls_back_with_a_note(tiny_model, cap
 
     model.forward = scaled
     batch = _batch()
-    got = fwd.forward(model, batch)
+    with fwd.fused_head("always"):
+        got = fwd.forward(model, batch)
     want = torch.log_softmax(scaled(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1], -1)
     want = want.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
     assert torch.allclose(got.logps, want, atol=1e-6)

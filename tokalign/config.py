@@ -34,6 +34,10 @@ class TrainSection:
     # fp32 | bf16-mixed (fp32 master weights and optimiser state, bf16 compute, fp32 log-softmax and losses; frozen
     # models held in bf16) | bf16 (everything in bf16) | auto: bf16-mixed on CUDA, fp32 elsewhere
     precision: str = "auto"
+    # always: per-token log-probs through the fused head (tokalign/head.py: no [tokens, vocab] logits held, the head's
+    # matmul recomputed in the backward) | never: from the model's logits | auto: fused when a micro-batch's logits
+    # would exceed 64M values (256 MiB in fp32), where memory matters more than the recompute
+    fused_head: str = "auto"
     distributed: str = "ddp"  # under torchrun: ddp (full copy per process, gradients summed) | fsdp (FSDP2: parameters sharded)
     lora_r: int = 0  # > 0: train a LoRA adapter of this rank (PEFT); the reference is the base with the adapter off
     lora_alpha: int = 16

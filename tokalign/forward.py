@@ -30,6 +30,29 @@ def compute_in(dtype: "torch.dtype | None"):
         _COMPUTE.reset(token)
 
 
+# when forward() takes log-probs through the fused head: "auto" (when a batch's logits would exceed FUSE_ABOVE
+# values), "always", "never" (train.fused_head)
+_FUSED = contextvars.ContextVar("tokalign_fused_head", default="auto")
+FUSE_ABOVE = 1 << 26  # 64M logits = 256 MiB in fp32: below it the logits cost less than the fused head's recompute
+
+
+@contextmanager
+def fused_head(mode: str):
+    """Within the block ``forward`` uses the fused head per ``mode`` (auto | always | never)."""
+    token = _FUSED.set(mode)
+    try:
+        yield
+    finally:
+        _FUSED.reset(token)
+
+
+def _use_fused(model, batch: TokenBatch) -> bool:
+    mode = _FUSED.get()
+    if mode == "never" or why_not_fused(model):
+        return False
+    return mode == "always" or batch.input_ids.numel() * head_weight(model).shape[0] > FUSE_ABOVE
+
+
 def autocast(device: "torch.device"):
     """The autocast context of the current compute dtype on ``device`` (a no-op without one)."""
     from contextlib import nullcontext
@@ -44,13 +67,14 @@ def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: b
     a value head trains through them; detach them to read them).
 
     Without ``keep_logits`` the log-probs come from the fused head (``tokalign.head``: no [B, L-1, V] logits held)
-    wherever the model's logits are a plain linear map of its hidden states; else, with a note saying why, from the
-    model's logits. Positions whose next token is padding get log-prob and entropy 0 on the fused path."""
-    if not keep_logits and not why_not_fused(model):
+    when ``fused_head`` says so (by default for batches whose logits would be large) and the model's logits are a
+    plain linear map of its hidden states (else a note says why); otherwise from the model's logits. Positions whose
+    next token is padding get log-prob and entropy 0 on the fused path."""
+    if not keep_logits and _use_fused(model, batch):
         out = _fused(model, batch, with_entropy, keep_hidden)
         if out is not None:
             return out
-    elif not keep_logits:
+    elif not keep_logits and _FUSED.get() != "never":
         _note_once(model)
     with autocast(batch.input_ids.device):
         res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=keep_hidden)

@@ -2,10 +2,7 @@
 
 ``python tests/train/golden_runs.py --write`` records each run's per-step metrics in ``tests/train/golden/<name>.json``;
 ``test_golden.py`` re-runs them and compares (relative 1e-6). Recorded before the components refactor, so a refactor
-that changes any number shows up here; re-recorded once since, for the fused log-prob head (``tokalign/head.py``, a
-different summation order): against the previous files every metric moved by at most 4e-6 relative, except
-near-zero losses (absolute 2e-8), the sampler/trainer gap (absolute 3e-7: float noise by definition) and HAPO's
-entropy-driven ``h_hat`` (1e-4 relative)."""
+that changes any number shows up here."""
 
 from __future__ import annotations
 

@@ -53,9 +53,12 @@ def test_two_process_dpo_matches_one_process(tmp_path):
     cli(*common, "--out", str(tmp_path / "one"))
     _torchrun(29611, *common, "--out", str(tmp_path / "ddp"))
     _torchrun(29612, *common, "--set", "train.distributed=fsdp", "--set", "train.micro_batch_size=2", "--out", str(tmp_path / "fsdp"))
+    # the fused log-prob head under both engines (its head weight's gradient arrives outside the model's forward)
+    for strategy in ("ddp", "fsdp"):
+        _torchrun(0, *common, "--set", f"train.distributed={strategy}", "--set", "train.fused_head=always", "--out", str(tmp_path / f"{strategy}-fused"))
     one = _metrics(tmp_path / "one")
     w1 = _weights(tmp_path / "one")
-    for run in ("ddp", "fsdp"):
+    for run in ("ddp", "fsdp", "ddp-fused", "fsdp-fused"):
         other = _metrics(tmp_path / run)
         assert len(other) == len(one) == 5
         for a, b in zip(one, other):

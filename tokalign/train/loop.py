@@ -20,7 +20,7 @@ import torch
 from tokalign import artifacts, config, models, ops
 from tokalign.batching import collate, micro_batches, padding_fraction, truncate
 from tokalign.errors import UserError
-from tokalign.forward import compute_in, forward, to_device
+from tokalign.forward import compute_in, forward, fused_head, to_device
 from tokalign.plugin_errors import call as call_plugin
 from tokalign.train import checkpoint, distributed, lora, tracking
 from tokalign.train.plan import Plan
@@ -148,7 +148,7 @@ def _is_dtensor(p) -> bool:
 def step_once(state: TrainState, step: int) -> dict:
     """One training step: batch, components, prepare, update (every model call in the precision's compute dtype).
     Returns the step's metrics."""
-    with compute_in(state.precision.compute_dtype()):
+    with compute_in(state.precision.compute_dtype()), fused_head(state.cfg.train.fused_head):
         return _step(state, step)
 
 

@@ -214,6 +214,8 @@ def _check_train(t: config.TrainSection) -> None:
     from tokalign.train import precision
 
     precision.resolve(t.precision, "cpu")
+    if t.fused_head not in ("auto", "always", "never"):
+        raise UserError(f"train.fused_head must be auto, always or never, got '{t.fused_head}'.")
     if t.distributed not in ("ddp", "fsdp"):
         raise UserError(f"train.distributed must be ddp or fsdp, got '{t.distributed}'.")
     for key, value in (("max_steps", t.max_steps), ("batch_size", t.batch_size)):
