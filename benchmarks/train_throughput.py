@@ -40,7 +40,9 @@ runs, and after each of its steps (in its ``on_step_end`` callback, after its ti
 tokalign step runs on tokalign's own copy of the model. On a shared machine load changes then hit
 both sides alike. The first --warmup steps of each side are dropped; reported are the medians over
 all timed steps of all runs (fresh processes), the median of the ratios of adjacent steps, and the
-load average. Usage:
+load average. The machine's fp32 matmul peak is measured before and after (2048 × 2048 products, same threads)
+and each side's share of it printed: 6 · params · tokens/s / peak (DPO's reference forward, 2 · params per token
+more, is not counted as work). Usage:
 
     python benchmarks/train_throughput.py [--algos grpo dpo] [--steps 6] [--warmup 2] [--rounds 2] [--threads 2]
 """
@@ -205,6 +207,31 @@ def run(algo: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+PEAK = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+n = 2048
+a, b = torch.randn(n, n), torch.randn(n, n)
+for _ in range(3):
+    a @ b
+best = 0.0
+for _ in range(5):
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    best = max(best, 5 * 2 * n**3 / (time.perf_counter() - t))
+print(json.dumps({"flops": best}))
+"""
+
+
+def matmul_peak(threads: int) -> float:
+    """The machine's fp32 matmul rate (FLOP/s): the best of 5 × 5 products of two 2048 × 2048 matrices, in a fresh
+    process with the benchmark's thread count."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", PEAK, str(threads)], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["flops"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algos", nargs="+", default=["grpo", "dpo"], choices=["grpo", "dpo"])
@@ -228,6 +255,7 @@ def main() -> None:
     if args.pairs != args.micro_rows:
         p.error("--pairs must equal --prompts × --group / 2 (both algorithms use micro-batches of the same row count)")
     load0 = os.getloadavg()
+    peaks = [matmul_peak(args.threads)]
     res: dict = {}
     for rnd in range(args.rounds):
         for algo in args.algos:
@@ -239,23 +267,29 @@ def main() -> None:
             print(f"  round {rnd + 1} {algo}: tokalign {statistics.median(r['tokalign']):.3f} s/step, "
                   f"TRL {statistics.median(r['trl']):.3f} s/step", file=sys.stderr)
     load1 = os.getloadavg()
+    peaks.append(matmul_peak(args.threads))
+    peak = max(peaks)
     first = next(iter(res.values()))
     print(f"Qwen2 {first['params'] / 1e6:.1f}M params, vocab {args.vocab}, float32, torch threads {first['threads']}; "
           f"{first['tokens']} tokens per optimiser step ({first['n_seqs']} sequences × {args.prompt_len + args.completion_len}), "
           f"2 micro-batches; steps of the two frameworks interleaved in one process; median of {args.steps * args.rounds} "
           f"timed steps each ({args.rounds} runs × {args.steps}, {args.warmup} warm-up steps dropped per run)")
-    print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f}")
-    print("| algorithm | tokalign s/step | tokalign tokens/s | TRL s/step | TRL tokens/s | tokalign / TRL (tokens/s) | "
-          "median of adjacent-step ratios |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+          f"(2048² products, before {peaks[0] / 1e9:.1f}, after {peaks[1] / 1e9:.1f}); share of peak = 6 · params · tokens/s / peak")
+    print("| algorithm | tokalign s/step | tokalign tokens/s | tokalign share of peak | TRL s/step | TRL tokens/s | TRL share of peak | "
+          "tokalign / TRL (tokens/s) | median of adjacent-step ratios |")
+    print("|---|---|---|---|---|---|---|---|---|")
     summary = {}
     for algo in args.algos:
         r = res[algo]
         tk, trl = statistics.median(r["tokalign"]), statistics.median(r["trl"])
         pair = statistics.median(r["pair_ratios"])
-        summary[algo] = {"tokalign_s": tk, "trl_s": trl, "ratio": trl / tk, "pair_ratio": pair}
-        print(f"| {algo} | {tk:.3f} | {r['tokens'] / tk:,.0f} | {trl:.3f} | {r['tokens'] / trl:,.0f} | {trl / tk:.2f}× | {pair:.2f}× |")
-    print(json.dumps({"load": [load0[0], load1[0]], **summary}))
+        share = {side: 6 * r["params"] * r["tokens"] / s / peak for side, s in (("tokalign", tk), ("trl", trl))}
+        summary[algo] = {"tokalign_s": tk, "trl_s": trl, "ratio": trl / tk, "pair_ratio": pair,
+                         "tokalign_peak_share": share["tokalign"], "trl_peak_share": share["trl"]}
+        print(f"| {algo} | {tk:.3f} | {r['tokens'] / tk:,.0f} | {share['tokalign']:.0%} | {trl:.3f} | {r['tokens'] / trl:,.0f} | "
+              f"{share['trl']:.0%} | {trl / tk:.2f}× | {pair:.2f}× |")
+    print(json.dumps({"load": [load0[0], load1[0]], "matmul_peak_flops": peak, **summary}))
 
 
 if __name__ == "__main__":
