@@ -1,9 +1,11 @@
 """Data-parallel training across processes started by ``torchrun`` (or ``accelerate launch``): one process per
 device, on one node or many, through torch.distributed (NCCL on GPUs, gloo on CPUs).
 
-How a step is split: every rank builds the same optimiser batch (offline sources index it by (seed, step); online,
-every rank samples with the same seeded RNG) and computes the frozen log-probs and ``prepare`` on all of it, so
-whole-batch statistics (group advantages, whitening, totals) are exactly the single-process ones. The policy's
+How a step is split: every rank holds the same optimiser batch (offline sources index it by (seed, step); online,
+each rank samples and scores its chunks of the prompts and the rows are gathered). The frozen passes are shared too
+(each rank computes its ``row_range`` of the rows, ``gather_rows`` gives every rank all of them), and ``prepare``
+runs on the whole batch, so whole-batch statistics (group advantages, whitening, totals) are exactly the
+single-process ones. The policy's
 forward and backward — the expensive part — run only on this rank's share of the groups; micro-batches never split
 a group. Each loss is already its share of the *whole* batch, so the gradients are summed across ranks: by torch's
 DistributedDataParallel for ``ddp`` (bucketed all-reduces overlapped with the backward of the last micro-batch; the
