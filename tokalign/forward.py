@@ -4,7 +4,9 @@ entropies, logits, final hidden states) from here, so the numbers they report ar
 from __future__ import annotations
 
 import contextvars
-from contextlib import contextmanager
+import sys
+import warnings
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -55,8 +57,6 @@ def _use_fused(model, batch: TokenBatch) -> bool:
 
 def autocast(device: "torch.device"):
     """The autocast context of the current compute dtype on ``device`` (a no-op without one)."""
-    from contextlib import nullcontext
-
     dtype = _COMPUTE.get()
     return nullcontext() if dtype is None else torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
@@ -87,8 +87,6 @@ def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: b
 
 def _fused(model, batch: TokenBatch, with_entropy: bool, keep_hidden: bool) -> PolicyOutput | None:
     """``forward`` through the fused head; None when the model's logits turn out not to be hidden @ W."""
-    import warnings
-
     with autocast(batch.input_ids.device), warnings.catch_warnings():
         # FSDP2 warns that the hidden states it returns are views (in-place ops on them would skip its hooks): none here
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -116,8 +114,6 @@ _NOTED: set[str] = set()
 
 def _note_once(model) -> None:
     """One stderr line per reason and process: why log-probs come from the model's full logits."""
-    import sys
-
     reason = why_not_fused(model)
     if reason and reason not in _NOTED:
         _NOTED.add(reason)

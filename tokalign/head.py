@@ -72,7 +72,7 @@ _VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDi
 
 def unwrapped(model):
     """The transformers model inside a DDP wrapper (or the model itself)."""
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def why_not_fused(model) -> str:

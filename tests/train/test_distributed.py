@@ -112,91 +112,88 @@ def test_two_process_ppo_with_micro_batches_matches_one_process(tmp_path, strate
         assert b["vf_loss"] == pytest.approx(a["vf_loss"], rel=1e-4, abs=1e-7)
 
 
-def _shared_pass_worker(rank: int, port: int, out) -> None:
+def _in_gloo_group(rank: int, port: int, out, worker, *args) -> None:
+    """Process ``rank`` of 2 in a gloo group: puts ``worker(rank, *args)``'s result on ``out``."""
     import os
+
+    import torch.distributed as td
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        out.put(worker(rank, *args))
+    finally:
+        td.destroy_process_group()
+
+
+def _two_processes(worker, *args) -> list:
+    """``worker(rank, *args)`` in 2 spawned processes of one gloo group: their results, sorted."""
+    import torch.multiprocessing as mp
+
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_in_gloo_group, args=(_free_port(), out, worker, *args), nprocs=2, start_method="spawn")
+    return sorted(out.get() for _ in range(2))
+
+
+def _shared_pass_worker(rank: int) -> tuple:
     from types import SimpleNamespace
 
     import torch
-    import torch.distributed as td
 
     from tokalign.batching import Seq, collate
     from tokalign.train import distributed
     from tokalign.train.state import TrainState
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    td.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        seqs = [Seq([1, 2, 3][: 1 + g % 3], [4 + g] * (1 + g % 4), g) for g in range(7)]
-        batch = collate(seqs, 0)
-        seen = []
+    seqs = [Seq([1, 2, 3][: 1 + g % 3], [4 + g] * (1 + g % 4), g) for g in range(7)]
+    batch = collate(seqs, 0)
+    seen = []
 
-        def fn(mb):  # a stand-in for a frozen forward: a per-token value that depends on the row alone
-            seen.extend(mb.input_ids[:, 0].tolist())
-            return {"v": (mb.input_ids[:, 1:] * 10 + mb.attention_mask[:, 1:]).float()}
+    def fn(mb):  # a stand-in for a frozen forward: a per-token value that depends on the row alone
+        seen.extend(mb.input_ids[:, 0].tolist())
+        return {"v": (mb.input_ids[:, 1:] * 10 + mb.attention_mask[:, 1:]).float()}
 
-        ctx = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=2, micro_batch_tokens=0)),
-                              dist=distributed.Dist(rank, 2))
-        got = TrainState.map_micro_batches(ctx, batch, fn)["v"]
-        want = (batch.input_ids[:, 1:] * 10 + batch.attention_mask[:, 1:]).float()
-        out.put((rank, bool(torch.equal(got, want)), len(seen)))
-    finally:
-        td.destroy_process_group()
+    ctx = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=2, micro_batch_tokens=0)),
+                          dist=distributed.Dist(rank, 2))
+    got = TrainState.map_micro_batches(ctx, batch, fn)["v"]
+    want = (batch.input_ids[:, 1:] * 10 + batch.attention_mask[:, 1:]).float()
+    return rank, bool(torch.equal(got, want)), len(seen)
 
 
 def test_frozen_passes_are_shared_between_processes():
     """Each of 2 processes runs the frozen pass on its share of the 7 rows (3 and 4), and both end with every row's
     values, equal to one process's."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_shared_pass_worker, args=(_free_port(), out), nprocs=2, start_method="spawn")
-    results = sorted(out.get() for _ in range(2))
-    assert results == [(0, True, 3), (1, True, 4)]
+    assert _two_processes(_shared_pass_worker) == [(0, True, 3), (1, True, 4)]
 
 
-def _sharded_loading_worker(rank: int, port: int, model_path: str, out) -> None:
-    import os
-
+def _sharded_loading_worker(rank: int, model_path: str) -> tuple:
     import torch
-    import torch.distributed as td
 
     from tokalign import models
     from tokalign.train import distributed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    td.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        reads = []
+    reads = []
 
-        def whole():
-            reads.append(rank)
-            return models.load_model(model_path, "float32", device="cpu")
+    def whole():
+        reads.append(rank)
+        return models.load_model(model_path, "float32", device="cpu")
 
-        model = distributed.load_sharded(whole, lambda: models.empty_model(model_path), distributed.Dist(rank, 2))
-        local = sum(p.to_local().numel() for p in model.parameters())
-        weights = distributed.full_state_dict(model)
-        ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
-        logits = model(input_ids=ids).logits.detach()
-        if rank == 0:
-            ref = models.load_model(model_path, "float32", device="cpu")
-            same = all(torch.equal(weights[k], v) for k, v in ref.state_dict().items() if k in weights)
-            same_logits = bool(torch.allclose(logits, ref(input_ids=ids).logits, atol=1e-6))
-            out.put((rank, reads, same and same_logits, local, sum(p.numel() for p in ref.parameters())))
-        else:
-            out.put((rank, reads, True, local, 0))
-    finally:
-        td.destroy_process_group()
+    model = distributed.load_sharded(whole, lambda: models.empty_model(model_path), distributed.Dist(rank, 2))
+    local = sum(p.to_local().numel() for p in model.parameters())
+    weights = distributed.full_state_dict(model)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    logits = model(input_ids=ids).logits.detach()
+    if rank != 0:
+        return rank, reads, True, local, 0
+    ref = models.load_model(model_path, "float32", device="cpu")
+    same = all(torch.equal(weights[k], v) for k, v in ref.state_dict().items() if k in weights)
+    same_logits = bool(torch.allclose(logits, ref(input_ids=ids).logits, atol=1e-6))
+    return rank, reads, same and same_logits, local, sum(p.numel() for p in ref.parameters())
 
 
 def test_fsdp_loading_reads_the_weights_on_one_process(tiny_model):
     """Sharded loading: only rank 0 reads the checkpoint, rank 1 builds the model on the meta device; after the
     broadcast each holds half the parameters, and the sharded model's weights and logits equal the plain model's."""
-    import torch.multiprocessing as mp
-
-    out = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_sharded_loading_worker, args=(_free_port(), str(tiny_model), out), nprocs=2, start_method="spawn")
-    (r0, reads0, same, local0, total), (r1, reads1, _, local1, _) = sorted(out.get() for _ in range(2))
+    (r0, reads0, same, local0, total), (r1, reads1, _, local1, _) = _two_processes(_sharded_loading_worker, str(tiny_model))
     assert reads0 == [0] and reads1 == []
     assert same
     assert local0 + local1 == total and abs(local0 - local1) <= total // 10

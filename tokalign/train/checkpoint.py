@@ -67,11 +67,11 @@ class _Trained(torch.nn.Module):
                 self.add_module(c.name, torch.nn.ParameterList(c.parameters()))
 
 
-def _sharded_state(state) -> tuple[dict, dict]:
+def _sharded_state(trained: _Trained, optimizer) -> tuple[dict, dict]:
     """(model, optimiser) state dicts of this process's shards (a collective under FSDP: every process calls it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(_Trained(state), state.optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return get_state_dict(trained, optimizer, options=StateDictOptions(ignore_frozen_params=True))
 
 
 def save(work: Path, step: int, state, config_sha256: str) -> Path:
@@ -84,7 +84,7 @@ def save(work: Path, step: int, state, config_sha256: str) -> Path:
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier(dist)
-    model, optim = _sharded_state(state)
+    model, optim = _sharded_state(_Trained(state), state.optimizer)
     dcp.save({"model": model, "optimizer": optim}, checkpoint_id=tmp / SHARDS)
     if dist.main:
         for c in state.components:
@@ -128,9 +128,10 @@ def restore(state, saved: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    model, optim = _sharded_state(state)  # the structure to load into (a fresh optimiser's state is made first)
+    trained = _Trained(state)
+    model, optim = _sharded_state(trained, state.optimizer)  # the structure to load into (a fresh optimiser's state is made first)
     dcp.load({"model": model, "optimizer": optim}, checkpoint_id=saved["path"] / SHARDS)
-    set_state_dict(_Trained(state), state.optimizer, model_state_dict=model, optim_state_dict=optim,
+    set_state_dict(trained, state.optimizer, model_state_dict=model, optim_state_dict=optim,
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     state.scheduler.load_state_dict(saved["scheduler"])
     restore_rng(saved)
