@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -64,13 +65,14 @@ def collate(seqs: list[Seq], pad_id: int, max_completion_len: float | None = Non
     return TokenBatch(input_ids, attention, mask, fields, totals)
 
 
-def micro_batches(batch: TokenBatch, size: int, max_tokens: int = 0) -> list[TokenBatch]:
+def micro_batches(batch: TokenBatch, size: int, max_tokens: int = 0, packed: bool = False) -> list[TokenBatch]:
     """Split into micro-batches of about ``size`` rows (0 = one batch), never splitting a group,
     and trim each to its own longest sequence.
 
-    With ``max_tokens`` > 0 the split is by padded size instead: groups are taken longest first and packed while
-    rows × longest sequence stays within ``max_tokens`` (a group larger than that is a micro-batch of its own), so
-    sequences of similar length share a micro-batch and little compute goes to padding."""
+    With ``max_tokens`` > 0 the split is by size in tokens instead: groups are taken longest first and added while
+    the micro-batch stays within ``max_tokens`` (a group larger than that is a micro-batch of its own), so sequences
+    of similar length share a micro-batch. The size is rows × longest sequence (what a padded forward computes), or
+    with ``packed`` the sequences' own tokens (a packed forward computes little more)."""
     members: dict[int, list[int]] = {}  # rows of each group, groups in order of first appearance
     for i, g in enumerate(batch.fields["group_ids"].tolist()):
         members.setdefault(g, []).append(i)
@@ -78,12 +80,12 @@ def micro_batches(batch: TokenBatch, size: int, max_tokens: int = 0) -> list[Tok
         lengths = batch.attention_mask.sum(-1).tolist()
         groups = sorted(members.values(), key=lambda rows: -max(lengths[i] for i in rows))
         chunks, current, longest = [], [], 0
+        size_of = (lambda idx: sum(lengths[i] for i in idx)) if packed else (lambda idx: len(idx) * max(lengths[i] for i in idx))
         for rows in groups:
-            width = max(longest, *(lengths[i] for i in rows))
-            if current and (len(current) + len(rows)) * width > max_tokens:
+            if current and size_of(current + rows) > max_tokens:
                 chunks.append(current)
-                current, width = [], max(lengths[i] for i in rows)
-            current, longest = current + rows, width
+                current = []
+            current = current + rows
         chunks.append(current)
     elif size <= 0 or size >= len(batch):
         return [batch]
@@ -121,8 +123,13 @@ def move_completion_values(values: "torch.Tensor", src: list[Seq], dst: list[Seq
     return out
 
 
-def padding_fraction(parts: list[TokenBatch]) -> float:
-    """Share of the computed positions that are padding, over these (trimmed) micro-batches."""
+def padding_fraction(parts: list[TokenBatch], packed: bool = False) -> float:
+    """Share of the computed positions that are padding, over these (trimmed) micro-batches, padded or ``packed``."""
+    from tokalign.packing import layout
+
     real = sum(float(mb.attention_mask.sum()) for mb in parts)
-    total = sum(mb.attention_mask.numel() for mb in parts)
+    if packed:
+        total = sum(math.prod(layout(mb.attention_mask.sum(-1).tolist())) for mb in parts)
+    else:
+        total = sum(mb.attention_mask.numel() for mb in parts)
     return 1 - real / total if total else 0.0

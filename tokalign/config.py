@@ -24,7 +24,9 @@ class TrainSection:
     max_steps: int = 100
     batch_size: int = 8  # per optimiser step: prompts (online), groups (scored), pairs, or examples
     micro_batch_size: int = 0  # rows per forward/backward; 0 = the whole batch at once
-    micro_batch_tokens: int = 0  # > 0: micro-batches by padded tokens (rows × longest), similar lengths together; overrides micro_batch_size
+    # > 0: micro-batches by tokens, similar lengths together (overrides micro_batch_size): rows × longest sequence, or
+    # with packing the sequences' own tokens
+    micro_batch_tokens: int = 0
     updates_per_batch: int = 1  # optimiser steps on each batch (GRPO's μ); >1 makes the ratio ≠ 1
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -38,6 +40,9 @@ class TrainSection:
     # matmul recomputed in the backward) | never: from the model's logits | auto: fused when a micro-batch's logits
     # would exceed 64M values (256 MiB in fp32), where memory matters more than the recompute
     fused_head: str = "auto"
+    # padding-free: each micro-batch's sequences run packed end to end in rows as wide as its longest (tokalign/packing.py:
+    # attention kept within each sequence; flash-attention varlen on CUDA, a block mask with SDPA), for models that honour it
+    packing: bool = False
     distributed: str = "ddp"  # under torchrun: ddp (full copy per process, gradients summed) | fsdp (FSDP2: parameters sharded)
     lora_r: int = 0  # > 0: train a LoRA adapter of this rank (PEFT); the reference is the base with the adapter off
     lora_alpha: int = 16

@@ -13,7 +13,8 @@ import torch
 
 from tokalign import ops
 from tokalign.batching import micro_batches
-from tokalign.head import confirm, why_not_fused, head_weight, linear_logps
+from tokalign.head import confirm, head_weight, linear_logps, unwrapped, why_not_fused
+from tokalign.packing import Packed, honours_packing, pack
 from tokalign.protocols import PolicyOutput, TokenBatch
 
 
@@ -68,45 +69,102 @@ def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: b
 
     Without ``keep_logits`` the log-probs come from the fused head (``tokalign.head``: no [B, L-1, V] logits held)
     when ``fused_head`` says so (by default for batches whose logits would be large) and the model's logits are a
-    plain linear map of its hidden states (else a note says why); otherwise from the model's logits. Positions whose
-    next token is padding get log-prob and entropy 0 on the fused path."""
+    plain linear map of its hidden states (else a note says why); otherwise from the model's logits. Within
+    ``packing(True)`` the sequences run packed (``tokalign.packing``: no compute on padding). Positions whose next
+    token is padding get log-prob and entropy 0 on the fused and packed paths."""
+    packed = _packed(model, batch)
     if not keep_logits and _use_fused(model, batch):
-        out = _fused(model, batch, with_entropy, keep_hidden)
+        out = _fused(model, batch, packed, with_entropy, keep_hidden)
         if out is not None:
             return out
     elif not keep_logits and _FUSED.get() != "never":
         _note_once(model)
-    with autocast(batch.input_ids.device):
-        res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=keep_hidden)
+    res = _call(model, batch, packed, output_hidden_states=keep_hidden)
+    ids = packed.input_ids if packed is not None else batch.input_ids
+    back = packed.unpack if packed is not None else (lambda x: x)
     logits = res.logits[:, :-1]
-    logps = ops.selective_log_softmax(logits, batch.input_ids[:, 1:])
-    entropy = ops.entropy_from_logits(logits.detach()) if with_entropy else None
-    hidden = res.hidden_states[-1][:, :-1] if keep_hidden else None
-    return PolicyOutput(logps=logps, entropy=entropy, logits=logits if keep_logits else None, hidden=hidden)
+    logps = ops.selective_log_softmax(logits, ids[:, 1:])
+    entropy = back(ops.entropy_from_logits(logits.detach())) if with_entropy else None
+    hidden = back(res.hidden_states[-1][:, :-1]) if keep_hidden else None
+    return PolicyOutput(logps=back(logps), entropy=entropy, logits=back(logits) if keep_logits else None, hidden=hidden)
 
 
-def _fused(model, batch: TokenBatch, with_entropy: bool, keep_hidden: bool) -> PolicyOutput | None:
+def _call(model, batch: TokenBatch, packed: "Packed | None", **kwargs):
+    """The model on the batch, padded (attention mask) or packed (position ids restarting at each sequence)."""
+    # no cache: transformers reads packed sequences from the position ids only without one (and a forward needs none)
+    inputs = ({"input_ids": packed.input_ids, "position_ids": packed.position_ids, "attention_mask": None, "use_cache": False}
+              if packed is not None
+              else {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+    with autocast(batch.input_ids.device):
+        return model(**inputs, **kwargs)
+
+
+def _fused(model, batch: TokenBatch, packed: "Packed | None", with_entropy: bool, keep_hidden: bool) -> PolicyOutput | None:
     """``forward`` through the fused head; None when the model's logits turn out not to be hidden @ W."""
-    with autocast(batch.input_ids.device), warnings.catch_warnings():
+    with warnings.catch_warnings():
         # FSDP2 warns that the hidden states it returns are views (in-place ops on them would skip its hooks): none here
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, logits_to_keep=1)
+        res = _call(model, batch, packed, output_hidden_states=True, logits_to_keep=1)
     hidden = res.hidden_states[-1]
     compute = _COMPUTE.get()
     tol = 1e-4 if compute is None and hidden.dtype == torch.float32 else 3e-2  # bf16 compute: the head's own rounding
     if confirm(model, hidden[:, -1], res.logits[:, -1], tol):
         _note_once(model)
         return None
-    valid = batch.attention_mask[:, 1:].bool()  # positions whose next token is real
+    ids = packed.input_ids if packed is not None else batch.input_ids
+    valid = packed.valid if packed is not None else batch.attention_mask[:, 1:].bool()  # positions whose next token is real
+    back = packed.unpack if packed is not None else (lambda x: x)
     rows = hidden[:, :-1][valid]
-    logps, entropy = linear_logps(rows.to(compute) if compute is not None else rows, head_weight(model), batch.input_ids[:, 1:][valid])
+    logps, entropy = linear_logps(rows.to(compute) if compute is not None else rows, head_weight(model), ids[:, 1:][valid])
     full_logps = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
     full_logps[valid] = logps
     full_entropy = None
     if with_entropy:
         full_entropy = torch.zeros_like(full_logps)
         full_entropy[valid] = entropy
-    return PolicyOutput(logps=full_logps, entropy=full_entropy, hidden=hidden[:, :-1] if keep_hidden else None)
+        full_entropy = back(full_entropy)
+    return PolicyOutput(logps=back(full_logps), entropy=full_entropy, hidden=back(hidden[:, :-1]) if keep_hidden else None)
+
+
+# whether forward packs sequences (train.packing); off: the padded layout
+_PACK = contextvars.ContextVar("tokalign_packing", default=False)
+
+
+@contextmanager
+def packing(on: bool):
+    """Within the block ``forward`` (and so every frozen pass) runs batches packed, for models that keep packed
+    sequences apart (``tokalign.packing.honours_packing``)."""
+    token = _PACK.set(bool(on))
+    try:
+        yield
+    finally:
+        _PACK.reset(token)
+
+
+def _packed(model, batch: TokenBatch) -> "Packed | None":
+    """The packed layout of ``batch`` when packing is on, the model keeps packed sequences apart, and packing saves
+    positions; else None (padded)."""
+    if not _PACK.get():
+        return None
+    inner = unwrapped(model)
+
+    def call(ids, pos):
+        with autocast(ids.device):
+            logits = inner(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False).logits[:, :-1]
+        return ops.selective_log_softmax(logits, ids[:, 1:])
+
+    if not honours_packing(inner, batch, call):  # checked once per model, on every process alike (FSDP: collectives)
+        _note_packing_once(inner)
+        return None
+    packed = pack(batch)
+    return packed if packed.input_ids.numel() < batch.input_ids.numel() else None
+
+
+def _note_packing_once(model) -> None:
+    reason = f"{type(model).__name__}'s attention does not keep sequences packed in one row apart"
+    if reason not in _NOTED:
+        _NOTED.add(reason)
+        sys.stderr.write(f"note: batches run padded (train.packing is off for this model: {reason}).\n")
 
 
 _NOTED: set[str] = set()
@@ -125,13 +183,13 @@ def reference_logits(model, batch: TokenBatch):
     """A frozen model's [B, L-1, V] logits as a HeadLogits (final hidden states + LM head, computed chunk by chunk
     later), or as a tensor when the head alone does not reproduce the model's logits (models that scale or soft-cap
     logits after the head)."""
-    with autocast(batch.input_ids.device):
-        res = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, logits_to_keep=1)
+    packed = _packed(model, batch)
+    res = _call(model, batch, packed, output_hidden_states=True, logits_to_keep=1)
     hidden, head = res.hidden_states[-1], model.get_output_embeddings()
     last = head(hidden[:, -1:].to(head.weight.dtype)).float() if head is not None else None
     tol = 1e-5 if hidden.dtype == torch.float32 else 2e-2  # bf16 compute: the head's own rounding
     if head is not None and torch.allclose(last, res.logits[:, -1:].float(), atol=tol, rtol=tol):
-        return ops.HeadLogits(hidden[:, :-1], head)
+        return ops.HeadLogits(packed.unpack(hidden[:, :-1]) if packed is not None else hidden[:, :-1], head)
     return forward(model, batch, keep_logits=True).logits
 
 
@@ -144,11 +202,11 @@ def with_row_index(batch: TokenBatch) -> TokenBatch:
 
 def map_micro_batches(batch: TokenBatch, micro: int, tokens: int, fn: Callable[[TokenBatch], dict],
                       calls: int = 0) -> dict[str, torch.Tensor]:
-    """``fn(micro_batch) -> {name: [b, l-1] tensor}`` over the run's micro-batches (by rows, or by padded ``tokens``),
+    """``fn(micro_batch) -> {name: [b, l-1] tensor}`` over the run's micro-batches (by rows, or by ``tokens``),
     the results back in the batch's row order and width. ``calls``: call ``fn`` at least this often (the extra calls
     on one row, their results dropped) — processes sharing an FSDP-sharded model must make as many calls."""
     width = batch.completion_mask.shape[1]
-    parts = micro_batches(with_row_index(batch), micro, tokens)
+    parts = micro_batches(with_row_index(batch), micro, tokens, _PACK.get())
     outs = [fn(mb) for mb in parts]
     for _ in range(calls - len(parts)):
         fn(parts[0].select(torch.tensor([0])))

@@ -82,34 +82,35 @@ def _resolve(layer, subst: dict[str, str]):
     return subst.get(layer, layer) if isinstance(layer, str) else layer
 
 
-def run(name: str, tmp: Path) -> list[dict]:
-    """The per-step metrics of algorithm ``name``'s golden run (its volatile keys dropped)."""
+def run(name: str, tmp: Path, extra: dict | None = None) -> list[dict]:
+    """The per-step metrics of algorithm ``name``'s golden run (its volatile keys dropped); ``extra``: a config layer
+    on top (e.g. another execution setting)."""
     from tokalign import config, models
     from tokalign.train.loop import run as train
     from tokalign.train.plan import make_plan
 
     subst = {**_data(tmp), "@model": str(models.resolve_model("")[0])}
     base = config.model_defaults(models.resolve_model("")[1])  # the bundled model's settings, as the CLI layers them
-    layers = [base, COMMON, _resolve(RUNS[name], subst)]
+    layers = [base, COMMON, _resolve(RUNS[name], subst), *([extra] if extra else [])]
     plan = make_plan(name.split("@")[0], layers, str(tmp / f"out-{name}"))
     out = train(plan, quiet=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE_PREFIXES)} for r in rows]
 
 
-def compare(got: list[dict], want: list[dict], rel: float = 1e-6) -> list[str]:
+def compare(got: list[dict], want: list[dict], rel: float = 1e-6, abs_tol: float = 1e-12, skip: tuple = ()) -> list[str]:
     """Differences between two runs' metrics, one line each (empty: the same numbers)."""
     problems = []
     if len(got) != len(want):
         return [f"{len(got)} steps, golden has {len(want)}"]
     for step, (g, w) in enumerate(zip(got, want), 1):
-        for key in sorted(set(g) | set(w)):
+        for key in sorted((set(g) | set(w)) - set(skip)):
             if key not in g or key not in w:
                 problems.append(f"step {step}: '{key}' only in {'the golden file' if key in w else 'this run'}")
                 continue
             a, b = g[key], w[key]
             same = (math.isnan(a) and math.isnan(b)) if isinstance(a, float) and isinstance(b, float) and math.isnan(b) else \
-                math.isclose(a, b, rel_tol=rel, abs_tol=1e-12) if isinstance(b, (int, float)) else a == b
+                math.isclose(a, b, rel_tol=rel, abs_tol=abs_tol) if isinstance(b, (int, float)) else a == b
             if not same:
                 problems.append(f"step {step}: {key} = {a!r}, golden {b!r}")
     return problems

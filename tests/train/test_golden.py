@@ -27,3 +27,19 @@ def test_every_builtin_algorithm_has_a_golden_run():
 
     builtin = {n for n, i in registry.available("algorithm").items() if i.distribution == "tokalign"}
     assert builtin <= {n.split("@")[0] for n in golden_runs.RUNS}
+
+
+# the same runs packed (train.packing): equal to the padded numbers up to float rounding. Not compared: the padding
+# fraction (what packing changes), the sampler/trainer log-prob gaps (differences of nearly equal numbers), and
+# AlignDistil, whose golden run divides by w = 1e-3 + |p_dpo − p_rev| with three identical models (rounding noise / 1e-3)
+PACKED_SKIP = ("padding_fraction", "mismatch/logp_gap_abs", "mismatch/logp_gap_max")
+FAST_PACKED = ("grpo", "ppo", "dpo", "tdpo", "ppo@tokens")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in FAST_PACKED else [pytest.mark.slow])
+                                  for n in sorted(golden_runs.RUNS) if n != "aligndistil"])
+def test_packed_run_matches_golden(name, tmp_path):
+    want = json.loads((golden_runs.GOLDEN / f"{name}.json").read_text())
+    got = golden_runs.run(name, tmp_path, {"train": {"packing": True}})
+    problems = golden_runs.compare(got, want, rel=1e-5, abs_tol=1e-6, skip=PACKED_SKIP)
+    assert not problems, "\n".join(problems)

@@ -29,7 +29,7 @@ SHARDS = "dcp"  # torch.distributed.checkpoint's directory: one .distcp file per
 
 # how a step is executed, not what it computes: a run may resume with other values (on fewer GPUs, a smaller
 # micro-batch; another data-parallel strategy; checkpoints more often)
-EXECUTION = ("distributed", "micro_batch_size", "micro_batch_tokens", "gradient_checkpointing", "fused_head", "save_every", "log")
+EXECUTION = ("distributed", "micro_batch_size", "micro_batch_tokens", "gradient_checkpointing", "fused_head", "packing", "save_every", "log")
 
 
 def identity(run_config: dict) -> str:

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from tokalign import artifacts, config, models, ops
-from tokalign.batching import collate, micro_batches, padding_fraction, truncate
+from tokalign.batching import collate, padding_fraction, truncate
 from tokalign.errors import UserError
-from tokalign.forward import compute_in, forward, fused_head, to_device
+from tokalign.forward import compute_in, forward, fused_head, packing, to_device
 from tokalign.plugin_errors import call as call_plugin
 from tokalign.train import checkpoint, distributed, lora, tracking
 from tokalign.train.plan import Plan
@@ -148,7 +148,8 @@ def _is_dtensor(p) -> bool:
 def step_once(state: TrainState, step: int) -> dict:
     """One training step: batch, components, prepare, update (every model call in the precision's compute dtype).
     Returns the step's metrics."""
-    with compute_in(state.precision.compute_dtype()), fused_head(state.cfg.train.fused_head):
+    t = state.cfg.train
+    with compute_in(state.precision.compute_dtype()), fused_head(t.fused_head), packing(t.packing):
         return _step(state, step)
 
 
@@ -187,8 +188,8 @@ def _update(state: TrainState, batch) -> tuple[dict, torch.Tensor, float]:
     engine = distributed.reduces_gradients(state.train_model)
     # DDP and FSDP average the policy's gradients over the processes: the loss is scaled by their number so they sum
     scale = dist.world if engine else 1
-    mbs = micro_batches(local, t.micro_batch_size, t.micro_batch_tokens)
-    padding = padding_fraction(mbs)
+    mbs = state.micro_batches(local)
+    padding = padding_fraction(mbs, packed=t.packing)
     sharded = distributed.is_sharded(state.policy)
     # FSDP's gathers are collectives: every process runs as many forward/backward passes; extra ones count 0
     mbs = mbs + [None] * ((distributed.max_count(len(mbs), dist) if sharded else len(mbs)) - len(mbs))

@@ -80,7 +80,8 @@ class TrainState:
         return self._reference
 
     def micro_batches(self, batch):
-        return micro_batches(batch, self.cfg.train.micro_batch_size, self.cfg.train.micro_batch_tokens)
+        t = self.cfg.train
+        return micro_batches(batch, t.micro_batch_size, t.micro_batch_tokens, t.packing)
 
     def map_micro_batches(self, batch, fn, *models) -> dict[str, torch.Tensor]:
         """``forward.map_micro_batches`` with the run's micro-batching, shared between processes: each computes its
@@ -93,7 +94,7 @@ class TrainState:
         part = batch.select(torch.arange(lo, hi))
         calls = 0
         if any(distributed.is_sharded(m) for m in models):
-            calls = distributed.max_count(len(micro_batches(part, t.micro_batch_size, t.micro_batch_tokens)), dist)
+            calls = distributed.max_count(len(self.micro_batches(part)), dist)
         local = forward.map_micro_batches(part, t.micro_batch_size, t.micro_batch_tokens, fn, calls)
         return {k: distributed.gather_rows(v, len(batch), dist) for k, v in local.items()}
 
