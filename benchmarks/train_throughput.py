@@ -62,16 +62,13 @@ warnings.filterwarnings("ignore")
 import torch
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
-from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 hf_logging.set_verbosity_error()
 
-def build(seed=0):
-    cfg = Qwen2Config(vocab_size=args["vocab"], hidden_size=args["hidden"], intermediate_size=args["intermediate"],
-                      num_hidden_layers=args["layers"], num_attention_heads=args["heads"], num_key_value_heads=args["kv_heads"],
-                      max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(cfg).float()
+sys.path.insert(0, args["bench_dir"])
+from fixed_batch import bench_state, qwen2
+build = lambda: qwen2(args["vocab"], args["hidden"], args["intermediate"], args["layers"], args["heads"], args["kv_heads"], max_positions=512)
 
 algo_name = args["algo"]
 g = torch.Generator().manual_seed(1)
@@ -89,50 +86,20 @@ tokens = (P + C) * n_seqs
 total_steps = args["warmup"] + args["steps"]
 
 # ---- tokalign: the train loop's own step on a fixed batch
-from types import SimpleNamespace
-from tokalign import ops, registry
-from tokalign.config import TrainSection
+from tokalign import ops
 from tokalign.batching import Seq
-from tokalign import components
-from tokalign.train import distributed
+from tokalign.config import TrainSection
 from tokalign.train.loop import step_once
-from tokalign.train.precision import resolve as resolve_precision
-from tokalign.train.state import TrainState
-cls = registry.load("algorithm", algo_name)
-algo = cls(cls.Config())
 if algo_name == "grpo":
     seqs = [Seq(p, c, gid, row={"rewards": r}, prompt_index=gid) for gid, p, c, r in rows]
 else:
     seqs = []
     for i, (p, c, r) in enumerate(pairs):
         seqs += [Seq(p, c, i, row={"is_chosen": 1.0}, prompt_index=i), Seq(p, r, i, row={"is_chosen": 0.0}, prompt_index=i)]
-class Fixed:
-    def batch(self, step):
-        return list(seqs), {}
 train = TrainSection(lr=1e-6, micro_batch_size=micro, max_length=4096, max_grad_norm=1.0, weight_decay=0.0)
 tk_policy = build().train()
-tk_ref = build().eval().requires_grad_(False) if algo.needs.reference else None
-tk_opt = torch.optim.AdamW(tk_policy.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-tk_sched = torch.optim.lr_scheduler.LambdaLR(tk_opt, lambda s: 1.0)
-tk_tok = SimpleNamespace(pad_token_id=0)
-
-
-class BenchState(SimpleNamespace):  # the train loop's TrainState, by hand around the benchmark's models
-    map_micro_batches = TrainState.map_micro_batches  # one process: plain micro-batching
-    frozen_logps = TrainState.frozen_logps
-
-    def reference_model(self):
-        return tk_ref
-
-
-state = BenchState(cfg=SimpleNamespace(train=train), plan=SimpleNamespace(algo_name=algo_name), algorithm=algo, needs=algo.needs,
-                   source=Fixed(), policy=tk_policy, tokenizer=tk_tok, device=torch.device("cpu"), dist=distributed.Dist(),
-                   max_completion_len=C if algo_name == "grpo" else None, forward_outputs=set(), step=0, seqs=[],
-                   params=list(tk_policy.parameters()), optimizer=tk_opt, scheduler=tk_sched, train_model=tk_policy, hand_reduced=[],
-                   precision=resolve_precision("fp32", "cpu"), sharded_components=False)
-state.components = components.resolve(algo.needs)
-for c in state.components:
-    c.setup(state)
+tk_ref = build().eval().requires_grad_(False) if algo_name == "dpo" else None  # DPO: a separate reference model
+state = bench_state(algo_name, train, tk_policy, tk_ref, seqs, C if algo_name == "grpo" else None)
 tk_times, tk_losses = [], []
 def tokalign_step():
     step = len(tk_times)
@@ -198,7 +165,7 @@ print(json.dumps({"tokalign": tk_times[w:], "trl": trl_times[w:], "tokens": toke
 
 
 def run(algo: str, args) -> dict:
-    payload = dict(vars(args), algo=algo)
+    payload = dict(vars(args), algo=algo, bench_dir=os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(payload)], capture_output=True, text=True, env=env)
