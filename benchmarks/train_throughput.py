@@ -44,7 +44,13 @@ load average. The machine's fp32 matmul peak is measured before and after (2048 
 and each side's share of it printed: 6 · params · tokens/s / peak (DPO's reference forward, 2 · params per token
 more, is not counted as work). Usage:
 
-    python benchmarks/train_throughput.py [--algos grpo dpo] [--steps 6] [--warmup 2] [--rounds 2] [--threads 2]
+    python benchmarks/train_throughput.py [--algos grpo dpo] [--steps 6] [--warmup 2] [--rounds 2] [--threads 2] [--mix long-tail]
+
+With ``--mix long-tail`` the sequences' lengths follow ``fixed_batch.long_tail_lengths`` (prompts 16-48 tokens,
+completions 4-48 with about one in ten of 224-256): TRL pads (GRPO: prompts left-padded and completions right-padded
+to the batch's longest, as its generation hands them over; DPO: its collator pads each micro-batch), tokalign packs
+(``train.packing``, micro-batches of half the batch's real tokens). Throughput is then useful (non-pad) tokens/s,
+each side counting its own steps' real tokens (TRL's DPO sampler shuffles the repeated pairs between steps).
 """
 
 from __future__ import annotations
@@ -75,14 +81,22 @@ g = torch.Generator().manual_seed(1)
 V, P, C = args["vocab"], args["prompt_len"], args["completion_len"]
 rand = lambda n: torch.randint(10, V, (n,), generator=g).tolist()
 micro = args["micro_rows"]
-if algo_name == "grpo":
-    prompts = [rand(P) for _ in range(args["prompts"])]
-    rows = [(i, prompts[i], rand(C), float(torch.rand((), generator=g) > 0.5)) for i in range(args["prompts"]) for _ in range(args["group"])]
-    n_seqs = len(rows)
+long_tail = args["mix"] == "long-tail"
+if long_tail:  # (prompt, completion) lengths: completions mostly short, about one in ten near the maximum
+    from fixed_batch import long_tail_lengths
+    lengths = long_tail_lengths(args["prompts"] * args["group"] if algo_name == "grpo" else 2 * args["pairs"], seed=0)
 else:
-    pairs = [(rand(P), rand(C), rand(C)) for _ in range(args["pairs"])]
+    lengths = [(P, C)] * (args["prompts"] * args["group"] if algo_name == "grpo" else 2 * args["pairs"])
+if algo_name == "grpo":
+    G = args["group"]
+    prompts = [rand(lengths[i * G][0]) for i in range(args["prompts"])]
+    rows = [(i, prompts[i], rand(lengths[i * G + j][1]), float(torch.rand((), generator=g) > 0.5)) for i in range(args["prompts"]) for j in range(G)]
+    n_seqs = len(rows)
+    tokens = sum(len(p) + len(c) for _, p, c, _ in rows)
+else:
+    pairs = [(rand(lengths[2 * i][0]), rand(lengths[2 * i][1]), rand(lengths[2 * i + 1][1])) for i in range(args["pairs"])]
     n_seqs = 2 * len(pairs)
-tokens = (P + C) * n_seqs
+    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
 total_steps = args["warmup"] + args["steps"]
 
 # ---- tokalign: the train loop's own step on a fixed batch
@@ -96,17 +110,21 @@ else:
     seqs = []
     for i, (p, c, r) in enumerate(pairs):
         seqs += [Seq(p, c, i, row={"is_chosen": 1.0}, prompt_index=i), Seq(p, r, i, row={"is_chosen": 0.0}, prompt_index=i)]
-train = TrainSection(lr=1e-6, micro_batch_size=micro, max_length=4096, max_grad_norm=1.0, weight_decay=0.0)
+if long_tail:  # packed, in micro-batches of about half the batch's tokens (TRL: two micro-batches of half its rows, padded)
+    train = TrainSection(lr=1e-6, micro_batch_tokens=-(-tokens // 2), packing=True, max_length=4096, max_grad_norm=1.0, weight_decay=0.0)
+else:
+    train = TrainSection(lr=1e-6, micro_batch_size=micro, max_length=4096, max_grad_norm=1.0, weight_decay=0.0)
 tk_policy = build().train()
 tk_ref = build().eval().requires_grad_(False) if algo_name == "dpo" else None  # DPO: a separate reference model
-state = bench_state(algo_name, train, tk_policy, tk_ref, seqs, C if algo_name == "grpo" else None)
-tk_times, tk_losses = [], []
+state = bench_state(algo_name, train, tk_policy, tk_ref, seqs, max(len(c) for _, _, c, _ in rows) if algo_name == "grpo" else None)
+tk_times, tk_losses, tk_padding = [], [], []
 def tokalign_step():
     step = len(tk_times)
     t0 = time.perf_counter()
     m = step_once(state, step)
     tk_times.append(time.perf_counter() - t0 - m["time/batch_s"])
     tk_losses.append(m["loss"])
+    tk_padding.append(m["padding_fraction"])
     assert m["tokens"] == tokens, (m["tokens"], tokens)
 
 # ---- TRL: its own trainer.train() loop; after each of its steps (outside its timing) one tokalign step runs
@@ -126,15 +144,20 @@ common = dict(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none", bf1
 trl_policy = build()
 if algo_name == "grpo":
     from trl import GRPOConfig, GRPOTrainer
-    cfg = GRPOConfig(**common, per_device_train_batch_size=n_seqs // 2, num_generations=args["group"], max_completion_length=C,
+    Pm, Cm = max(len(p) for _, p, _, _ in rows), max(len(c) for _, _, c, _ in rows)
+    cfg = GRPOConfig(**common, per_device_train_batch_size=n_seqs // 2, num_generations=args["group"], max_completion_length=Cm,
                      beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.2, use_bias_correction_kl=False)
     ds = Dataset.from_dict({"prompt": ["hello world"] * (n_seqs * (total_steps + 2))})
     trainer = GRPOTrainer(model=trl_policy, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=cfg,
                           train_dataset=ds, processing_class=tok)
     rewards, gids = torch.tensor([r for *_, r in rows]), torch.tensor([gid for gid, *_ in rows])
-    fixed = {"prompt_ids": torch.tensor([p for _, p, _, _ in rows]), "prompt_mask": torch.ones(n_seqs, P, dtype=torch.long),
-             "completion_ids": torch.tensor([c for _, _, c, _ in rows]), "completion_mask": torch.ones(n_seqs, C, dtype=torch.long),
-             "advantages": ops.group_advantages(rewards, gids, "group", 1e-4), "num_items_in_batch": torch.tensor(float(n_seqs * C))}
+    # what TRL's generation hands its loss: prompts left-padded, completions right-padded, to the batch's longest
+    fixed = {"prompt_ids": torch.tensor([[0] * (Pm - len(p)) + p for _, p, _, _ in rows]),
+             "prompt_mask": torch.tensor([[0] * (Pm - len(p)) + [1] * len(p) for _, p, _, _ in rows]),
+             "completion_ids": torch.tensor([c + [0] * (Cm - len(c)) for _, _, c, _ in rows]),
+             "completion_mask": torch.tensor([[1] * len(c) + [0] * (Cm - len(c)) for _, _, c, _ in rows]),
+             "advantages": ops.group_advantages(rewards, gids, "group", 1e-4),
+             "num_items_in_batch": torch.tensor(float(sum(len(c) for _, _, c, _ in rows)))}
     trainer._generate_and_score_completions = lambda batch: {k: v.clone() for k, v in fixed.items()}  # generation excluded
 else:
     from trl import DPOConfig, DPOTrainer
@@ -148,17 +171,27 @@ else:
                                                "chosen_ids": [c for _, c, _ in pairs] * reps,
                                                "rejected_ids": [r for _, _, r in pairs] * reps})
 inner = trainer._compute_loss
+trl_real, trl_positions = [], []  # per micro-batch: the real tokens and the positions TRL computed
 def recording(model, inputs, *a, **kw):  # the shapes TRL really trained on
     ids = inputs["input_ids"] if "input_ids" in inputs else torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     trl_shapes.add(tuple(ids.shape))
+    trl_positions.append(ids.numel())
+    if "attention_mask" in inputs:
+        trl_real.append(int(inputs["attention_mask"].sum()))
+    elif "prompt_mask" in inputs:
+        trl_real.append(int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum()))
     return inner(model, inputs, *a, **kw)
 trainer._compute_loss = recording
 trainer.add_callback(Interleave())
 trainer.train()
-assert trl_shapes == {(micro, P + C)}, trl_shapes
+if not long_tail:
+    assert trl_shapes == {(micro, P + C)}, trl_shapes
 assert len(trl_times) == len(tk_times) == total_steps
 w = args["warmup"]
-print(json.dumps({"tokalign": tk_times[w:], "trl": trl_times[w:], "tokens": tokens, "n_seqs": n_seqs,
+# TRL's DPO sampler shuffles the repeated pairs, so its steps' real tokens vary: its throughput counts its own
+trl_tokens = [sum(trl_real[2 * i : 2 * i + 2]) for i in range(total_steps)] if len(trl_real) == 2 * total_steps else [tokens] * total_steps
+print(json.dumps({"tokalign": tk_times[w:], "trl": trl_times[w:], "tokens": tokens, "n_seqs": n_seqs, "trl_tokens": trl_tokens[w:],
+                  "trl_padding": 1 - sum(trl_real) / max(sum(trl_positions), 1), "tokalign_padding": tk_padding[-1],
                   "params": sum(p.numel() for p in tk_policy.parameters()), "threads": torch.get_num_threads(),
                   "tokalign_first_loss": tk_losses[0]}))
 """
@@ -217,6 +250,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4, help="GRPO prompts per step")
     p.add_argument("--group", type=int, default=4, help="GRPO completions per prompt")
     p.add_argument("--pairs", type=int, default=8, help="DPO pairs per step")
+    p.add_argument("--mix", choices=["fixed", "long-tail"], default="fixed",
+                   help="fixed: every sequence --prompt-len + --completion-len, no padding; long-tail: prompts of 16-48 tokens, "
+                        "completions of 4-48 with about one in ten of 224-256 (TRL pads them, tokalign packs)")
     args = p.parse_args()
     args.micro_rows = args.prompts * args.group // 2  # two micro-batches per optimiser step, for both algorithms
     if args.pairs != args.micro_rows:
@@ -227,36 +263,42 @@ def main() -> None:
     for rnd in range(args.rounds):
         for algo in args.algos:
             r = run(algo, args)
-            acc = res.setdefault(algo, {**r, "tokalign": [], "trl": [], "pair_ratios": []})
+            acc = res.setdefault(algo, {**r, "tokalign": [], "trl": [], "trl_rates": [], "pair_ratios": []})
             acc["tokalign"] += r["tokalign"]
             acc["trl"] += r["trl"]
-            acc["pair_ratios"] += [b / a for a, b in zip(r["tokalign"], r["trl"])]
+            rates = [n / t for n, t in zip(r["trl_tokens"], r["trl"])]  # TRL's real tokens per second, step by step
+            acc["trl_rates"] += rates
+            acc["pair_ratios"] += [r["tokens"] / a / b for a, b in zip(r["tokalign"], rates)]
             print(f"  round {rnd + 1} {algo}: tokalign {statistics.median(r['tokalign']):.3f} s/step, "
                   f"TRL {statistics.median(r['trl']):.3f} s/step", file=sys.stderr)
     load1 = os.getloadavg()
     peaks.append(matmul_peak(args.threads))
     peak = max(peaks)
     first = next(iter(res.values()))
+    shape = (f"{args.prompt_len + args.completion_len} each" if args.mix == "fixed" else
+             "long-tailed lengths: TRL pads, tokalign packs")
     print(f"Qwen2 {first['params'] / 1e6:.1f}M params, vocab {args.vocab}, float32, torch threads {first['threads']}; "
-          f"{first['tokens']} tokens per optimiser step ({first['n_seqs']} sequences × {args.prompt_len + args.completion_len}), "
+          f"{first['tokens']} real tokens per optimiser step ({first['n_seqs']} sequences, {shape}), "
           f"2 micro-batches; steps of the two frameworks interleaved in one process; median of {args.steps * args.rounds} "
           f"timed steps each ({args.rounds} runs × {args.steps}, {args.warmup} warm-up steps dropped per run)")
     print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
           f"(2048² products, before {peaks[0] / 1e9:.1f}, after {peaks[1] / 1e9:.1f}); share of peak = 6 · params · tokens/s / peak")
     print("| algorithm | tokalign s/step | tokalign tokens/s | tokalign share of peak | TRL s/step | TRL tokens/s | TRL share of peak | "
-          "tokalign / TRL (tokens/s) | median of adjacent-step ratios |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "tokalign / TRL (tokens/s) | median of adjacent-step ratios | padding tokalign | padding TRL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     summary = {}
     for algo in args.algos:
         r = res[algo]
         tk, trl = statistics.median(r["tokalign"]), statistics.median(r["trl"])
+        tk_rate, trl_rate = r["tokens"] / tk, statistics.median(r["trl_rates"])
         pair = statistics.median(r["pair_ratios"])
-        share = {side: 6 * r["params"] * r["tokens"] / s / peak for side, s in (("tokalign", tk), ("trl", trl))}
-        summary[algo] = {"tokalign_s": tk, "trl_s": trl, "ratio": trl / tk, "pair_ratio": pair,
-                         "tokalign_peak_share": share["tokalign"], "trl_peak_share": share["trl"]}
-        print(f"| {algo} | {tk:.3f} | {r['tokens'] / tk:,.0f} | {share['tokalign']:.0%} | {trl:.3f} | {r['tokens'] / trl:,.0f} | "
-              f"{share['trl']:.0%} | {trl / tk:.2f}× | {pair:.2f}× |")
-    print(json.dumps({"load": [load0[0], load1[0]], "matmul_peak_flops": peak, **summary}))
+        share = {side: 6 * r["params"] * rate / peak for side, rate in (("tokalign", tk_rate), ("trl", trl_rate))}
+        summary[algo] = {"tokalign_s": tk, "trl_s": trl, "ratio": tk_rate / trl_rate, "pair_ratio": pair,
+                         "tokalign_peak_share": share["tokalign"], "trl_peak_share": share["trl"],
+                         "tokalign_padding": r["tokalign_padding"], "trl_padding": r["trl_padding"]}
+        print(f"| {algo} | {tk:.3f} | {tk_rate:,.0f} | {share['tokalign']:.0%} | {trl:.3f} | {trl_rate:,.0f} | "
+              f"{share['trl']:.0%} | {tk_rate / trl_rate:.2f}× | {pair:.2f}× | {r['tokalign_padding']:.1%} | {r['trl_padding']:.1%} |")
+    print(json.dumps({"mix": args.mix, "load": [load0[0], load1[0]], "matmul_peak_flops": peak, **summary}))
 
 
 if __name__ == "__main__":
