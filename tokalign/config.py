@@ -43,6 +43,9 @@ class TrainSection:
     # padding-free: each micro-batch's sequences run packed end to end in rows as wide as its longest (tokalign/packing.py:
     # attention kept within each sequence; flash-attention varlen on CUDA, a block mask with SDPA), for models that honour it
     packing: bool = False
+    # online: sample the batches of the next K steps in a background thread while a step trains (K steps off-policy;
+    # the sampler's log-probs are the behaviour policy, corrected by algorithm.mismatch_correction; tokalign/train/overlap.py)
+    async_rollouts: int = 0
     distributed: str = "ddp"  # under torchrun: ddp (full copy per process, gradients summed) | fsdp (FSDP2: parameters sharded)
     lora_r: int = 0  # > 0: train a LoRA adapter of this rank (PEFT); the reference is the base with the adapter off
     lora_alpha: int = 16

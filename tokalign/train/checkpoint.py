@@ -47,8 +47,10 @@ def latest(work: Path) -> Path | None:
 
 
 def states(state) -> dict:
-    """The checkpointed state of everything stateful in a run: the algorithm, its components and hooks."""
+    """The checkpointed state of everything stateful in a run: the batch source (batches sampled ahead; first, as it
+    waits for samplings in flight, which move hooks' state), the algorithm, its components and hooks."""
     return {
+        "source": state.source.state_dict() if isinstance(state.source, Stateful) else None,
         "algorithm": state.algorithm.state_dict() if isinstance(state.algorithm, Stateful) else None,
         "components": {c.name: c.state_dict() for c in state.components if isinstance(c, Stateful)},
         "hooks": {h.name: h.state_dict() for h in state.needs.hooks if isinstance(h, Stateful)},
@@ -89,6 +91,7 @@ def save(work: Path, step: int, state, config_sha256: str) -> Path:
     if dist.main:
         for c in state.components:
             c.save(tmp)
+        stateful = states(state)
         torch.save(
             {
                 "step": step,
@@ -98,7 +101,7 @@ def save(work: Path, step: int, state, config_sha256: str) -> Path:
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's GPU
                 "python_rng": random.getstate(),
                 "config_sha256": config_sha256,
-                **states(state),
+                **stateful,
             },
             tmp / STATE,
         )
@@ -137,6 +140,8 @@ def restore(state, saved: dict) -> None:
     restore_rng(saved)
     if saved.get("algorithm") is not None:
         state.algorithm.load_state_dict(saved["algorithm"])
+    if saved.get("source") is not None:
+        state.source.load_state_dict(saved["source"])
     for group, objs in (("components", state.components), ("hooks", state.needs.hooks)):
         for obj in objs:
             if obj.name in (saved.get(group) or {}):

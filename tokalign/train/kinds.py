@@ -37,9 +37,14 @@ def _online(plan, rows, state):
         engine = VLLMEngine(models.resolve_model(cfg.model)[0], state.tokenizer, longest + 1, cfg.seed, r.vllm_gpu_memory_utilization)
     else:
         engine = HFEngine(state.policy, state.tokenizer, synced_gpus=lockstep)
-    return sources.OnlineSource(rows, engine, plan.rewards, spec, cfg.train.batch_size, cfg.seed, hooks=tuple(plan.needs.hooks),
-                                rollout_config=r, policy=state.policy, reference=state.reference_model,
-                                sharing=sources.Sharing(state.dist, r.sampling_chunk, lockstep))
+    source = sources.OnlineSource(rows, engine, plan.rewards, spec, cfg.train.batch_size, cfg.seed, hooks=tuple(plan.needs.hooks),
+                                  rollout_config=r, policy=state.policy, reference=state.reference_model,
+                                  sharing=sources.Sharing(state.dist, r.sampling_chunk, lockstep))
+    if cfg.train.async_rollouts > 0:  # sampled ahead in a background thread, from a copy of the policy
+        from tokalign.train.overlap import Overlapped
+
+        return Overlapped(source, state.policy, cfg.train.async_rollouts, cfg.train.max_steps)
+    return source
 
 
 def _scored(plan, rows, state):

@@ -120,6 +120,8 @@ def _train(state: TrainState, work: Path, saved: dict | None, run_config: dict, 
                     checkpoint.save(work, step + 1, state, config_sha)  # every process writes its shard
     finally:
         progress.close()
+        if hasattr(state.source, "close"):  # a sampler thread (train.async_rollouts)
+            state.source.close()
         tracker.close()
 
 

@@ -111,8 +111,15 @@ class Plan:
                        f"so each holds {group} rows.")
         if t.lora_4bit and not t.lora_r:
             out.append("train.lora_4bit has no effect without train.lora_r > 0.")
-        if self.run_config_dict()["algorithm"].get("mismatch_correction", "none") != "none" and r.backend == "hf" and self.kind.sampled:
+        correction = self.run_config_dict()["algorithm"].get("mismatch_correction")
+        if correction not in (None, "none") and r.backend == "hf" and self.kind.sampled and not t.async_rollouts:
             out.append("algorithm.mismatch_correction with the hf backend: the sampler is the trained model itself, weights stay ≈ 1.")
+        if t.async_rollouts and not self.kind.sampled:
+            out.append(f"train.async_rollouts is ignored: {self.data_kind} data is not sampled during training.")
+        elif t.async_rollouts and correction == "none":
+            out.append(f"train.async_rollouts={t.async_rollouts} trains on samples up to {t.async_rollouts} step(s) old and "
+                       "algorithm.mismatch_correction=none leaves that uncorrected: set it to token or sequence (truncated "
+                       "importance sampling against the sampler's log-probs).")
         world = _world_size()
         if world > t.batch_size:
             out.append(f"{world} processes but train.batch_size={t.batch_size}: the run will refuse to start; raise the batch size.")
@@ -221,6 +228,11 @@ def _check_train(t: config.TrainSection) -> None:
     for key, value in (("max_steps", t.max_steps), ("batch_size", t.batch_size)):
         if value < 1:
             raise UserError(f"train.{key} must be ≥ 1, got {value}.")
+    if t.async_rollouts < 0:
+        raise UserError(f"train.async_rollouts must be ≥ 0 (steps sampled ahead; 0: sample, then train), got {t.async_rollouts}.")
+    if t.async_rollouts and _world_size() > 1:
+        raise UserError("train.async_rollouts runs in one process for now (the sampler thread's gathers would interleave with "
+                        "the training collectives); drop it under torchrun, or train in one process.")
 
 
 def _roles(algo_name: str, needs) -> dict[str, bool]:
