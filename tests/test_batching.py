@@ -106,3 +106,19 @@ def test_micro_batches_by_tokens_pack_similar_lengths_and_keep_groups():
     assert [sorted(set(mb.fields["group_ids"].tolist())) for mb in parts] == [[0], [2], [1, 3]]
     assert all(mb.attention_mask.numel() <= 20 for mb in parts[1:]) and parts[0].attention_mask.shape == (2, 9)
     assert padding_fraction(parts) < padding_fraction(micro_batches(batch, 4))
+
+
+def test_split_groups_splits_only_groups_larger_than_a_micro_batch():
+    from tokalign.batching import Seq, collate, micro_batches
+
+    # groups 0 (4 rows of 5 tokens) and 1 (2 rows of 3 tokens)
+    seqs = [Seq([1, 2], [3, 4, 5], 0) for _ in range(4)] + [Seq([1], [2, 3], 1) for _ in range(2)]
+    b = collate(seqs, 0)
+    groups = lambda parts: [sorted(set(mb.fields["group_ids"].tolist())) for mb in parts]  # noqa: E731
+    assert [len(mb) for mb in micro_batches(b, 2)] == [4, 2]  # whole groups
+    assert [len(mb) for mb in micro_batches(b, 2, split_groups=True)] == [2, 2, 2]
+    assert groups(micro_batches(b, 2, split_groups=True)) == [[0], [0], [1]]
+    # by tokens (packed: real tokens): group 0 has 20 > 12, split into parts of 2 rows (10); group 1 (6) fits whole
+    parts = micro_batches(b, 0, 12, packed=True, split_groups=True)
+    assert [len(mb) for mb in parts] == [2, 2, 2] and all(int(mb.attention_mask.sum()) <= 12 for mb in parts)
+    assert [len(mb) for mb in micro_batches(b, 0, 12, packed=True)] == [4, 2]  # without: the big group stays whole

@@ -1,4 +1,5 @@
-"""Sequences -> padded TokenBatch, and micro-batches that never split a group."""
+"""Sequences -> padded TokenBatch, and micro-batches that keep groups whole (or split only those too large, for
+algorithms whose loss allows it)."""
 
 from __future__ import annotations
 
@@ -65,9 +66,11 @@ def collate(seqs: list[Seq], pad_id: int, max_completion_len: float | None = Non
     return TokenBatch(input_ids, attention, mask, fields, totals)
 
 
-def micro_batches(batch: TokenBatch, size: int, max_tokens: int = 0, packed: bool = False) -> list[TokenBatch]:
-    """Split into micro-batches of about ``size`` rows (0 = one batch), never splitting a group,
-    and trim each to its own longest sequence.
+def micro_batches(batch: TokenBatch, size: int, max_tokens: int = 0, packed: bool = False,
+                  split_groups: bool = False) -> list[TokenBatch]:
+    """Split into micro-batches of about ``size`` rows (0 = one batch), never splitting a group (with
+    ``split_groups``: only a group larger than a micro-batch is split, into parts that fit), and trim each to its
+    own longest sequence.
 
     With ``max_tokens`` > 0 the split is by size in tokens instead: groups are taken longest first and added while
     the micro-batch stays within ``max_tokens`` (a group larger than that is a micro-batch of its own), so sequences
@@ -78,9 +81,12 @@ def micro_batches(batch: TokenBatch, size: int, max_tokens: int = 0, packed: boo
         members.setdefault(g, []).append(i)
     if max_tokens > 0:
         lengths = batch.attention_mask.sum(-1).tolist()
-        groups = sorted(members.values(), key=lambda rows: -max(lengths[i] for i in rows))
-        chunks, current, longest = [], [], 0
         size_of = (lambda idx: sum(lengths[i] for i in idx)) if packed else (lambda idx: len(idx) * max(lengths[i] for i in idx))
+        units = list(members.values())
+        if split_groups:  # a group over the budget: its rows, longest first, in parts within it
+            units = [part for rows in units for part in _parts(sorted(rows, key=lambda i: -lengths[i]), size_of, max_tokens)]
+        groups = sorted(units, key=lambda rows: -max(lengths[i] for i in rows))
+        chunks, current = [], []
         for rows in groups:
             if current and size_of(current + rows) > max_tokens:
                 chunks.append(current)
@@ -91,7 +97,10 @@ def micro_batches(batch: TokenBatch, size: int, max_tokens: int = 0, packed: boo
         return [batch]
     else:
         chunks, current = [], []
-        for rows in members.values():
+        units = list(members.values())
+        if split_groups:
+            units = [rows[k : k + size] for rows in units for k in range(0, len(rows), size)]
+        for rows in units:
             if current and len(current) >= size:
                 chunks.append(current)
                 current = []
@@ -106,6 +115,17 @@ def micro_batches(batch: TokenBatch, size: int, max_tokens: int = 0, packed: boo
         mb.fields = {k: (v[:, : width - 1] if v.dim() == 2 else v) for k, v in mb.fields.items()}
         out.append(mb)
     return out
+
+
+def _parts(rows: list[int], size_of, budget: int) -> list[list[int]]:
+    """``rows`` in consecutive parts, each within ``budget`` by ``size_of`` (a row over it alone is a part)."""
+    parts, current = [], []
+    for i in rows:
+        if current and size_of(current + [i]) > budget:
+            parts.append(current)
+            current = []
+        current.append(i)
+    return parts + [current]
 
 
 def with_prompt(seq: Seq, prompt_ids: list[int]) -> Seq:

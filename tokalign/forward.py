@@ -201,12 +201,13 @@ def with_row_index(batch: TokenBatch) -> TokenBatch:
 
 
 def map_micro_batches(batch: TokenBatch, micro: int, tokens: int, fn: Callable[[TokenBatch], dict],
-                      calls: int = 0) -> dict[str, torch.Tensor]:
+                      calls: int = 0, split_groups: bool = False) -> dict[str, torch.Tensor]:
     """``fn(micro_batch) -> {name: [b, l-1] tensor}`` over the run's micro-batches (by rows, or by ``tokens``),
     the results back in the batch's row order and width. ``calls``: call ``fn`` at least this often (the extra calls
-    on one row, their results dropped) — processes sharing an FSDP-sharded model must make as many calls."""
+    on one row, their results dropped) — processes sharing an FSDP-sharded model must make as many calls.
+    ``split_groups``: a group larger than a micro-batch is split (``fn`` computes row by row)."""
     width = batch.completion_mask.shape[1]
-    parts = micro_batches(with_row_index(batch), micro, tokens, _PACK.get())
+    parts = micro_batches(with_row_index(batch), micro, tokens, _PACK.get(), split_groups)
     outs = [fn(mb) for mb in parts]
     for _ in range(calls - len(parts)):
         fn(parts[0].select(torch.tensor([0])))

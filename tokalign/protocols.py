@@ -109,6 +109,9 @@ class Needs:
     # behaviour log-probs, which are computed only if no component provides them)
     components: tuple = ()
     hooks: tuple = ()  # SamplingHook instances for online training (and their group filters for scored data)
+    # the loss is a sum over rows given the fields ``prepare`` filled and the batch's totals (no pairing or group
+    # statistics inside ``loss``), so a group larger than a micro-batch may be split across micro-batches
+    split_groups: bool = False
 
 
 @dataclass

@@ -106,7 +106,7 @@ class DCPO:
 
     def __init__(self, config: DCPOConfig):
         self.config = config
-        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, groups=True, old_logps=True)
+        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, groups=True, old_logps=True)  # OTM: a token mean per micro-batch
         self.stats: dict[int, tuple[float, float, int]] = {}  # prompt_index -> (cumulative mean, std, visits)
 
     def state_dict(self) -> dict:

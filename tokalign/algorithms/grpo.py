@@ -57,7 +57,7 @@ class GRPO:
 
     def __init__(self, config: GRPOConfig):
         self.config = config
-        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, groups=True, old_logps=True)
+        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, groups=True, old_logps=True, split_groups=True)
 
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         c = self.config

@@ -95,7 +95,7 @@ class GTPO:
 
     def __init__(self, config: GTPOConfig):
         self.config = config
-        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, groups=True)
+        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, groups=True, split_groups=True)
 
     @torch.no_grad()
     def prepare(self, batch: TokenBatch) -> TokenBatch:

@@ -39,6 +39,7 @@ n = 16, lr 1e-6).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,11 @@ class HAPOConfig(GRPOConfig):
 
 class HAPO(GRPO):
     Config = HAPOConfig
+
+    def __init__(self, config: HAPOConfig):
+        super().__init__(config)
+        # ĥ normalises entropies over the micro-batch's tokens: a group stays in one micro-batch
+        self.needs = dataclasses.replace(self.needs, split_groups=False)
 
     @torch.no_grad()
     def prepare(self, batch: TokenBatch) -> TokenBatch:

@@ -55,7 +55,8 @@ class PPO:
     def __init__(self, config: PPOConfig):
         self.config = config
         # the critic's values (and the old log-probs with them) before the update, for GAE
-        self.needs = Needs(data=("online", "scored"), reference=config.kl_coef > 0, old_logps=True, components=(ValueHead(),))
+        self.needs = Needs(data=("online", "scored"), reference=config.kl_coef > 0, old_logps=True, components=(ValueHead(),),
+                           split_groups=True)
 
     def outcome(self, rewards: torch.Tensor) -> torch.Tensor:
         """The sequence reward placed on each row's last token; variants (RTO) clamp it."""

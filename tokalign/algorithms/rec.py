@@ -142,7 +142,7 @@ class OPMD(REC):
 
     def __init__(self, config: OPMDConfig):
         super().__init__(config)
-        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, groups=True)
+        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, groups=True, split_groups=True)
 
     @torch.no_grad()
     def prepare(self, batch: TokenBatch) -> TokenBatch:

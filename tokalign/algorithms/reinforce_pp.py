@@ -78,7 +78,8 @@ class ReinforcePP(GRPO):
     def __init__(self, config: ReinforcePPConfig):
         super().__init__(config)
         upfront = (BehaviourLogps(upfront=True),) if config.kl_coef > 0 else ()  # a KL in the reward: before prepare()
-        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0 or config.kl_coef > 0, old_logps=True, components=upfront)
+        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0 or config.kl_coef > 0, old_logps=True, components=upfront,
+                           split_groups=True)
 
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         c, f, mask = self.config, batch.fields, batch.completion_mask

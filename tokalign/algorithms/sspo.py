@@ -53,7 +53,8 @@ class SSPO(GRPO):
 
     def __init__(self, config: SSPOConfig):
         super().__init__(config)
-        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, old_logps=True, hooks=(PrioritisedPrompts(self.prompt_weights),))
+        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, old_logps=True, hooks=(PrioritisedPrompts(self.prompt_weights),),
+                           split_groups=True)
         self.tracker: dict[int, tuple[float, float]] = {}  # prompt_index -> (α, β)
 
     def state_dict(self) -> dict:

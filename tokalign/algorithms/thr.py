@@ -93,7 +93,9 @@ class THR(GRPO):
 
     def __init__(self, config: THRConfig):
         super().__init__(config)
-        self.needs = dataclasses.replace(self.needs, full_vocab=True, components=(*self.needs.components, HiddenStates()))
+        # its loss reweights tokens by group statistics: a group stays in one micro-batch
+        self.needs = dataclasses.replace(self.needs, full_vocab=True, components=(*self.needs.components, HiddenStates()),
+                                         split_groups=False)
 
     def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
         c, f, mask = self.config, batch.fields, batch.completion_mask

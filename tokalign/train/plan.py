@@ -106,7 +106,7 @@ class Plan:
                 out.append(f"train.max_length={t.max_length} < longest prompt ({longest}) + rollout.max_new_tokens ({r.max_new_tokens}): "
                            "long samples are truncated before training.")
         group = self.group_size()
-        if t.micro_batch_size and t.micro_batch_size < group:
+        if t.micro_batch_size and t.micro_batch_size < group and not self.needs.split_groups:
             out.append(f"train.micro_batch_size={t.micro_batch_size} < group size {group}: micro-batches never split a group, "
                        f"so each holds {group} rows.")
         if t.lora_4bit and not t.lora_r:

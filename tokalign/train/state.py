@@ -81,21 +81,22 @@ class TrainState:
 
     def micro_batches(self, batch):
         t = self.cfg.train
-        return micro_batches(batch, t.micro_batch_size, t.micro_batch_tokens, t.packing)
+        return micro_batches(batch, t.micro_batch_size, t.micro_batch_tokens, t.packing, self.needs.split_groups)
 
     def map_micro_batches(self, batch, fn, *models) -> dict[str, torch.Tensor]:
         """``forward.map_micro_batches`` with the run's micro-batching, shared between processes: each computes its
         1/N of the rows and the results are gathered, so every process holds them for the whole batch. ``models``:
         those ``fn`` runs (processes sharing a sharded one make as many calls)."""
         t, dist = self.cfg.train, self.dist
+        # frozen passes compute row by row: a group larger than a micro-batch is split whatever the algorithm
         if not dist.active or len(batch) < dist.world:
-            return forward.map_micro_batches(batch, t.micro_batch_size, t.micro_batch_tokens, fn)
+            return forward.map_micro_batches(batch, t.micro_batch_size, t.micro_batch_tokens, fn, split_groups=True)
         lo, hi = distributed.row_range(len(batch), dist)
         part = batch.select(torch.arange(lo, hi))
         calls = 0
         if any(distributed.is_sharded(m) for m in models):
-            calls = distributed.max_count(len(self.micro_batches(part)), dist)
-        local = forward.map_micro_batches(part, t.micro_batch_size, t.micro_batch_tokens, fn, calls)
+            calls = distributed.max_count(len(micro_batches(part, t.micro_batch_size, t.micro_batch_tokens, t.packing, True)), dist)
+        local = forward.map_micro_batches(part, t.micro_batch_size, t.micro_batch_tokens, fn, calls, split_groups=True)
         return {k: distributed.gather_rows(v, len(batch), dist) for k, v in local.items()}
 
     @torch.no_grad()
