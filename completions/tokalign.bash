@@ -5,7 +5,7 @@ _tokalign() {
     prev="${COMP_WORDS[COMP_CWORD-1]}"
     cmd="${COMP_WORDS[1]}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=( $(compgen -W "eval inspect plot plugins prepare rollout score train --debug --version --help" -- "$cur") )
+        COMPREPLY=( $(compgen -W "eval inspect plot plugins prepare rollout score train --debug --no-verify --version --help" -- "$cur") )
         return 0
     fi
     case "$prev" in

@@ -72,3 +72,57 @@ def test_missing_columns_are_reported(tmp_path):
     (tmp_path / "P" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(UserError, match="lacks column"):
         artifacts.read(tmp_path / "P", ["prompts"])
+
+
+def _edit_parquet(path, rows):
+    """Rewrite a data file in place (same schema, other values): what an edit after the artifact was written does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_reads_check_files_against_the_manifest(tmp_path, monkeypatch):
+    write(tmp_path / "P")
+    data = tmp_path / "P" / "data.parquet"
+    _edit_parquet(data, [{**ROWS[0], "prompt_text": "q"}])  # one character changed
+    with pytest.raises(UserError, match=r"data.parquet' changed after it was written .*--no-verify"):
+        artifacts.read(tmp_path / "P", ["prompts"])
+    monkeypatch.setenv("TOKALIGN_NO_VERIFY", "1")  # --no-verify: read as it is, and say so in what is written next
+    assert artifacts.read(tmp_path / "P", ["prompts"]).rows()[0]["prompt_text"] == "q"
+    write(tmp_path / "Q")
+    assert json.loads((tmp_path / "Q" / "manifest.json").read_text())["inputs_verified"] is False
+    monkeypatch.delenv("TOKALIGN_NO_VERIFY")
+    assert "inputs_verified" not in json.loads((tmp_path / "P" / "manifest.json").read_text())
+
+
+def test_a_truncated_data_file_is_one_line(tmp_path, monkeypatch):
+    write(tmp_path / "P")
+    data = tmp_path / "P" / "data.parquet"
+    data.write_bytes(data.read_bytes()[:40])
+    with pytest.raises(UserError, match="changed after it was written"):
+        artifacts.read(tmp_path / "P", ["prompts"])
+    monkeypatch.setenv("TOKALIGN_NO_VERIFY", "1")
+    with pytest.raises(UserError, match="is not a readable Parquet file .*damaged, re-create it"):
+        artifacts.read(tmp_path / "P", ["prompts"]).rows()
+    (tmp_path / "P" / "data.parquet").unlink()
+    monkeypatch.delenv("TOKALIGN_NO_VERIFY")
+    with pytest.raises(UserError, match="missing data.parquet"):
+        artifacts.read(tmp_path / "P", ["prompts"])
+
+
+def test_cli_refuses_an_edited_artifact_and_no_verify_reads_it(tmp_path):
+    from conftest import cli
+
+    cli("prepare", "arith", "--split", "test", "--limit", "3", "--out", "P", cwd=tmp_path)
+    data = tmp_path / "P" / "data.parquet"
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(data).to_pylist()
+    _edit_parquet(data, rows[:2])
+    bad = cli("eval", "--data", "P", "--n", "1", "--out", "E", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "changed after it was written" in bad.stderr
+    assert not (tmp_path / "E").exists()
+    ok = cli("eval", "--data", "P", "--n", "1", "--out", "E", "--no-verify", cwd=tmp_path)
+    assert ok.returncode == 0
+    assert json.loads((tmp_path / "E" / "manifest.json").read_text())["inputs_verified"] is False

@@ -223,7 +223,9 @@ def test_eval_names_an_unknown_verifier_a_verifier(work):
 
 
 def test_take_debug():
-    from tokalign.cli.app import _take_debug
+    from tokalign.cli.app import _take_switch
+
+    _take_debug = lambda argv: _take_switch(argv, "--debug")  # noqa: E731
 
     assert _take_debug(["train", "grpo", "--debug", "--data", "arith"]) == (["train", "grpo", "--data", "arith"], True)
     assert _take_debug(["score", "R"]) == (["score", "R"], False)

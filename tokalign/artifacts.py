@@ -96,7 +96,42 @@ class Artifact:
     def rows(self) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.path / DATA).to_pylist()
+        with _readable(self.path / DATA):
+            return pq.read_table(self.path / DATA).to_pylist()
+
+
+@contextmanager
+def _readable(path: Path):
+    """A damaged Parquet file (truncated, overwritten) as one line, exit 2."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"'{path}' is not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                        "the artifact is damaged, re-create it.") from e
+
+
+def verifying() -> bool:
+    """Whether reads check data files against their manifest (off with ``--no-verify``)."""
+    return os.environ.get("TOKALIGN_NO_VERIFY", "") in ("", "0")
+
+
+HASH_LIMIT = 1 << 30  # files above 1 GiB (model weights) are checked by size only: hashing them would cost minutes
+
+
+def verify_files(p: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists is there, with its recorded size and (up to ``HASH_LIMIT``) sha256."""
+    fix = "re-create it, or pass --no-verify to read it anyway"
+    for entry in manifest.get("files") or []:
+        f = p / entry["name"]
+        if not f.is_file():
+            raise UserError(f"'{p}' is missing {entry['name']}, which its manifest lists; the artifact is incomplete: {fix}.")
+        size = f.stat().st_size
+        if "bytes" in entry and size != entry["bytes"]:
+            raise UserError(f"'{f}' changed after it was written ({size} bytes, the manifest says {entry['bytes']}): {fix}.")
+        if "sha256" in entry and size <= HASH_LIMIT and sha256_file(f) != entry["sha256"]:
+            raise UserError(f"'{f}' changed after it was written (its sha256 differs from the manifest's): {fix}.")
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
@@ -124,10 +159,13 @@ def read(path: str | os.PathLike, kinds: Iterable[str]) -> Artifact:
     for name in FILES.get(kind, (DATA,)):
         if not (p / name).is_file():
             raise UserError(f"'{p}' is missing {name}; the artifact is incomplete, re-create it.")
+    if verifying():
+        verify_files(p, manifest)
     if COLUMNS.get(kind):
         import pyarrow.parquet as pq
 
-        have = set(pq.read_schema(p / DATA).names)
+        with _readable(p / DATA):
+            have = set(pq.read_schema(p / DATA).names)
         missing = [c for c in COLUMNS[kind] if c not in have]
         if missing:
             raise UserError(f"'{p}' ({kind}) lacks column(s) {', '.join(missing)}; it was not written by this tokalign.")
@@ -220,6 +258,7 @@ def build_manifest(kind: str, root: Path, prov: Provenance, counts: dict[str, in
         "seed": prov.seed,
         "libraries": library_versions(),
         "files": files,
+        **({} if verifying() else {"inputs_verified": False}),  # --no-verify: inputs read without checking their files
         **prov.extra,
     }
 

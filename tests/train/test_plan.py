@@ -20,11 +20,13 @@ def _dry(*args, env=None):
 
 
 def test_online_arithmetic_and_group_warning():
-    out = _dry("grpo", "--data", "arith", "--batch-size", "16", "--n", "8", "--set", "train.micro_batch_size=4")
+    out = _dry("thr", "--data", "arith", "--batch-size", "16", "--n", "8", "--set", "train.micro_batch_size=4")
     assert "prompts per step: 16" in out and "sequences per step: 128" in out
-    assert "micro-batches per update: 16" in out  # 4 < 8: each micro-batch is one whole group
+    assert "micro-batches per update: 16" in out  # 4 < 8: each micro-batch is one whole group (THR's loss needs it)
     assert "generated tokens per step (max): 1024" in out and "samples per prompt: 8" in out  # 128 × 8 new tokens
     assert "warning: train.micro_batch_size=4 < group size 8" in out
+    split = _dry("grpo", "--data", "arith", "--batch-size", "16", "--n", "8", "--set", "train.micro_batch_size=4")
+    assert "micro-batches per update: 32" in split and "< group size" not in split  # GRPO splits each group in two
     assert "models in memory: policy" in out
 
 

@@ -37,10 +37,14 @@ def _version(value: bool):
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Read input artifacts whose files no longer match their "
+                                   "manifest (size, sha256); the new artifact's manifest records it."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ):
     if debug:
         os.environ["TOKALIGN_DEBUG"] = "1"
+    if no_verify:
+        os.environ["TOKALIGN_NO_VERIFY"] = "1"
 
 
 def _quiet_libraries() -> None:
@@ -50,11 +54,11 @@ def _quiet_libraries() -> None:
         os.environ.setdefault(key, value)
 
 
-def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
-    """Remove ``--debug`` from anywhere before a ``--``: it is a global switch, so ``tokalign train grpo … --debug``
-    works as well as ``tokalign --debug train …`` (Typer only knows it on the root command)."""
+def _take_switch(argv: list[str], switch: str) -> tuple[list[str], bool]:
+    """Remove a global ``switch`` (``--debug``, ``--no-verify``) from anywhere before a ``--``, so ``tokalign train grpo
+    … --debug`` works as well as ``tokalign --debug train …`` (Typer only knows them on the root command)."""
     end = argv.index("--") if "--" in argv else len(argv)
-    kept = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    kept = [a for a in argv[:end] if a != switch] + argv[end:]
     return kept, len(kept) != len(argv)
 
 
@@ -66,9 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     from tokalign.errors import UserError
 
     _quiet_libraries()
-    argv, flag = _take_debug(list(sys.argv[1:] if argv is None else argv))
+    argv, flag = _take_switch(list(sys.argv[1:] if argv is None else argv), "--debug")
     if flag:
         os.environ["TOKALIGN_DEBUG"] = "1"  # also seen by worker processes
+    argv, flag = _take_switch(argv, "--no-verify")
+    if flag:
+        os.environ["TOKALIGN_NO_VERIFY"] = "1"
     debug = debugging()
     try:
         app(args=argv, prog_name="tokalign", standalone_mode=True)

@@ -60,8 +60,10 @@ class Plan:
         out = {
             f"{unit} per step": t.batch_size,
             "sequences per step": seqs,
-            # micro-batches take whole groups until they hold at least micro_batch_size rows
-            "micro-batches per update": math.ceil(t.batch_size / max(1, math.ceil(micro / per_item))),
+            # micro-batches take whole groups until they hold at least micro_batch_size rows; an algorithm that may
+            # split groups splits those larger than that into parts of micro_batch_size rows
+            "micro-batches per update": (t.batch_size * math.ceil(per_item / micro) if self.needs.split_groups and 0 < micro < per_item
+                                         else math.ceil(t.batch_size / max(1, math.ceil(micro / per_item)))),
             "optimiser updates per step": t.updates_per_batch,
             "steps": t.max_steps,
             "optimiser updates in total": t.max_steps * t.updates_per_batch,
