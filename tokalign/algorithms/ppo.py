@@ -91,7 +91,10 @@ class PPO:
         agg = dict(total_tokens=t.get("tokens"), total_seqs=t.get("seqs"), max_len=t.get("max_completion_len"))
         pg_loss = ops.aggregate(pg, mask, c.aggregation, **agg)
         vf_loss = ops.aggregate(vf, mask, c.aggregation, **agg)
-        metrics = {"pg_loss": float(pg_loss.detach()), "vf_loss": float(vf_loss.detach()),
+        # the loop averages metrics over micro-batches by their share of the rows; these two are already this
+        # micro-batch's share of the batch's loss, so they are scaled up to whole-batch values first
+        share = len(batch) / t["seqs"] if t.get("seqs") else 1.0
+        metrics = {"pg_loss": float(pg_loss.detach()) / share, "vf_loss": float(vf_loss.detach()) / share,
                    "clip_fraction": float(ops.masked_mean(clipped.float(), mask)),
                    "values/mean": float(ops.masked_mean(out.values.detach(), mask)),
                    "returns/mean": float(ops.masked_mean(f["returns"], mask))}
