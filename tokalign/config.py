@@ -68,6 +68,9 @@ class RolloutSection:
     sampling_chunk: int = 0
     max_sampling_rounds: int = 3  # algorithms that drop uninformative groups (DAPO) resample up to this often
     vllm_gpu_memory_utilization: float = 0.3  # online training with --backend vllm on a GPU: vLLM's share, the trainer keeps the rest
+    # online training with --backend vllm on a GPU: the engine sleeps while the trainer trains (weights and KV cache
+    # freed, vLLM's sleep mode level 2) and wakes for the next step's sampling
+    vllm_sleep: bool = False
 
 
 @dataclass

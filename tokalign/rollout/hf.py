@@ -46,6 +46,9 @@ class HFEngine:
         """Nothing to push: this engine samples from the trained model itself (None: no sync time to report)."""
         return None
 
+    def idle(self) -> None:
+        """Nothing to free between samplings."""
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
         from transformers import GenerationConfig, TemperatureLogitsWarper, TopPLogitsWarper

@@ -67,19 +67,22 @@ def _shut_down_first(llm) -> None:
     atexit.register(shut_down)
 
 
-def _engine(vllm, model_path: str, max_model_len: int | None, seed: int, gpu_memory_utilization: float | None = None):
+def _engine(vllm, model_path: str, max_model_len: int | None, seed: int, gpu_memory_utilization: float | None = None,
+            sleep: bool = False):
     from transformers import AutoConfig
     from vllm.platforms import current_platform
 
+    if sleep and current_platform.is_cpu():
+        raise UserError("rollout.vllm_sleep needs a GPU (vLLM's sleep mode frees GPU memory; there is none on CPU): drop it here.")
     dtype = "float32" if current_platform.is_cpu() else "auto"
     limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
     want = min(max_model_len or limit or 2048, limit or 1 << 30)  # vLLM rejects lengths beyond the config's
     # Any cached engine for this model that is long enough will do: each one holds its own KV cache.
-    for (path, length, dt), llm in _ENGINES.items():
-        if path == model_path and dt == dtype and length >= want:
+    for (path, length, dt, asleep), llm in _ENGINES.items():
+        if path == model_path and dt == dtype and length >= want and asleep == sleep:
             return llm
     launched = _launched()
-    _ENGINES[(model_path, want, dtype)] = llm = vllm.LLM(
+    _ENGINES[(model_path, want, dtype, sleep)] = llm = vllm.LLM(
         model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=want, seed=seed, use_tqdm_on_load=False,
         enforce_eager=current_platform.is_cpu(),  # no CUDA graphs or torch.compile to gain on CPU
         # The default, raw_logprobs, is log_softmax of the logits before temperature and top-p.
@@ -88,6 +91,7 @@ def _engine(vllm, model_path: str, max_model_len: int | None, seed: int, gpu_mem
         **({"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization and not current_platform.is_cpu() else {}),
         # torchrun: this process's own engine on torchrun's group (RANK, LOCAL_RANK, MASTER_ADDR/PORT from its env)
         **({"distributed_executor_backend": "external_launcher"} if launched else {}),
+        **({"enable_sleep_mode": True} if sleep else {}),
     )
     if launched:
         _shut_down_first(llm)
@@ -104,13 +108,24 @@ def _generation_config(model_path: str):
 
 
 class VLLMEngine:
+    """``sleep`` (``rollout.vllm_sleep``, GPU only): between samplings the engine sleeps at level 2 — its weights and
+    KV cache freed for the trainer — and ``sync`` wakes it weights first, loads the trainer's weights, then
+    reallocates the KV cache (nothing of the old weights is kept: they are replaced every step anyway)."""
+
     def __init__(self, model_path: str, tokenizer, max_model_len: int | None = None, seed: int = 0,
-                 gpu_memory_utilization: float | None = None):
+                 gpu_memory_utilization: float | None = None, sleep: bool = False):
         vllm = _import_vllm()
         self.vllm = vllm
         self.tokenizer = tokenizer
-        self.llm = _engine(vllm, str(model_path), max_model_len, seed, gpu_memory_utilization)
+        self.llm = _engine(vllm, str(model_path), max_model_len, seed, gpu_memory_utilization, sleep)
         self.stops = stop_ids(tokenizer, _generation_config(str(model_path)))
+        self.sleep, self.asleep = sleep, False
+
+    def idle(self) -> None:
+        """The sampling of a step is over: with ``sleep``, free the engine's GPU memory until the next ``sync``."""
+        if self.sleep and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
 
     def sync(self, model) -> float:
         """Load a transformers model's current weights into the engine, in place (vLLM's ``reload_weights`` on
@@ -127,6 +142,8 @@ class VLLMEngine:
         from tokalign.rollout.weights import weights
 
         start = time.perf_counter()
+        if self.asleep:  # weights first: the KV cache comes back once the new weights are in
+            self.llm.wake_up(tags=["weights"])
         with torch.no_grad():  # a LoRA policy: the merged W + ΔW, computed without merging the model in place
             stream = weights(model)
             try:
@@ -137,6 +154,9 @@ class VLLMEngine:
             finally:
                 for _ in stream:  # what the engine left untaken: the other processes' gathers still need this one's
                     pass
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
 

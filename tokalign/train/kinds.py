@@ -34,7 +34,8 @@ def _online(plan, rows, state):
         from tokalign.rollout.vllm_engine import VLLMEngine
 
         longest = max(len(x["prompt_ids"]) for x in rows) + r.max_new_tokens
-        engine = VLLMEngine(models.resolve_model(cfg.model)[0], state.tokenizer, longest + 1, cfg.seed, r.vllm_gpu_memory_utilization)
+        engine = VLLMEngine(models.resolve_model(cfg.model)[0], state.tokenizer, longest + 1, cfg.seed, r.vllm_gpu_memory_utilization,
+                            sleep=r.vllm_sleep)
     else:
         engine = HFEngine(state.policy, state.tokenizer, synced_gpus=lockstep)
     source = sources.OnlineSource(rows, engine, plan.rewards, spec, cfg.train.batch_size, cfg.seed, hooks=tuple(plan.needs.hooks),

@@ -116,6 +116,8 @@ class Plan:
         correction = self.run_config_dict()["algorithm"].get("mismatch_correction")
         if correction not in (None, "none") and r.backend == "hf" and self.kind.sampled and not t.async_rollouts:
             out.append("algorithm.mismatch_correction with the hf backend: the sampler is the trained model itself, weights stay ≈ 1.")
+        if r.vllm_sleep and (r.backend != "vllm" or not self.kind.sampled):
+            out.append("rollout.vllm_sleep is ignored: only a vllm engine sampling during training sleeps.")
         if t.async_rollouts and not self.kind.sampled:
             out.append(f"train.async_rollouts is ignored: {self.data_kind} data is not sampled during training.")
         elif t.async_rollouts and correction == "none":
@@ -218,7 +220,7 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
     )
 
 
-def _check_train(t: config.TrainSection) -> None:
+def _check_train(t: config.TrainSection, rollout: config.RolloutSection) -> None:
     """The train section's choices and bounds, before any model loads."""
     from tokalign.train import precision
 
@@ -232,6 +234,9 @@ def _check_train(t: config.TrainSection) -> None:
             raise UserError(f"train.{key} must be ≥ 1, got {value}.")
     if t.async_rollouts < 0:
         raise UserError(f"train.async_rollouts must be ≥ 0 (steps sampled ahead; 0: sample, then train), got {t.async_rollouts}.")
+    if t.async_rollouts and rollout.vllm_sleep:
+        raise UserError("rollout.vllm_sleep and train.async_rollouts exclude each other (an engine that sleeps while the "
+                        "trainer trains cannot sample ahead meanwhile); keep one.")
     if t.async_rollouts and _world_size() > 1:
         raise UserError("train.async_rollouts runs in one process for now (the sampler thread's gathers would interleave with "
                         "the training collectives); drop it under torchrun, or train in one process.")
@@ -298,7 +303,7 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
         raise UserError(f"'{algo_name}' uses no model for role(s) {', '.join(unused)}; it takes: {', '.join(takes) or 'none'}.")
     check_backend(run_cfg.rollout.backend)
     t = run_cfg.train
-    _check_train(t)
+    _check_train(t, run_cfg.rollout)
     kind, desc, rows, extra = _resolve_data(run_cfg.data, algorithm.needs.data, algo_name)
     if not rows:
         raise UserError(f"Training data '{run_cfg.data}' has no rows.")

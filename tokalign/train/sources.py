@@ -297,6 +297,9 @@ class OnlineSource:
         sync_s = self.engine.sync(self.policy)
         collected = next((c for c in (_hook(h.collect, self) for h in self.hooks) if c is not None), None)
         groups, sampled, extra = collected if collected is not None else self._rounds()
+        idle = getattr(self.engine, "idle", None)  # the step's sampling is done: a sleeping vLLM engine frees its GPU memory
+        if idle is not None:
+            idle()
         out = [{**r, "group_id": gid} for gid, group in enumerate(groups[: self.batch_size]) for r in group]
         metrics = {**reward_metrics(sampled), **extra}
         for h in self.hooks:
