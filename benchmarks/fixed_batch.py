@@ -22,6 +22,16 @@ def qwen2(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, k
     return Qwen2ForCausalLM(cfg).float()
 
 
+def add_model_args(parser) -> None:
+    """The seeded Qwen2's shape as command-line options (the train-step benchmarks' shared defaults: 26.5M params)."""
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--intermediate", type=int, default=1536)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--kv-heads", dest="kv_heads", type=int, default=2)
+
+
 def long_tail_lengths(n: int, seed: int = 0, prompt=(16, 48), short=(4, 48), long=(224, 256), long_share: float = 0.1):
     """(prompt, completion) lengths of ``n`` sequences: completions mostly short, about ``long_share`` of them near
     the maximum — the shape of sampled chain-of-thought batches."""

@@ -94,18 +94,15 @@ def measure(algo: str, args) -> dict:
 
 
 def main() -> None:
+    from fixed_batch import add_model_args
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algos", nargs="+", default=["grpo", "dpo"], choices=["grpo", "dpo"])
     p.add_argument("--steps", type=int, default=3, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--micro-tokens", dest="micro_tokens", type=int, default=4096, help="train.micro_batch_tokens of both sides")
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--hidden", type=int, default=384)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--kv-heads", dest="kv_heads", type=int, default=2)
+    add_model_args(p)
     p.add_argument("--prompts", type=int, default=8, help="GRPO prompts per step")
     p.add_argument("--group", type=int, default=8, help="GRPO completions per prompt")
     p.add_argument("--pairs", type=int, default=32, help="DPO pairs per step")

@@ -233,18 +233,16 @@ def matmul_peak(threads: int) -> float:
 
 
 def main() -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fixed_batch import add_model_args
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algos", nargs="+", default=["grpo", "dpo"], choices=["grpo", "dpo"])
     p.add_argument("--steps", type=int, default=6, help="timed optimiser steps per framework and run")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimiser steps at the start of each run")
     p.add_argument("--rounds", type=int, default=2, help="runs (fresh processes) per algorithm")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (and OMP_NUM_THREADS) for both")
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--hidden", type=int, default=384)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--kv-heads", dest="kv_heads", type=int, default=2)
+    add_model_args(p)
     p.add_argument("--prompt-len", dest="prompt_len", type=int, default=32)
     p.add_argument("--completion-len", dest="completion_len", type=int, default=96)
     p.add_argument("--prompts", type=int, default=4, help="GRPO prompts per step")
