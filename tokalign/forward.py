@@ -80,13 +80,20 @@ def forward(model, batch: TokenBatch, with_entropy: bool = False, keep_logits: b
     elif not keep_logits and _FUSED.get() != "never":
         _note_once(model)
     res = _call(model, batch, packed, output_hidden_states=keep_hidden)
-    ids = packed.input_ids if packed is not None else batch.input_ids
-    back = packed.unpack if packed is not None else (lambda x: x)
+    ids, _, back = _layout(batch, packed)
     logits = res.logits[:, :-1]
     logps = ops.selective_log_softmax(logits, ids[:, 1:])
     entropy = back(ops.entropy_from_logits(logits.detach())) if with_entropy else None
     hidden = back(res.hidden_states[-1][:, :-1]) if keep_hidden else None
     return PolicyOutput(logps=back(logps), entropy=entropy, logits=back(logits) if keep_logits else None, hidden=hidden)
+
+
+def _layout(batch: TokenBatch, packed: "Packed | None"):
+    """(the ids the model ran on, the positions whose next token is real, a map of per-position outputs back to the
+    batch's [B, L-1]) for the padded or the packed layout."""
+    if packed is not None:
+        return packed.input_ids, packed.valid, packed.unpack
+    return batch.input_ids, batch.attention_mask[:, 1:].bool(), lambda x: x
 
 
 def _call(model, batch: TokenBatch, packed: "Packed | None", **kwargs):
@@ -111,9 +118,7 @@ def _fused(model, batch: TokenBatch, packed: "Packed | None", with_entropy: bool
     if confirm(model, hidden[:, -1], res.logits[:, -1], tol):
         _note_once(model)
         return None
-    ids = packed.input_ids if packed is not None else batch.input_ids
-    valid = packed.valid if packed is not None else batch.attention_mask[:, 1:].bool()  # positions whose next token is real
-    back = packed.unpack if packed is not None else (lambda x: x)
+    ids, valid, back = _layout(batch, packed)
     rows = hidden[:, :-1][valid]
     logps, entropy = linear_logps(rows.to(compute) if compute is not None else rows, head_weight(model), ids[:, 1:][valid])
     full_logps = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
