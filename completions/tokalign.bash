@@ -17,14 +17,14 @@ _tokalign() {
         return 0
     fi
     case "$cmd" in
-        eval) opts="--backend --compare --data --entropy --help --json --limit --max-new-tokens --model --n --no-entropy --out --overwrite --quiet --ref --reward-opt --seed --split --temperature --timeout --top-p --verifier --workers -d -j -m -o -q" ;;
+        eval) opts="--backend --compare --data --entropy --env --help --json --limit --max-new-tokens --max-turns --model --n --no-entropy --out --overwrite --quiet --ref --reward-opt --seed --split --temperature --timeout --top-p --verifier --workers -d -j -m -o -q" ;;
         inspect) opts="--color --forward --help --html --id --limit --model --no-forward -c -m -n" ;;
         plot) opts="--help --label --metrics --out --smooth --title -o" ;;
         plugins) opts="--check --help --json --names" ;;
         prepare) opts="--help --limit --model --out --overwrite --split -m -o" ;;
-        rollout) opts="--backend --help --max-new-tokens --model --n --out --overwrite --seed --temperature --top-p -m -o" ;;
+        rollout) opts="--backend --env --help --max-episode-tokens --max-new-tokens --max-turns --model --n --out --overwrite --seed --temperature --top-p -m -o" ;;
         score) opts="--help --no-cache --out --overwrite --reward --reward-opt --timeout --workers -j -o -r" ;;
-        train) opts="--backend --batch-size --config --data --dpo-model --dry-run --help --log --lr --max-steps --model --n --out --overwrite --quiet --ref --ref-model --resume --reverse-model --reward --reward-opt --seed --set --teacher --with -c -d -m -o -q -r" ;;
+        train) opts="--backend --batch-size --config --data --dpo-model --dry-run --env --help --log --lr --max-steps --model --n --out --overwrite --quiet --ref --ref-model --resume --reverse-model --reward --reward-opt --seed --set --teacher --with -c -d -m -o -q -r" ;;
         *) opts="" ;;
     esac
     if [[ "$cur" == -* ]]; then

@@ -7,10 +7,12 @@ complete -c tokalign -n '__fish_seen_subcommand_from eval' -l backend
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l compare
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l data
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l entropy
+complete -c tokalign -n '__fish_seen_subcommand_from eval' -l env
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l help
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l json
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l limit
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l max-new-tokens
+complete -c tokalign -n '__fish_seen_subcommand_from eval' -l max-turns
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l model
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l n
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l no-entropy
@@ -50,8 +52,11 @@ complete -c tokalign -n '__fish_seen_subcommand_from prepare' -l out
 complete -c tokalign -n '__fish_seen_subcommand_from prepare' -l overwrite
 complete -c tokalign -n '__fish_seen_subcommand_from prepare' -l split
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l backend
+complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l env
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l help
+complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l max-episode-tokens
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l max-new-tokens
+complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l max-turns
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l model
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l n
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l out
@@ -72,6 +77,7 @@ complete -c tokalign -n '__fish_seen_subcommand_from train' -l config
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l data
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l dpo-model
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l dry-run
+complete -c tokalign -n '__fish_seen_subcommand_from train' -l env
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l help
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l log
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l lr

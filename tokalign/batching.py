@@ -49,7 +49,8 @@ def collate(seqs: list[Seq], pad_id: int, max_completion_len: float | None = Non
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention[i, : len(ids)] = 1
         start, end = len(s.prompt_ids) - 1, len(ids) - 1
-        mask[i, start:end] = 1
+        # a multi-turn episode's environment tokens are not the model's: mask 0 (no loss, no gradient)
+        mask[i, start:end] = 1 if s.token.get("loss_mask") is None else torch.tensor(s.token["loss_mask"], dtype=torch.float32)
         for k in token_keys:
             if s.token.get(k) is not None:
                 token_fields[k][i, start:end] = torch.tensor(s.token[k], dtype=torch.float32)
@@ -129,8 +130,8 @@ def _parts(rows: list[int], size_of, budget: int) -> list[list[int]]:
 
 
 def with_prompt(seq: Seq, prompt_ids: list[int]) -> Seq:
-    """The same completion after another prompt (token fields dropped)."""
-    return replace(seq, prompt_ids=list(prompt_ids), token={})
+    """The same completion after another prompt (token fields dropped, but for the loss mask: it is the completion's)."""
+    return replace(seq, prompt_ids=list(prompt_ids), token={k: v for k, v in seq.token.items() if k == "loss_mask"})
 
 
 def move_completion_values(values: "torch.Tensor", src: list[Seq], dst: list[Seq], width: int) -> "torch.Tensor":

@@ -71,6 +71,12 @@ class RolloutSection:
     # online training with --backend vllm on a GPU: the engine sleeps while the trainer trains (weights and KV cache
     # freed, vLLM's sleep mode level 2) and wakes for the next step's sampling
     vllm_sleep: bool = False
+    # multi-turn episodes: the environment that answers the model between its turns (an environments plug-in, e.g.
+    # calculator; "" = single-turn), the model turns per episode, and the episode's tokens after the prompt
+    # (model and environment; 0 = max_turns × max_new_tokens)
+    env: str = ""
+    max_turns: int = 4
+    max_episode_tokens: int = 0
 
 
 @dataclass
@@ -217,12 +223,18 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
-def model_defaults(model_dir: Path | None) -> dict:
+def model_defaults(model_dir: Path | None, data: str | None = None) -> dict:
     """Recommended settings a model directory may ship in ``tokalign.yaml`` (like
-    generation_config.json does for sampling); the user's config and flags override them."""
+    generation_config.json does for sampling); the user's config and flags override them. Its optional ``tasks:``
+    mapping holds settings for one task (by the name given to ``--data``), merged over the others when that task is
+    the data — e.g. longer turns for a tool-using task."""
     if model_dir is None or not (model_dir / MODEL_DEFAULTS_FILE).is_file():
         return {}
-    return load_yaml(model_dir / MODEL_DEFAULTS_FILE, what="model defaults")
+    found = load_yaml(model_dir / MODEL_DEFAULTS_FILE, what="model defaults")
+    per_task = found.pop("tasks", None) or {}
+    if not isinstance(per_task, dict):
+        raise UserError(f"{model_dir / MODEL_DEFAULTS_FILE}: 'tasks' must map task names to settings.")
+    return deep_merge(found, per_task.get(data or "", None) or {})
 
 
 def merge(layers: list[dict]) -> dict:

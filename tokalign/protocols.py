@@ -327,4 +327,7 @@ def check_plugin(kind: str, obj: Any) -> str | None:
     if kind == "task":
         ok = callable(getattr(obj, "records", None)) and isinstance(getattr(obj, "splits", None), (tuple, list))
         return None if ok else "task must have 'splits' (a tuple of names) and records(split) -> list[dict]"
+    if kind == "environment":  # tokalign.environments.base.Environment
+        missing = [a for a in ("tools", "start", "step") if not callable(getattr(obj, a, None))]
+        return f"an environment needs a '{missing[0]}' method (see tokalign.environments.base.Environment)" if missing else None
     return f"unknown plug-in kind {kind!r}"

@@ -26,6 +26,7 @@ GROUPS = {
     "reward": "tokalign.rewards",
     "verifier": "tokalign.verifiers",
     "task": "tokalign.tasks",
+    "environment": "tokalign.environments",
 }
 
 

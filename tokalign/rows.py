@@ -39,12 +39,22 @@ def rollout_rows(prompt_rows: list[dict], completions, max_new_tokens: int | Non
                     "sampler_logps": c.logps,
                     "finish_reason": c.finish_reason,
                     "max_new_tokens": max_new_tokens,
+                    # a multi-turn episode: which completion tokens are the model's, and its turns
+                    **({"loss_mask": c.loss_mask, "episode": dumps(c.episode)} if c.loss_mask is not None else {}),
                 }
             )
     return rows
 
 
 def to_sample(row: dict) -> Sample:
+    """A multi-turn episode's sample: ``completion`` is its final assistant turn, and ``metadata`` adds the episode's
+    ``messages`` (after the prompt), ``tool_calls`` (each ``{"name", "arguments"}``, or ``{"name": None, "error"}``),
+    ``turns`` (model turns) and ``turn_rewards`` (the environment's, None where it gave none)."""
+    metadata = {"max_new_tokens": row.get("max_new_tokens")}
+    episode = loads(row.get("episode"))
+    if episode:
+        metadata.update(messages=episode["messages"], tool_calls=episode["tool_calls"], turns=episode["model_turns"],
+                        turn_rewards=episode["turn_rewards"])
     return Sample(
         id=row["id"],
         prompt=loads(row["prompt"]),
@@ -52,7 +62,7 @@ def to_sample(row: dict) -> Sample:
         completion_ids=list(row["completion_ids"]),
         reference=loads(row.get("reference")),
         finish_reason=row.get("finish_reason", "stop"),
-        metadata={"max_new_tokens": row.get("max_new_tokens")},
+        metadata=metadata,
     )
 
 

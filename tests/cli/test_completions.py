@@ -16,7 +16,7 @@ def test_completion_scripts_are_current():
 def test_bash_completion_completes_commands_and_options():
     script = f"""source {ROOT / 'completions' / 'tokalign.bash'}
 COMP_WORDS=(tokalign tr); COMP_CWORD=1; _tokalign; echo "${{COMPREPLY[@]}}"
-COMP_WORDS=(tokalign rollout --max); COMP_CWORD=2; _tokalign; echo "${{COMPREPLY[@]}}"
+COMP_WORDS=(tokalign rollout --max-n); COMP_CWORD=2; _tokalign; echo "${{COMPREPLY[@]}}"
 """
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0] == "train" and out[1] == "--max-new-tokens"

@@ -39,12 +39,27 @@ def err_console():
     return Console(stderr=True)
 
 
-def sampling_spec(model: str, n: int, temperature: float | None, top_p: float | None, max_new_tokens: int | None, seed: int):
-    """Sampling settings: flags, else the model's recommended ``tokalign.yaml`` rollout section, else defaults."""
+ENV_HELP = "Multi-turn episodes: the environment answering the model between its turns (e.g. calculator, python; see `tokalign plugins`)."
+MAX_TURNS_HELP = "With --env: model turns per episode."
+
+
+def episode_spec(env: str | None, max_turns: int, max_episode_tokens: int = 0):
+    from tokalign.rollout.episodes import EpisodeSpec
+
+    spec = EpisodeSpec(env or "", max_turns, max_episode_tokens)
+    if spec.env:
+        spec.environment()  # an unknown or broken environment: one line before any model loads
+    return spec
+
+
+def sampling_spec(model: str, n: int, temperature: float | None, top_p: float | None, max_new_tokens: int | None, seed: int,
+                  data: str | None = None):
+    """Sampling settings: flags, else the model's recommended ``tokalign.yaml`` rollout section (for ``data``, if it
+    names a task with settings of its own there), else defaults."""
     from tokalign import config, models
     from tokalign.rollout import SamplingSpec
 
-    base = config.model_defaults(models.resolve_model(model)[1]).get("rollout", {})
+    base = config.model_defaults(models.resolve_model(model)[1], data).get("rollout", {})
     flags = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
     section = config.build(config.RolloutSection, {**{k: v for k, v in base.items() if k in flags}, **{k: v for k, v in flags.items() if v is not None}}, "rollout.")
     return SamplingSpec(n=n, temperature=section.temperature, top_p=section.top_p, max_new_tokens=section.max_new_tokens, seed=seed)

@@ -4,7 +4,8 @@ from typing import List, Optional
 
 import typer
 
-from tokalign.cli.common import OUT_HELP, OVERWRITE, REWARD_OPT_HELP, default_out, emit, sampling_spec, err_console, input_path
+from tokalign.cli.common import (ENV_HELP, MAX_TURNS_HELP, OUT_HELP, OVERWRITE, REWARD_OPT_HELP, default_out, emit, episode_spec,
+                                 err_console, input_path, sampling_spec)
 
 
 def evaluate(
@@ -22,6 +23,8 @@ def evaluate(
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default 1.0)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Default: the model's tokalign.yaml, else 256."),
     seed: int = typer.Option(0, "--seed"),
+    env: Optional[str] = typer.Option(None, "--env", help=ENV_HELP),
+    max_turns: int = typer.Option(4, "--max-turns", min=1, help=MAX_TURNS_HELP),
     ref: Optional[str] = typer.Option(None, "--ref", help="Reference model: also report KL(policy ‖ ref) over the sampled tokens."),
     entropy: bool = typer.Option(True, "--entropy/--no-entropy", help="Report the policy's mean per-token entropy (one extra forward pass)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP),
@@ -39,13 +42,14 @@ def evaluate(
     from tokalign.stages.evaluate import evaluate as run
 
     src = input_path(data, "prompts artifact")
-    spec = sampling_spec(model, n, temperature, top_p, max_new_tokens, seed)
+    spec = sampling_spec(model, n, temperature, top_p, max_new_tokens, seed, data)
+    episodes = episode_spec(env, max_turns)
     from tokalign.rewards import parse_options
 
     options = parse_options(list(reward_opt))
     path, results = run(src, default_out("eval", out), model=model, verifier=verifier, backend=backend, spec=spec, overwrite=overwrite,
                         reward_options=options, workers=workers, timeout=timeout, ref=ref or "", entropy=entropy,
-                        split=split, limit=limit)
+                        split=split, limit=limit, episodes=episodes)
     if not quiet:
         from tokalign.inspect.compare import render_results
 

@@ -4,7 +4,7 @@ from typing import Optional
 
 import typer
 
-from tokalign.cli.common import OUT_HELP, OVERWRITE, default_out, emit, sampling_spec, input_path
+from tokalign.cli.common import ENV_HELP, MAX_TURNS_HELP, OUT_HELP, OVERWRITE, default_out, emit, episode_spec, sampling_spec, input_path
 
 
 def rollout(
@@ -17,6 +17,9 @@ def rollout(
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default 1.0)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Default: the model's tokalign.yaml, else 256."),
     seed: int = typer.Option(0, "--seed"),
+    env: Optional[str] = typer.Option(None, "--env", help=ENV_HELP),
+    max_turns: int = typer.Option(4, "--max-turns", min=1, help=MAX_TURNS_HELP),
+    max_episode_tokens: int = typer.Option(0, "--max-episode-tokens", min=0, help="With --env: tokens after the prompt (model and environment); 0 = max-turns × max-new-tokens."),
     overwrite: bool = OVERWRITE,
 ):
     """Sample completions with per-token sampler log-probs into a `rollouts` artifact."""
@@ -24,4 +27,5 @@ def rollout(
 
     src = input_path(prompts, "prompts artifact")
     spec = sampling_spec(model, n, temperature, top_p, max_new_tokens, seed)
-    emit(run(src, default_out("rollouts", out), model=model, backend=backend, spec=spec, overwrite=overwrite))
+    episodes = episode_spec(env, max_turns, max_episode_tokens)
+    emit(run(src, default_out("rollouts", out), model=model, backend=backend, spec=spec, overwrite=overwrite, episodes=episodes))

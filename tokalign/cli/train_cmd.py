@@ -36,6 +36,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts / groups / pairs / examples per step."),
     n: Optional[int] = typer.Option(None, "--n", help="Online: samples per prompt (group size)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Online rollout backend: hf (transformers generate) or vllm (vLLM, weights synced from the trainer every step)."),
+    env: Optional[str] = typer.Option(None, "--env", help="Online: multi-turn episodes with this environment (e.g. calculator). Config key: rollout.env (and rollout.max_turns)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     log: List[str] = typer.Option([], "--log", help="Also log metrics to: tensorboard (<out>/tb/), wandb (repeatable). Config key: train.log."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of this --out from its last checkpoint."),
@@ -60,13 +61,14 @@ def train(
         "reward_options": parse_options(list(reward_opt)) or None,
         "models": extra or None,
         "train": {"max_steps": max_steps, "lr": lr, "batch_size": batch_size, "log": list(log) or None},
-        "rollout": {"n": n, "backend": backend},
+        "rollout": {"n": n, "backend": backend, "env": env},
     }
     flags = _drop_none(flags)
     user = config.load_yaml(config_file) if config_file else {}
     overrides = config.parse_set(list(sets))
     chosen_model = overrides.get("model") or flags.get("model") or user.get("model") or ""
-    base = config.model_defaults(models.resolve_model(chosen_model)[1])
+    chosen_data = overrides.get("data") or flags.get("data") or user.get("data")
+    base = config.model_defaults(models.resolve_model(chosen_model)[1], chosen_data)
     layers = [base, user, flags, overrides]
     if not any(layer.get("data") for layer in layers):
         if sys.stdin is not None and not sys.stdin.isatty():

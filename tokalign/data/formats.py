@@ -73,6 +73,9 @@ def normalise(records: list[dict], source: str) -> tuple[str, list[dict]]:
             row["prompt"] = _prompt(rec["prompt"], where)
             if "completion" in rec and rec["completion"] is not None:
                 row["completion"] = completion_text(rec["completion"], where)
+                if _is_messages(rec["completion"]) and any(m["role"] != "assistant" for m in rec["completion"]):
+                    # a multi-turn completion (tool calls and results, feedback): trained on its assistant turns only
+                    row["completion_messages"] = rec["completion"]
             if unpaired:
                 if not isinstance(rec.get("label"), bool):
                     raise UserError(f"{where}: 'label' must be true (desirable) or false (undesirable), got {rec.get('label')!r}.")

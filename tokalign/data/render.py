@@ -27,20 +27,20 @@ def _warn_plain_prompts(tokenizer, prompts: list[Any]) -> None:
                          "a chat template (a task returning [{\"role\": \"user\", \"content\": ...}] messages gets it).\n")
 
 
-def prompt_text(tokenizer, prompt: Any) -> str:
-    """Conversational prompts go through the chat template (with the generation prompt);
-    plain-text prompts are used as they are (TRL's standard format)."""
+def prompt_text(tokenizer, prompt: Any, tools: list[dict] | None = None) -> str:
+    """Conversational prompts go through the chat template (with the generation prompt, and the ``tools`` an
+    environment offers); plain-text prompts are used as they are (TRL's standard format)."""
     if isinstance(prompt, str):
         return prompt
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("The data has conversational prompts but the model's tokenizer has no chat template; use text prompts or a chat model.")
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=False)
 
 
-def render_prompts(tokenizer, prompts: list[Any]) -> list[tuple[str, list[int]]]:
+def render_prompts(tokenizer, prompts: list[Any], tools: list[dict] | None = None) -> list[tuple[str, list[int]]]:
     """(text, ids) per prompt, tokenised in one batched call per kind."""
     _warn_plain_prompts(tokenizer, prompts)
-    texts = [prompt_text(tokenizer, p) for p in prompts]
+    texts = [prompt_text(tokenizer, p, tools) for p in prompts]
     ids: list[list[int] | None] = [None] * len(prompts)
     # The chat template already carries the special tokens; plain text gets the tokenizer's own.
     for plain in (True, False):
@@ -61,11 +61,11 @@ def completion_ids(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def retokenize(rows: list[dict], tokenizer) -> list[dict]:
-    """Render prompts (JSON-encoded in ``prompt``) with *this* model's tokenizer: an artifact may have been prepared
-    for another."""
+def retokenize(rows: list[dict], tokenizer, tools: list[dict] | None = None) -> list[dict]:
+    """Render prompts (JSON-encoded in ``prompt``) with *this* model's tokenizer (an artifact may have been prepared
+    for another), with the ``tools`` of the run's environment, if any."""
     from tokalign.rows import loads
 
-    for r, (text, ids) in zip(rows, render_prompts(tokenizer, [loads(r["prompt"]) for r in rows])):
+    for r, (text, ids) in zip(rows, render_prompts(tokenizer, [loads(r["prompt"]) for r in rows], tools)):
         r["prompt_text"], r["prompt_ids"] = text, ids
     return rows

@@ -8,6 +8,7 @@ finish reason ("stop" when an EOS was generated, "length" when max_new_tokens ra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tokalign.errors import unknown
 
@@ -16,10 +17,16 @@ BACKENDS = ("hf", "vllm")
 
 @dataclass
 class Completion:
+    """``text``: what rewards grade (a multi-turn episode's final assistant turn). Episodes (``rollout.episodes``)
+    also set ``loss_mask`` (1 on the model's tokens, 0 on the environment's) and ``episode`` (turns, messages,
+    tool calls, per-turn rewards)."""
+
     ids: list[int]
     logps: list[float]
     finish_reason: str
     text: str
+    loss_mask: list[int] | None = None
+    episode: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,22 @@ def add_token_stats(rows: list[dict], model: str, tokenizer, ref: str = "", entr
                 rows[i]["kl_k3"] = None if empty else float(k3[j])
 
 
-def load_prompts(source: str, tokenizer, split: str = "test", limit: int | None = None) -> tuple[list[dict], list[dict], str | None]:
+def episode_results(rows: list[dict]) -> dict:
+    """Multi-turn episodes: mean model turns and tool calls per episode, and the share of calls that were malformed or
+    failed (nothing for single-turn rows)."""
+    from tokalign.rows import loads
+
+    episodes = [loads(r["episode"]) for r in rows if r.get("episode")]
+    if not episodes:
+        return {}
+    calls = [c for e in episodes for c in e["tool_calls"]]
+    return {"mean_turns": sum(e["model_turns"] for e in episodes) / len(episodes),
+            "mean_tool_calls": len(calls) / len(episodes),
+            "malformed_call_fraction": sum(c.get("error") is not None for c in calls) / len(calls) if calls else 0.0}
+
+
+def load_prompts(source: str, tokenizer, split: str = "test", limit: int | None = None,
+                 tools: list[dict] | None = None) -> tuple[list[dict], list[dict], str | None]:
     """(rows rendered for ``tokenizer``, manifest inputs, the data's default reward): a prompts artifact,
     or a built-in task / data file / hub dataset (``split``: a task's or hub dataset's split)."""
     from tokalign.data.render import retokenize
@@ -202,10 +217,10 @@ def load_prompts(source: str, tokenizer, split: str = "test", limit: int | None 
     if artifacts.is_artifact(source):
         src = artifacts.read(source, ["prompts"])
         rows = src.rows()[:limit] if limit else src.rows()
-        return retokenize(rows, tokenizer), [src.ref()], src.manifest.get("default_reward")
+        return retokenize(rows, tokenizer, tools), [src.ref()], src.manifest.get("default_reward")
     from tokalign.stages.prepare import load_rows
 
-    kind, rows, info = load_rows(source, tokenizer, split, limit)
+    kind, rows, info = load_rows(source, tokenizer, split, limit, tools)
     if kind != "prompts":
         raise UserError(f"'{source}' holds preference pairs; eval needs prompts (with reference answers for the verifier).")
     inputs = [{"path": info.get("path", source), "kind": info["source"], "split": split, "sha256": info["sha256"]}]
@@ -215,7 +230,7 @@ def load_prompts(source: str, tokenizer, split: str = "test", limit: int | None 
 def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = "exact_match", backend: str = "hf",
              spec: SamplingSpec = SamplingSpec(n=4), overwrite: bool = False, reward_options: dict | None = None,
              workers: int = 1, timeout: float | None = 30.0, ref: str = "", entropy: bool = True, split: str = "test",
-             limit: int | None = None) -> tuple[Path, dict]:
+             limit: int | None = None, episodes=None) -> tuple[Path, dict]:
     """A sample whose verifier raises or times out counts as failed (score 0); ``results["reward_failures"]`` counts them.
     ``verifier`` None: the data's default reward (a task's), else ``exact_match``."""
     import sys
@@ -223,7 +238,8 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     from tokalign.scoring import resolve_workers
     from tokalign.scoring.calls import check_broken
     from tokalign.scoring.rows import score_rows
-    from tokalign.stages.rollout import check_backend, sample
+    from tokalign.rollout.episodes import EpisodeSpec
+    from tokalign.stages.rollout import check_backend, episode_config, sample
     from tokalign.rewards import plugin_refs
 
     check_backend(backend)
@@ -231,14 +247,15 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     out_path = artifacts.check_output(out, overwrite)
     n_workers = resolve_workers(workers)
     tokenizer = models.load_tokenizer(model)
-    rows, inputs, default_reward = load_prompts(prompts, tokenizer, split, limit)
+    episodes = episodes or EpisodeSpec()
+    rows, inputs, default_reward = load_prompts(prompts, tokenizer, split, limit, episodes.tools())
     if not rows:
         raise UserError(f"'{prompts}' holds no prompts to evaluate.")
     verifier = verifier or default_reward or "exact_match"
     resolved = rewards.resolve([verifier], reward_options, what="verifier")
     if ref:
         check_ref(ref, tokenizer)  # a bad --ref fails before any sampling
-    scored, report = score_rows(sample(rows, model, backend, spec, tokenizer), resolved, workers=n_workers, timeout=timeout or None)
+    scored, report = score_rows(sample(rows, model, backend, spec, tokenizer, episodes), resolved, workers=n_workers, timeout=timeout or None)
     check_broken(report, resolved)  # a verifier failing on every sample is broken: no artifact of zeros
     if report.failed_samples:
         sys.stderr.write(f"eval: {report.summary()}\n")
@@ -246,9 +263,10 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     add_token_stats(scored, model, tokenizer, ref, entropy)
     results = summarise(scored, spec.n, resolved[0].name)
     results.update(model=model or "(bundled)", temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
-                   seed=spec.seed, backend=backend, reward_failures=report.failed_samples, **({"ref": ref} if ref else {}))
+                   seed=spec.seed, backend=backend, reward_failures=report.failed_samples, **({"ref": ref} if ref else {}),
+                   **episode_config(episodes), **episode_results(scored))
     prov = artifacts.Provenance(
-        config={"verifier": verifier, "backend": backend, "model": model or "(bundled)", **spec.__dict__,
+        config={"verifier": verifier, "backend": backend, "model": model or "(bundled)", **spec.__dict__, **episode_config(episodes),
                 **({"reward_options": reward_options} if reward_options else {}), **({"ref": ref} if ref else {}),
                 "entropy": entropy, **({"split": split} if not artifacts.is_artifact(prompts) else {}),
                 **({"limit": limit} if limit else {})},

@@ -9,20 +9,24 @@ from tokalign.data import formats, loaders, render
 from tokalign.rows import dumps
 
 
-def load_rows(source: str, tokenizer, split: str = "train", limit: int | None = None) -> tuple[str, list[dict], dict]:
-    """(kind, rows, info): normalised, tokenised rows ready for an artifact or the train loop."""
+def load_rows(source: str, tokenizer, split: str = "train", limit: int | None = None,
+              tools: list[dict] | None = None) -> tuple[str, list[dict], dict]:
+    """(kind, rows, info): normalised, tokenised rows ready for an artifact or the train loop (prompts rendered with
+    an environment's ``tools``, if any)."""
     records, info = loaders.load_records(source, split)
     if limit:
         records = records[:limit]
     fmt, rows = formats.normalise(records, source)
     out = []
-    for r, (text, ids) in zip(rows, render.render_prompts(tokenizer, [r["prompt"] for r in rows])):
+    for r, (text, ids) in zip(rows, render.render_prompts(tokenizer, [r["prompt"] for r in rows], tools)):
         row = {"id": r["id"], "prompt": dumps(r["prompt"]), "prompt_text": text, "prompt_ids": ids,
                "reference": dumps(r.get("reference"))}
         if fmt == "preference":
             row.update(chosen=r["chosen"], rejected=r["rejected"])
         else:
             row["completion"] = r.get("completion")
+            if r.get("completion_messages"):  # a multi-turn completion (assistant turns and what answered them)
+                row["completion_messages"] = dumps(r["completion_messages"])
             if fmt == "unpaired":
                 row["label"] = r["label"]
         out.append(row)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tokalign import artifacts, models
 from tokalign.rollout import SamplingSpec, check_backend
+from tokalign.rollout.episodes import EpisodeSpec
 
 
 def make_engine(backend: str, model: str, tokenizer, max_model_len: int | None = None, seed: int = 0):
@@ -19,29 +20,37 @@ def make_engine(backend: str, model: str, tokenizer, max_model_len: int | None =
     return HFEngine(models.load_model(model), tokenizer)
 
 
-def sample(rows: list[dict], model: str, backend: str, spec: SamplingSpec, tokenizer) -> list[dict]:
-    """Generate ``spec.n`` completions per prompt row (already rendered for ``tokenizer``) -> rollout rows."""
+def sample(rows: list[dict], model: str, backend: str, spec: SamplingSpec, tokenizer,
+           episodes: EpisodeSpec = EpisodeSpec()) -> list[dict]:
+    """Generate ``spec.n`` completions (with ``episodes.env``: episodes) per prompt row (already rendered for
+    ``tokenizer``, with the environment's tools) -> rollout rows."""
     import torch
 
     from tokalign.rows import rollout_rows
+    from tokalign.rollout.episodes import generate_rows
 
     torch.manual_seed(spec.seed)
     longest = max((len(r["prompt_ids"]) for r in rows), default=0)
-    engine = make_engine(backend, model, tokenizer, max_model_len=longest + spec.max_new_tokens, seed=spec.seed)
-    return rollout_rows(rows, engine.generate([r["prompt_ids"] for r in rows], spec), spec.max_new_tokens)
+    engine = make_engine(backend, model, tokenizer, max_model_len=longest + episodes.budget(spec), seed=spec.seed)
+    return rollout_rows(rows, generate_rows(episodes.wrap(engine), rows, spec), spec.max_new_tokens)
+
+
+def episode_config(episodes: EpisodeSpec) -> dict:
+    """The multi-turn settings for a manifest's config (nothing when single-turn)."""
+    return {"env": episodes.env, "max_turns": episodes.max_turns, "max_episode_tokens": episodes.max_tokens} if episodes.env else {}
 
 
 def rollout(prompts: str, out: str, *, model: str = "", backend: str = "hf", spec: SamplingSpec = SamplingSpec(),
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, episodes: EpisodeSpec = EpisodeSpec()) -> Path:
     from tokalign.data.render import retokenize
 
     check_backend(backend)
     out_path = artifacts.check_output(out, overwrite)
     src = artifacts.read(prompts, ["prompts"])
     tokenizer = models.load_tokenizer(model)
-    out_rows = sample(retokenize(src.rows(), tokenizer), model, backend, spec, tokenizer)
+    out_rows = sample(retokenize(src.rows(), tokenizer, episodes.tools()), model, backend, spec, tokenizer, episodes)
     prov = artifacts.Provenance(
-        config={"backend": backend, "model": model or "(bundled)", **spec.__dict__},
+        config={"backend": backend, "model": model or "(bundled)", **spec.__dict__, **episode_config(episodes)},
         inputs=[src.ref()],
         model=models.identity(model),
         seed=spec.seed,

@@ -21,6 +21,13 @@ class DataKind:
     length_limit: Callable[[Any], int | None] = lambda plan: None
 
 
+def episode_spec(r):
+    """The run's multi-turn settings from its rollout section."""
+    from tokalign.rollout.episodes import EpisodeSpec
+
+    return EpisodeSpec(r.env, r.max_turns, r.max_episode_tokens)
+
+
 def _online(plan, rows, state):
     from tokalign.rollout import SamplingSpec
     from tokalign.rollout.hf import HFEngine
@@ -29,15 +36,17 @@ def _online(plan, rows, state):
     # HF generate on a sharded policy is a collective: every process makes as many calls (vLLM samples from its own copy)
     lockstep = state.dist.active and cfg.train.distributed == "fsdp" and r.backend != "vllm"
     spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
+    episodes = episode_spec(r)
     if r.backend == "vllm":  # sampling in vLLM; the trainer's weights are pushed into it before every step
         from tokalign import models
         from tokalign.rollout.vllm_engine import VLLMEngine
 
-        longest = max(len(x["prompt_ids"]) for x in rows) + r.max_new_tokens
+        longest = max(len(x["prompt_ids"]) for x in rows) + episodes.budget(spec)
         engine = VLLMEngine(models.resolve_model(cfg.model)[0], state.tokenizer, longest + 1, cfg.seed, r.vllm_gpu_memory_utilization,
                             sleep=r.vllm_sleep)
     else:
         engine = HFEngine(state.policy, state.tokenizer, synced_gpus=lockstep)
+    engine = episodes.wrap(engine)  # with rollout.env: multi-turn episodes
     source = sources.OnlineSource(rows, engine, plan.rewards, spec, cfg.train.batch_size, cfg.seed, hooks=tuple(plan.needs.hooks),
                                   rollout_config=r, policy=state.policy, reference=state.reference_model,
                                   sharing=sources.Sharing(state.dist, r.sampling_chunk, lockstep))

@@ -104,9 +104,14 @@ class Plan:
             out.append(f"rollout.backend={r.backend} is ignored: {self.data_kind} data is not sampled during training.")
         if self.kind.sampled and self.rows:
             longest = max(len(x.get("prompt_ids") or ()) for x in self.rows)
-            if longest and longest + r.max_new_tokens > t.max_length:
-                out.append(f"train.max_length={t.max_length} < longest prompt ({longest}) + rollout.max_new_tokens ({r.max_new_tokens}): "
+            budget, what = ((r.max_episode_tokens or r.max_turns * r.max_new_tokens), "the episode budget") if r.env else (
+                r.max_new_tokens, "rollout.max_new_tokens")
+            if longest and longest + budget > t.max_length:
+                out.append(f"train.max_length={t.max_length} < longest prompt ({longest}) + {what} ({budget}): "
                            "long samples are truncated before training.")
+        if r.env and not self.kind.sampled:
+            out.append(f"rollout.env is ignored: {self.data_kind} data is not sampled during training (scored episodes keep "
+                       "their loss mask).")
         group = self.group_size()
         if t.micro_batch_size and t.micro_batch_size < group and not self.needs.split_groups:
             out.append(f"train.micro_batch_size={t.micro_batch_size} < group size {group}: micro-batches never split a group, "
@@ -237,6 +242,13 @@ def _check_train(t: config.TrainSection, rollout: config.RolloutSection) -> None
     if t.async_rollouts and rollout.vllm_sleep:
         raise UserError("rollout.vllm_sleep and train.async_rollouts exclude each other (an engine that sleeps while the "
                         "trainer trains cannot sample ahead meanwhile); keep one.")
+    if rollout.max_turns < 1 or rollout.max_episode_tokens < 0:
+        raise UserError(f"rollout.max_turns must be ≥ 1 and rollout.max_episode_tokens ≥ 0 (0: max_turns × max_new_tokens), "
+                        f"got {rollout.max_turns} and {rollout.max_episode_tokens}.")
+    if rollout.env:
+        from tokalign import environments
+
+        environments.load(rollout.env)  # an unknown or broken environment fails before any model loads
     if t.async_rollouts and _world_size() > 1:
         raise UserError("train.async_rollouts runs in one process for now (the sampler thread's gathers would interleave with "
                         "the training collectives); drop it under torchrun, or train in one process.")

@@ -11,6 +11,7 @@ import torch
 from tokalign.batching import Seq
 from tokalign import plugin_errors
 from tokalign.errors import UserError
+from tokalign.rollout.episodes import generate_rows
 from tokalign.rows import loads, rollout_rows
 from tokalign.scoring.rows import scored_rows
 
@@ -54,7 +55,7 @@ def reward_metrics(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-STANDARD_TOKEN_COLUMNS = ("sampler_logps", "token_rewards")  # per-token columns of the row schema the algorithms see
+STANDARD_TOKEN_COLUMNS = ("sampler_logps", "token_rewards", "loss_mask")  # per-token columns of the row schema the algorithms see
 
 
 def scored_seqs(rows: list[dict], prompt_index: list[int]) -> list[Seq]:
@@ -158,11 +159,19 @@ class CompletionSource:
     seed: int
 
     def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
+        idx = indices_for_step(len(self.rows), self.batch_size, step, self.seed)
+        return [self._seq(self.rows[i], g, i) for g, i in enumerate(idx)], {}
+
+    def _seq(self, row: dict, group: int, index: int) -> Seq:
         from tokalign.data.render import completion_ids
 
-        idx = indices_for_step(len(self.rows), self.batch_size, step, self.seed)
-        return [Seq(list(self.rows[i]["prompt_ids"]), completion_ids(self.tokenizer, self.rows[i]["completion"]), g, prompt_index=i)
-                for g, i in enumerate(idx)], {}
+        turns = row.get("completion_messages")
+        if not turns:
+            return Seq(list(row["prompt_ids"]), completion_ids(self.tokenizer, row["completion"]), group, prompt_index=index)
+        from tokalign.environments.turns import conversation_tokens
+
+        ids, mask = conversation_tokens(self.tokenizer, loads(turns) if isinstance(turns, str) else turns)
+        return Seq(list(row["prompt_ids"]), ids, group, token={"loss_mask": mask}, prompt_index=index)
 
 
 @dataclass
@@ -231,9 +240,11 @@ class OnlineSource:
     def generate(self, prompt_ids: list[list[int]], **spec):
         """The engine's completions (``spec`` overrides the sampling spec, e.g. n). Engines that take a seed per call
         (vLLM) get one per (step, call): fresh samples every step, the same ones on resume."""
+        return self.engine.generate(prompt_ids, self._call_spec(spec))
+
+    def _call_spec(self, spec: dict):
         self._calls += 1
-        spec = {"seed": self.seed * 1_000_003 + self.step * 7919 + self._calls, **spec}
-        return self.engine.generate(prompt_ids, replace(self.spec, **spec))
+        return replace(self.spec, **{"seed": self.seed * 1_000_003 + self.step * 7919 + self._calls, **spec})
 
     def score(self, rows: list[dict]) -> list[dict]:
         return scored_rows(rows, self.rewards)
@@ -242,7 +253,7 @@ class OnlineSource:
         """Sample and score; group_id k = prompts[k]. Shared between processes when chunked (see ``chunk``)."""
         world = self.sharing.world
         if world == 1 and self.sharing.chunk <= 0:  # one process, one call, the global RNG stream
-            completions = self.generate([p["prompt_ids"] for p in prompts], **spec)
+            completions = generate_rows(self.engine, prompts, self._call_spec(spec))
             return self.score(rollout_rows(prompts, completions, self.spec.max_new_tokens))
         return self._sample_chunks(prompts, world, spec)
 
@@ -272,7 +283,7 @@ class OnlineSource:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            return self.engine.generate([p["prompt_ids"] for p in prompts], replace(self.spec, **{"seed": seed, **spec}))
+            return generate_rows(self.engine, prompts, replace(self.spec, **{"seed": seed, **spec}))
 
     def _rounds(self) -> tuple[list[list[dict]], list[dict], dict]:
         """Sample rounds of fresh prompts until ``batch_size`` groups are accepted by every hook, for at most the

@@ -12,7 +12,7 @@ from tokalign import components as components_mod
 from tokalign import forward, models
 from tokalign.batching import micro_batches
 from tokalign.train import distributed, lora, precision
-from tokalign.train.kinds import KINDS
+from tokalign.train.kinds import KINDS, episode_spec
 
 
 class TrainState:
@@ -115,7 +115,10 @@ def _rows(plan, tokenizer) -> list[dict]:
     rows = plan.rows
     if plan.extra.get("normalised"):  # records from a task/file: into artifact-row shape
         rows = [{**r, "prompt": dumps(r["prompt"]), "reference": dumps(r.get("reference"))} for r in rows]
-    return rows if KINDS[plan.data_kind].keeps_ids else retokenize(rows, tokenizer)
+    if KINDS[plan.data_kind].keeps_ids:
+        return rows
+    tools = episode_spec(plan.cfg.rollout).tools() if KINDS[plan.data_kind].sampled else None
+    return retokenize(rows, tokenizer, tools)
 
 
 def _schedule(warmup: int):
