@@ -184,3 +184,49 @@ def test_reward_channel_uses_token_rewards_when_scored_with_them(work, tiny_mode
     assert any(len(set(s.values["advantage"])) > 1 for s in res.samples)
     out = cli("inspect", "ST", "--limit", "1", "--color", "reward", cwd=work).stdout
     assert "token reward" in out and "(per-token" in out
+
+
+_ALWAYS_ENV = '''
+from tokalign.environments.base import Environment, Reply
+from tokalign.environments.builtin import Calculator, calculator
+
+
+class AlwaysCalculates(Environment):
+    """Answers every model turn with a calculator result (the bundled model writes no tool calls of its own)."""
+
+    def tools(self):
+        return Calculator().tools()
+
+    def step(self, state, text):
+        return Reply([{"role": "tool", "name": "calculator", "content": calculator("1234*5678")}])
+'''
+
+
+@pytest.mark.slow
+def test_environment_tokens_are_drawn_apart(tmp_path):
+    """A multi-turn rollout (environment from a module:attr path): environment tokens have no channel values, the
+    terminal view styles them apart and the HTML page draws them hatched grey (checked on Chromium's screenshot)."""
+    (tmp_path / "always_env.py").write_text(_ALWAYS_ENV)
+    env = {"PYTHONPATH": str(tmp_path)}
+    cli("prepare", "tool_arith", "--split", "test", "--limit", "2", "--out", "P", cwd=tmp_path, env=env)
+    cli("rollout", "P", "--n", "2", "--max-new-tokens", "12", "--env", "always_env:AlwaysCalculates", "--max-turns", "3",
+        "--out", "R", cwd=tmp_path, env=env)
+    cli("score", "R", "--reward", "exact_match", "--out", "S", cwd=tmp_path, env=env)
+    result = inspect(str(tmp_path / "S"))
+    env_tokens = [(s, t) for s in result.samples for t in range(len(s.token_ids)) if s.is_env(t)]
+    assert env_tokens and any(s.tokens[t] == "<|im_start|>" for s, t in env_tokens)
+    for s, t in env_tokens:
+        assert all((s.values.get(ch) or [None] * (t + 1))[t] is None for ch in ("reward", "advantage", "logprob", "gap", "entropy"))
+    model_tokens = [(s, t) for s in result.samples for t in range(len(s.token_ids)) if not s.is_env(t)]
+    assert all(s.values["logprob"][t] is not None for s, t in model_tokens)
+    page = tmp_path / "inspect.html"
+    cli("inspect", "S", "--html", str(page), cwd=tmp_path, env=env)
+    text = page.read_text()
+    assert text.count('class="tok env"') == len(env_tokens) + 1 and "environment tokens" in text  # + the legend's sample
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    img = Image.open(screenshot(page, SHOTS / "inspect-episode.png", "#logprob")).convert("RGB")
+    hatch = sum(1 for px in img.getdata() if px in ((220, 220, 220), (242, 242, 242)))
+    print(f"episode screenshot: {hatch} hatched-grey pixels")
+    assert hatch >= 500, "environment tokens are not drawn hatched grey"

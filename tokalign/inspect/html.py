@@ -35,6 +35,7 @@ main{padding:8px 16px}
 .toks{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:15px;line-height:1.9}
 .tok{white-space:pre-wrap;padding:2px 1px;border-right:1px solid rgba(0,0,0,.12);cursor:default}
 .tok:hover{outline:2px solid #000}
+.tok.env{background:repeating-linear-gradient(135deg,#dcdcdc 0 4px,#f2f2f2 4px 8px)!important;color:#555!important;font-style:italic}
 #tip{position:fixed;display:none;pointer-events:none;background:#222;color:#eee;font:12px ui-monospace,Menlo,monospace;padding:6px 8px;border-radius:4px;z-index:3;white-space:pre}
 """
 
@@ -79,6 +80,7 @@ document.querySelectorAll('.tok').forEach(el => {
   el.addEventListener('mousemove', e => {
     const s = D.samples[+el.dataset.s], t = +el.dataset.t;
     const lines = [`token ${JSON.stringify(s.tokens[t])}  id ${s.ids[t]}  #${t}`];
+    if (el.classList.contains('env')) lines.push('environment token (loss mask 0: not sampled, not trained on)');
     for (const name of Object.keys(D.channels)){
       if (!D.channels[name].available) continue;
       const vals = s.values[name];
@@ -132,7 +134,9 @@ def render(result: Inspection, channel_name: str) -> str:
         f"<title>tokalign inspect: {esc(str(result.path))}</title><style>{_CSS}</style></head><body>",
         f"<header><h1>tokalign inspect — {esc(str(result.path))}</h1>",
         f'<div class="meta">{esc(result.kind)} artifact, {len(result.samples)} samples, model {esc(result.model or "(bundled)")}. '
-        "Hover a token for its id and values; <code>#channel</code> in the address opens that channel.</div>",
+        "Hover a token for its id and values; <code>#channel</code> in the address opens that channel."
+        + (' <span class="tok env">hatched grey</span>: environment tokens (tool results, turn wrappers; not trained on).'
+           if any(s.loss_mask is not None for s in result.samples) else "") + "</div>",
         f'<div class="channels">{buttons}</div>',
         f'<div class="legend"><span id="label">{esc(current.label)}</span><span id="lo">{current.lo:.4g}</span>'
         f'<div class="bar" id="bar" style="background:linear-gradient(to right, {_gradient(channel_name)})"></div>'
@@ -154,7 +158,8 @@ def render(result: Inspection, channel_name: str) -> str:
             style = (f' style="background:rgb{rgb};color:{"#000" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 140 else "#fff"}"'
                      if rgb else "")
             shown = esc(tok.replace("\t", "→")).replace("\n", "↵<br>") or "∅"
-            toks.append(f'<span class="tok" data-s="{i}" data-t="{t}"{style}>{shown}</span>')
+            kind = "tok env" if s.is_env(t) else "tok"
+            toks.append(f'<span class="{kind}" data-s="{i}" data-t="{t}"{style}>{shown}</span>')
         parts.append(f'<div class="sample"><div class="head">{head}</div>'
                      f'<div class="prompt">prompt: {esc(s.prompt[-300:])}</div><div class="toks">{"".join(toks)}</div></div>')
     parts.append(f'</main><div id="tip"></div><script type="application/json" id="tokalign-data">{payload}</script>'

@@ -6,6 +6,9 @@ from __future__ import annotations
 from tokalign.inspect.tokens import PALETTES, Channel, Inspection, TokenSample, interpolate
 
 
+ENV_STYLE = "italic #555555 on #dcdcdc"  # a multi-turn episode's environment tokens (no values: not the model's)
+
+
 def _hex(rgb: tuple[int, int, int]) -> str:
     return "#%02x%02x%02x" % rgb
 
@@ -53,9 +56,10 @@ def tokens_text(s: TokenSample, channel: Channel):
 
     values = s.values.get(channel.name) or [None] * len(s.token_ids)
     text = Text()
-    for tok, v in zip(s.tokens, values):
+    for t, (tok, v) in enumerate(zip(s.tokens, values)):
         rgb = channel.colour(v)
-        text.append(visible(tok) or "∅", style=f"{_ink(rgb)} on {_hex(rgb)}" if rgb else "")
+        style = ENV_STYLE if s.is_env(t) else f"{_ink(rgb)} on {_hex(rgb)}" if rgb else ""
+        text.append(visible(tok) or "∅", style=style)
     return text
 
 

@@ -13,6 +13,9 @@ Channels, one value per completion token ``t`` of sample ``i`` (group ``g``):
 * ``gap``       — trainer − sampler log-prob: a forward pass of the model on prompt + completion as the
   train loop does it (raw logits, float32) minus ``sampler_logps``; log of the importance ratio.
 * ``entropy``   — the trainer forward's entropy of the next-token distribution at that position (nats).
+
+A multi-turn episode's environment tokens (loss mask 0: tool results, the template's turn wrappers) carry no value
+in any channel — the model did not sample them and is not trained on them; the views draw them apart (hatched grey).
 """
 
 from __future__ import annotations
@@ -85,6 +88,11 @@ class TokenSample:
     values: dict[str, list[float] | None] = field(default_factory=dict)
     prompt_ids: list[int] = field(default_factory=list)
     sampler_logps: list[float] | None = None
+    loss_mask: list[int] | None = None  # multi-turn episodes: 1 on the model's tokens, 0 on the environment's
+
+    def is_env(self, t: int) -> bool:
+        """Token ``t`` came from the environment, not the model."""
+        return self.loss_mask is not None and t < len(self.loss_mask) and not self.loss_mask[t]
 
     def verdict_text(self) -> str:
         parts = []
@@ -188,6 +196,7 @@ def _row_sample(r: dict) -> TokenSample:
         token_ids=[int(t) for t in r["completion_ids"]], prompt_ids=[int(t) for t in (r.get("prompt_ids") or [])],
         sampler_logps=None if r.get("sampler_logps") is None else [float(v) for v in r["sampler_logps"]],
         values={"token_rewards": None if r.get("token_rewards") is None else [float(v) for v in r["token_rewards"]]},
+        loss_mask=None if r.get("loss_mask") is None else [int(v) for v in r["loss_mask"]],
     )
 
 
@@ -325,6 +334,11 @@ def inspect(path: str, *, model: str | None = None, ids: list[str] | None = None
         why = "needs a trainer forward pass of the model (skipped: --no-forward)"
         channels["gap"] = Channel("gap", False, why)
         channels["entropy"] = Channel("entropy", False, why)
+    for s in samples:
+        if s.loss_mask is not None:  # the environment's tokens are no one's values
+            for ch in CHANNELS:
+                if s.values.get(ch) is not None:
+                    s.values[ch] = [None if s.is_env(t) else v for t, v in enumerate(s.values[ch])]
     for c in channels.values():
         if c.available:
             c.lo, c.hi = scale(c.name, samples)
