@@ -9,7 +9,7 @@ from tokalign.cli.common import OUT_HELP, OVERWRITE, REWARD_OPT_HELP, default_ou
 
 def score(
     rollouts: Optional[str] = typer.Argument(None, help="A rollouts (or scored, to re-score) artifact; '-' or omitted: stdin."),
-    reward: List[str] = typer.Option(..., "--reward", "-r", help="Reward or verifier name (repeatable); name*weight to weight it; module:attr for your own."),
+    reward: List[str] = typer.Option([], "--reward", "-r", help="Reward or verifier name (repeatable); name*weight to weight it; module:attr for your own. Default: the data's own (a task's, recorded by prepare), or a scored artifact's."),
     reward_opt: List[str] = typer.Option([], "--reward-opt", help=REWARD_OPT_HELP),
     workers: int = typer.Option(1, "--workers", "-j", min=0, help="Reward worker processes: 1 = in-process, N > 1 = N processes for CPU-bound rewards, 0 = one per CPU."),
     timeout: float = typer.Option(30.0, "--timeout", min=0.0, help="Seconds per sample and reward; past it the sample fails for that reward (0 = no limit)."),
@@ -26,5 +26,5 @@ def score(
 
     options = parse_options(list(reward_opt))
     src = input_path(rollouts, "rollouts artifact")
-    emit(run(src, default_out("scored", out), reward=list(reward), overwrite=overwrite, reward_options=options,
+    emit(run(src, default_out("scored", out), reward=list(reward) or None, overwrite=overwrite, reward_options=options,
              workers=workers, timeout=timeout, cache=not no_cache))

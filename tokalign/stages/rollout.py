@@ -54,6 +54,7 @@ def rollout(prompts: str, out: str, *, model: str = "", backend: str = "hf", spe
         inputs=[src.ref()],
         model=models.identity(model),
         seed=spec.seed,
+        extra={"default_reward": src.manifest.get("default_reward")},  # the data's reward, for `score` without --reward
     )
     with artifacts.writing(out_path, "rollouts", prov, overwrite) as w:
         w.write_rows(out_rows)

@@ -15,7 +15,18 @@ from tokalign import artifacts, rewards
 from tokalign.rewards import plugin_refs  # defined there (train imports it too); still importable from here
 
 
-def score(rollouts: str, out: str, *, reward: list[str], overwrite: bool = False, reward_options: dict | None = None,
+def default_reward(src) -> str:
+    """The data's own reward (a task's, e.g. ``reasoning_gym``), recorded by ``prepare`` and carried by ``rollout``;
+    a scored artifact's own rewards when re-scoring."""
+    from tokalign.errors import UserError
+
+    found = src.manifest.get("default_reward") or (src.manifest.get("config", {}).get("reward") if src.kind == "scored" else None)
+    if not found:
+        raise UserError(f"'{src.path}' records no reward of its data: pass --reward NAME (see `tokalign plugins`).")
+    return found
+
+
+def score(rollouts: str, out: str, *, reward: list[str] | None = None, overwrite: bool = False, reward_options: dict | None = None,
           workers: int = 1, timeout: float | None = 30.0, cache: bool = True) -> Path:
     """``workers``: 1 in-process, N > 1 processes, 0 one per CPU. ``timeout``: seconds per sample and
     reward (None or 0: none). ``cache``: read and write the score cache (``scoring.cache``)."""
@@ -30,6 +41,9 @@ def score(rollouts: str, out: str, *, reward: list[str], overwrite: bool = False
         raise UserError(f"--timeout must be ≥ 0 seconds (0 = no limit), got {timeout:g}.")
     n_workers = resolve_workers(workers)
     src = artifacts.read(rollouts, ["rollouts", "scored"])
+    if not reward:
+        found = default_reward(src)
+        reward = list(found) if isinstance(found, list) else [found]
     resolved = rewards.resolve(reward, reward_options)
     rows = src.rows()
     if src.kind == "scored":  # re-score: drop the old scores, keep the rollouts
