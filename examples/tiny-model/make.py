@@ -35,6 +35,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tool_phase  # noqa: E402  (the second phase, beside this script)
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "chat_template.jinja")
@@ -44,6 +47,9 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 RECOMMENDED = {
     "train": {"lr": 1e-4, "batch_size": 16, "max_steps": 60},
     "rollout": {"n": 8, "max_new_tokens": 8, "temperature": 1.0},
+    # `--data tool_arith` (with `--env calculator`): a tool call is ~60 tokens, and an episode is call, result, answer
+    "tasks": {"tool_arith": {"train": {"lr": 1e-4, "batch_size": 16, "max_steps": 40},
+                             "rollout": {"max_new_tokens": 96, "max_turns": 2}}},
 }
 
 
@@ -90,6 +96,9 @@ def main() -> None:
     p.add_argument("--eval-n", type=int, default=4)
     p.add_argument("--no-grpo-check", dest="grpo_check", action="store_false",
                    help="Skip the final check: `tokalign train grpo --data arith` with the shipped tokalign.yaml, then eval.")
+    p.add_argument("--start-from", type=Path, default=None,
+                   help="Skip the arith phase: take this model (e.g. a previous run's arith checkpoint) as its result.")
+    tool_phase.add_args(p)
     a = p.parse_args()
 
     t_start = time.time()
@@ -111,7 +120,11 @@ def main() -> None:
     history = []  # (total_steps, pass@1, checkpoint)
     current, total, chunk_idx, chosen = random_dir, 0, 0, None
     steps = a.first_steps
-    while total < a.max_total_steps:
+    if a.start_from is not None:  # the arith phase's result is given
+        current = a.start_from.resolve()
+        chosen = (None, evaluate(current, prompts, work / "eval-start", a))
+        log(f"arith phase skipped: {current}, pass@1 {chosen[1]:.3f}")
+    while chosen is None and total < a.max_total_steps:
         ckpt = work / f"sft-{total + steps:05d}"
         t0 = time.time()
         sft(current, ckpt, steps, a.seed + chunk_idx, a)
@@ -135,6 +148,14 @@ def main() -> None:
         sys.exit(f"pass@1 never reached {a.low} within {a.max_total_steps} SFT steps; see {work}")
     if chosen[1] > a.high:
         log(f"warning: pass@1 {chosen[1]:.3f} is above the band even at the smallest chunk")
+    tools = None
+    if a.tool_phase:
+        arith_ckpt = current
+        current, tool_history, tool_chosen = tool_phase.run(arith_ckpt, work, a, cli, log)
+        arith_after = evaluate(current, prompts, work / "eval-after-tools", a)
+        log(f"after the tool phase: arith pass@1 {chosen[1]:.3f} -> {arith_after:.3f}")
+        tools = {"history": tool_history, "chosen": tool_chosen, "arith_before": chosen[1]}
+        chosen = (chosen[0], arith_after)
 
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -154,11 +175,28 @@ def main() -> None:
         after = evaluate(work / "grpo-check", prompts, work / "eval-grpo-check", a)
         grpo = (chosen[1], after, grpo_wall)
         log(f"GRPO check: pass@1 {chosen[1]:.3f} -> {after:.3f} ({grpo_wall:.0f} s incl. startup)")
-    (out / "README.md").write_text(model_card(a, n_params, len(tok), chosen, history, wall, grpo))
+        if tools is not None:
+            tools["grpo"] = tool_grpo_check(out, work, a)
+    (out / "README.md").write_text(model_card(a, n_params, len(tok), chosen, history, wall, grpo, tools))
     for name in ("tokalign.yaml", "README.md"):
         (out / name).chmod(0o644)
     size = sum(f.stat().st_size for f in out.iterdir())
     log(f"done in {wall:.0f} s: {total} SFT steps, pass@1 {chosen[1]:.3f} -> {out} ({size / 1e6:.1f} MB)")
+
+
+def tool_grpo_check(out: Path, work: Path, a) -> dict:
+    """GRPO on tool_arith with the calculator, and the same run without it (eval with and without the tool)."""
+    res = {"before": tool_phase.evaluate_tool(out, work / "eval-tool-before", a, cli)["pass@1"],
+           "before_no_tool": tool_phase.evaluate_tool(out, work / "eval-tool-before-notool", a, cli, env=False)["pass@1"]}
+    for name, env in (("tool", ("--env", "calculator")), ("no_tool", ())):
+        t0 = time.time()
+        cli("train", "grpo", "--data", "tool_arith", *env, "--model", str(out), "--out", str(work / f"grpo-{name}"),
+            "--seed", str(a.seed), "--overwrite", "--quiet")
+        res[f"wall_{name}"] = time.time() - t0
+        res[f"after_{name}"] = tool_phase.evaluate_tool(work / f"grpo-{name}", work / f"eval-grpo-{name}", a, cli, env=bool(env))["pass@1"]
+    log(f"tool GRPO check: with the calculator {res['before']:.3f} -> {res['after_tool']:.3f} ({res['wall_tool']:.0f} s); "
+        f"without it {res['before_no_tool']:.3f} -> {res['after_no_tool']:.3f} ({res['wall_no_tool']:.0f} s)")
+    return res
 
 
 def yaml_text(d: dict) -> str:
@@ -169,8 +207,36 @@ def yaml_text(d: dict) -> str:
     return head + yaml.safe_dump(d, sort_keys=False)
 
 
-def model_card(a, n_params: int, vocab: int, chosen, history, wall: float, grpo) -> str:
-    rows = "\n".join(f"| {s} | {sc:.3f} |" for s, sc, _ in history)
+def tool_card(a, tools) -> str:
+    if tools is None:
+        return ""
+    rows = "\n".join(f"| {s} | {sc:.3f} |" for s, sc in tools["history"])
+    t = RECOMMENDED["tasks"]["tool_arith"]
+    g = tools.get("grpo")
+    grpo = "" if g is None else (
+        f"- `tokalign train grpo --data tool_arith --env calculator` with these defaults ({t['train']['max_steps']} steps × "
+        f"{t['train']['batch_size']} prompts, lr {t['train']['lr']}) took {g['wall_tool']:.0f} s and moved tool_arith pass@1 "
+        f"(with the calculator) **{g['before']:.3f} → {g['after_tool']:.3f}**; the same run without the tool "
+        f"(`--env` dropped, eval without it too): **{g['before_no_tool']:.3f} → {g['after_no_tool']:.3f}** ({g['wall_no_tool']:.0f} s)\n")
+    return f"""
+## The calculator tool (`tool_arith`)
+
+It also knows the Hermes tool-call format: on `a*b=` (four-digit products, the `tool_arith` task) it writes
+`<tool_call>{{"name":"calculator","arguments":{{"expression":"a*b"}}}}</tool_call>`, and after the calculator's answer
+it answers. SFT on {a.tool_traces} `tool_arith` traces mixed with as many of its own arith samples (which keeps its
+arith where the first phase left it: pass@1 {tools['arith_before']:.3f} before this phase), trained on the assistant
+turns only, in chunks until tool_arith pass@1 (with `--env calculator`, {a.tool_eval_limit} test prompts, n=4) was in
+[{a.tool_low}, {a.tool_high}]:
+
+| tool SFT steps | tool_arith pass@1 |
+|---|---|
+{rows}
+
+{grpo}"""
+
+
+def model_card(a, n_params: int, vocab: int, chosen, history, wall: float, grpo, tools=None) -> str:
+    rows = "\n".join(f"| {s} | {sc:.3f} |" for s, sc, _ in history) or "| (arith phase taken from --start-from) | |"
     r = RECOMMENDED
     grpo_line = "" if grpo is None else (
         f"- `tokalign train grpo --data arith --seed {a.seed}` with these defaults ({r['train']['max_steps']} steps × "
@@ -188,7 +254,7 @@ It is deliberately **half-trained**: SFT on tokalign's built-in `arith` task (tw
 online RL on it shows a clear improvement within minutes on a laptop CPU. It is a test/demo fixture,
 not a useful model.
 
-- SFT steps: **{chosen[0]}** (batch {a.batch_size}, lr {a.lr}, AdamW, seed {a.seed})
+- SFT steps: **{chosen[0] if chosen[0] is not None else "(from --start-from)"}** (batch {a.batch_size}, lr {a.lr}, AdamW, seed {a.seed})
 - pass@1 on the `arith` test split ({'all 500' if not a.eval_limit else a.eval_limit} prompts, temperature 1.0, n={a.eval_n},
   exact match, `--max-new-tokens 8`): **{chosen[1]:.3f}**
 - recommended training settings: `tokalign.yaml` (read by `tokalign train` and `tokalign eval` for this model)
@@ -216,7 +282,7 @@ tokalign eval --data P --n 4 --out E0                 # the bundled model is the
 tokalign train grpo --data arith --out G              # settings from tokalign.yaml
 tokalign eval --model G --data P --n 4 --out E1       # G carries tokalign.yaml too
 ```
-"""
+{tool_card(a, tools)}"""
 
 
 if __name__ == "__main__":

@@ -87,6 +87,8 @@ def _engine(vllm, model_path: str, max_model_len: int | None, seed: int, gpu_mem
         enforce_eager=current_platform.is_cpu(),  # no CUDA graphs or torch.compile to gain on CPU
         # The default, raw_logprobs, is log_softmax of the logits before temperature and top-p.
         logprobs_mode="processed_logprobs",
+        # a group's samples share their prompt, and an episode's later turns share everything before them
+        enable_prefix_caching=True,
         # beside a trainer on the same GPU vLLM must leave it room; ignored on CPU (KV cache: VLLM_CPU_KVCACHE_SPACE)
         **({"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization and not current_platform.is_cpu() else {}),
         # torchrun: this process's own engine on torchrun's group (RANK, LOCAL_RANK, MASTER_ADDR/PORT from its env)
