@@ -49,12 +49,13 @@ def rollout_rows(prompt_rows: list[dict], completions, max_new_tokens: int | Non
 def to_sample(row: dict) -> Sample:
     """A multi-turn episode's sample: ``completion`` is its final assistant turn, and ``metadata`` adds the episode's
     ``messages`` (after the prompt), ``tool_calls`` (each ``{"name", "arguments"}``, or ``{"name": None, "error"}``),
-    ``turns`` (model turns) and ``turn_rewards`` (the environment's, None where it gave none)."""
+    ``turns`` (model turns), ``turn_rewards`` (the environment's, one per model turn, None where it gave none) and
+    ``turn_spans`` (``[start, end, "model" | "env"]`` in completion-token positions)."""
     metadata = {"max_new_tokens": row.get("max_new_tokens")}
     episode = loads(row.get("episode"))
     if episode:
         metadata.update(messages=episode["messages"], tool_calls=episode["tool_calls"], turns=episode["model_turns"],
-                        turn_rewards=episode["turn_rewards"])
+                        turn_rewards=episode["turn_rewards"], turn_spans=episode["turns"])
     return Sample(
         id=row["id"],
         prompt=loads(row["prompt"]),
