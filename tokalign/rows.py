@@ -50,12 +50,14 @@ def to_sample(row: dict) -> Sample:
     """A multi-turn episode's sample: ``completion`` is its final assistant turn, and ``metadata`` adds the episode's
     ``messages`` (after the prompt), ``tool_calls`` (each ``{"name", "arguments"}``, or ``{"name": None, "error"}``),
     ``turns`` (model turns), ``turn_rewards`` (the environment's, one per model turn, None where it gave none) and
-    ``turn_spans`` (``[start, end, "model" | "env"]`` in completion-token positions)."""
+    ``turn_spans`` (``[start, end, "model" | "env"]`` in completion-token positions) and ``turn_errors`` (per model
+    turn, the tool calls of its reply that failed)."""
     metadata = {"max_new_tokens": row.get("max_new_tokens")}
     episode = loads(row.get("episode"))
     if episode:
         metadata.update(messages=episode["messages"], tool_calls=episode["tool_calls"], turns=episode["model_turns"],
-                        turn_rewards=episode["turn_rewards"], turn_spans=episode["turns"])
+                        turn_rewards=episode["turn_rewards"], turn_spans=episode["turns"],
+                        turn_errors=episode.get("turn_errors", []))
     return Sample(
         id=row["id"],
         prompt=loads(row["prompt"]),
@@ -65,6 +67,21 @@ def to_sample(row: dict) -> Sample:
         finish_reason=row.get("finish_reason", "stop"),
         metadata=metadata,
     )
+
+
+def episode_token_fields(row: dict) -> dict[str, list[float]]:
+    """Per completion token of a multi-turn episode's row: ``turn_index`` (k on the tokens of model turn k, −1 on the
+    environment's) — what step-level algorithms group tokens by. Nothing for a single-turn row."""
+    episode = loads(row.get("episode"))
+    if not episode:
+        return {}
+    index = [-1.0] * len(row["completion_ids"])
+    k = 0
+    for start, end, who in episode["turns"]:
+        if who == "model":
+            index[start:end] = [float(k)] * (end - start)
+            k += 1
+    return {"turn_index": index}
 
 
 def failed_reward_rows(rows: list[dict]) -> int:

@@ -80,3 +80,17 @@ def test_env_errors_and_score_with_the_datas_reward(tmp_path):
     rows = __import__("tokalign.artifacts", fromlist=["read"]).read(tmp_path / "S", ["scored"]).rows()
     assert all(len(r["loss_mask"]) == len(r["completion_ids"]) and "episode" in r for r in rows)
     assert torch.tensor([r["reward"] for r in rows]).isfinite().all()
+
+
+def test_episode_token_fields_index_model_turns():
+    from tokalign.rows import dumps, episode_token_fields
+    from tokalign.train.sources import scored_seqs
+
+    row = {"id": "x#0", "prompt_ids": [1, 2], "completion_ids": [5, 6, 7, 8, 9], "group_id": 0, "reward": 1.0,
+           "loss_mask": [1, 1, 0, 0, 1], "sampler_logps": [-1.0, -1.0, 0.0, 0.0, -2.0],
+           "episode": dumps({"turns": [[0, 2, "model"], [2, 4, "env"], [4, 5, "model"]]})}
+    assert episode_token_fields(row) == {"turn_index": [0.0, 0.0, -1.0, -1.0, 1.0]}
+    assert episode_token_fields({"completion_ids": [1]}) == {}
+    batch = collate(scored_seqs([row], [0]), 0)
+    assert batch.fields["turn_index"][0, 1:].tolist() == [0.0, 0.0, -1.0, -1.0, 1.0]
+    assert batch.completion_mask[0, 1:].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]

@@ -32,6 +32,7 @@ class _Episode:
     messages: list[dict] = field(default_factory=list)
     tool_calls: list[dict] = field(default_factory=list)
     turn_rewards: list[float | None] = field(default_factory=list)
+    turn_errors: list[int] = field(default_factory=list)  # per model turn: the tool calls of its reply that failed
     finish: str | None = None
     model_turns: int = 0
 
@@ -45,7 +46,8 @@ class _Episode:
         last = next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
         return Completion(self.ids, self.logps, self.finish or "stop", last, loss_mask=self.mask,
                           episode={"turns": self.turns, "messages": self.messages, "tool_calls": self.tool_calls,
-                                   "turn_rewards": self.turn_rewards, "model_turns": self.model_turns})
+                                   "turn_rewards": self.turn_rewards, "turn_errors": self.turn_errors,
+                                   "model_turns": self.model_turns})
 
 
 def generate_rows(engine, rows: list[dict], spec: SamplingSpec) -> list[list[Completion]]:
@@ -143,6 +145,7 @@ class EpisodeEngine:
             return False
         reply = self.env.step(ep.state, text)
         ep.turn_rewards.append(reply.reward)
+        ep.turn_errors.append(int(reply.info.get("tool_errors", 0)))
         ep.tool_calls += reply.info.get("tool_calls", [])
         if reply.done or ep.model_turns >= self.max_turns:
             ep.finish = "stop"

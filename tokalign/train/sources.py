@@ -12,7 +12,7 @@ from tokalign.batching import Seq
 from tokalign import plugin_errors
 from tokalign.errors import UserError
 from tokalign.rollout.episodes import generate_rows
-from tokalign.rows import loads, rollout_rows
+from tokalign.rows import episode_token_fields, loads, rollout_rows
 from tokalign.scoring.rows import scored_rows
 
 
@@ -65,7 +65,7 @@ def scored_seqs(rows: list[dict], prompt_index: list[int]) -> list[Seq]:
         Seq(
             list(r["prompt_ids"]), list(r["completion_ids"]), int(r["group_id"]),
             row={"rewards": float(r["reward"]), **{k: float(v) for k, v in (r.get("fields") or {}).items()}},
-            token={**{k: r.get(k) for k in STANDARD_TOKEN_COLUMNS}, **(r.get("token_fields") or {})},
+            token={**{k: r.get(k) for k in STANDARD_TOKEN_COLUMNS}, **episode_token_fields(r), **(r.get("token_fields") or {})},
             prompt_index=k,
         )
         for r, k in zip(rows, prompt_index)
