@@ -71,17 +71,53 @@ def to_sample(row: dict) -> Sample:
 
 def episode_token_fields(row: dict) -> dict[str, list[float]]:
     """Per completion token of a multi-turn episode's row: ``turn_index`` (k on the tokens of model turn k, −1 on the
-    environment's) — what step-level algorithms group tokens by. Nothing for a single-turn row."""
+    environment's) — what step-level algorithms group tokens by. Nothing for a single-turn row. An episode that made
+    tool calls adds ``turn_tool_calls`` and ``turn_tool_errors``: on the tokens of model turn k, the number of tool calls
+    its reply held and how many of them failed (0 on the environment's tokens)."""
     episode = loads(row.get("episode"))
     if not episode:
         return {}
     index = [-1.0] * len(row["completion_ids"])
-    k = 0
-    for start, end, who in episode["turns"]:
-        if who == "model":
-            index[start:end] = [float(k)] * (end - start)
-            k += 1
-    return {"turn_index": index}
+    spans = [(start, end) for start, end, who in episode["turns"] if who == "model"]
+    for k, (start, end) in enumerate(spans):
+        index[start:end] = [float(k)] * (end - start)
+    out = {"turn_index": index}
+    calls = _calls_per_turn(episode)
+    if any(calls):
+        errors = list(episode.get("turn_errors") or [])
+        out["turn_tool_calls"], out["turn_tool_errors"] = [0.0] * len(index), [0.0] * len(index)
+        for k, (start, end) in enumerate(spans):
+            n = end - start
+            out["turn_tool_calls"][start:end] = [float(calls[k] if k < len(calls) else 0)] * n
+            out["turn_tool_errors"][start:end] = [float(errors[k] if k < len(errors) else 0)] * n
+    return out
+
+
+def _calls_per_turn(episode: dict) -> list[int]:
+    """Tool calls per model turn: the tool messages after each assistant message; the episode's remaining calls belong
+    to its last turn, whose calls ran but whose reply was not appended (the episode ended on a budget)."""
+    calls: list[int] = []
+    for m in episode.get("messages") or []:
+        if m.get("role") == "assistant":
+            calls.append(0)
+        elif m.get("role") == "tool" and calls:
+            calls[-1] += 1
+    left = len(episode.get("tool_calls") or []) - sum(calls)
+    if left > 0 and calls:
+        calls[-1] += left
+    return calls
+
+
+def episode_stats(rows: list[dict], prefix: str = "") -> dict[str, float]:
+    """Multi-turn episodes: mean model turns and tool calls per episode, and the share of calls that were malformed
+    (nothing for single-turn rows). ``eval``'s results and the train loop's metrics (``episode/``) both report them."""
+    episodes = [loads(r["episode"]) for r in rows if r.get("episode")]
+    if not episodes:
+        return {}
+    calls = [c for e in episodes for c in e["tool_calls"]]
+    return {f"{prefix}mean_turns": sum(e["model_turns"] for e in episodes) / len(episodes),
+            f"{prefix}mean_tool_calls": len(calls) / len(episodes),
+            f"{prefix}malformed_call_fraction": sum(c.get("error") is not None for c in calls) / len(calls) if calls else 0.0}
 
 
 def failed_reward_rows(rows: list[dict]) -> int:

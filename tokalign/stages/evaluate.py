@@ -194,20 +194,6 @@ def add_token_stats(rows: list[dict], model: str, tokenizer, ref: str = "", entr
                 rows[i]["kl_k3"] = None if empty else float(k3[j])
 
 
-def episode_results(rows: list[dict]) -> dict:
-    """Multi-turn episodes: mean model turns and tool calls per episode, and the share of calls that were malformed or
-    failed (nothing for single-turn rows)."""
-    from tokalign.rows import loads
-
-    episodes = [loads(r["episode"]) for r in rows if r.get("episode")]
-    if not episodes:
-        return {}
-    calls = [c for e in episodes for c in e["tool_calls"]]
-    return {"mean_turns": sum(e["model_turns"] for e in episodes) / len(episodes),
-            "mean_tool_calls": len(calls) / len(episodes),
-            "malformed_call_fraction": sum(c.get("error") is not None for c in calls) / len(calls) if calls else 0.0}
-
-
 def load_prompts(source: str, tokenizer, split: str = "test", limit: int | None = None,
                  tools: list[dict] | None = None) -> tuple[list[dict], list[dict], str | None]:
     """(rows rendered for ``tokenizer``, manifest inputs, the data's default reward): a prompts artifact,
@@ -239,6 +225,7 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     from tokalign.scoring.calls import check_broken
     from tokalign.scoring.rows import score_rows
     from tokalign.rollout.episodes import EpisodeSpec
+    from tokalign.rows import episode_stats
     from tokalign.stages.rollout import check_backend, episode_config, sample
     from tokalign.rewards import plugin_refs
 
@@ -264,7 +251,7 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     results = summarise(scored, spec.n, resolved[0].name)
     results.update(model=model or "(bundled)", temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
                    seed=spec.seed, backend=backend, reward_failures=report.failed_samples, **({"ref": ref} if ref else {}),
-                   **episode_config(episodes), **episode_results(scored))
+                   **episode_config(episodes), **episode_stats(scored))
     prov = artifacts.Provenance(
         config={"verifier": verifier, "backend": backend, "model": model or "(bundled)", **spec.__dict__, **episode_config(episodes),
                 **({"reward_options": reward_options} if reward_options else {}), **({"ref": ref} if ref else {}),

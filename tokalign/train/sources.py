@@ -12,7 +12,7 @@ from tokalign.batching import Seq
 from tokalign import plugin_errors
 from tokalign.errors import UserError
 from tokalign.rollout.episodes import generate_rows
-from tokalign.rows import episode_token_fields, loads, rollout_rows
+from tokalign.rows import episode_stats, episode_token_fields, loads, rollout_rows
 from tokalign.scoring.rows import scored_rows
 
 
@@ -52,6 +52,7 @@ def reward_metrics(rows: list[dict]) -> dict[str, float]:
     out["completion/len_mean"] = _mean(lengths)
     out["completion/len_min"], out["completion/len_max"] = (min(lengths), max(lengths)) if lengths else (0, 0)
     out["completion/truncated"] = _mean([r["finish_reason"] == "length" for r in rows])
+    out.update(episode_stats(rows, "episode/"))  # multi-turn: turns and tool calls per episode
     return out
 
 
