@@ -149,7 +149,7 @@ def main() -> None:
     if chosen[1] > a.high:
         log(f"warning: pass@1 {chosen[1]:.3f} is above the band even at the smallest chunk")
     tools = None
-    if a.tool_phase:
+    if a.tool_phase:  # experimental: see tool_phase's docstring
         arith_ckpt = current
         current, tool_history, tool_chosen = tool_phase.run(arith_ckpt, work, a, cli, log)
         arith_after = evaluate(current, prompts, work / "eval-after-tools", a)

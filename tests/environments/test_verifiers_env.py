@@ -275,3 +275,51 @@ def test_rubric_reward_replays_the_episode(installed_env):
     # an episode tokalign cut mid-call (finish "length", no reply after it) is scored as it stands
     cut = reward([sample(episode[:1], finish="length", completion=call)])[0]
     assert cut.value == 0.0 and cut.info["stop_condition"] is None
+
+
+def test_the_score_cache_tells_environments_apart(installed_env, tmp_path, monkeypatch):
+    from tokalign import rewards
+
+    name = "tokalign.environments.verifiers_env:RubricReward"
+    fingerprint = rewards.build(name)[4]
+    assert rewards.build(name)[4] == fingerprint
+    monkeypatch.setenv(verifiers_env.ENV_ARGS_VAR, '{"max_turns": 9}')
+    assert rewards.build(name)[4] != fingerprint  # other load_environment arguments
+    (tmp_path / "tiny_vf_env.py").write_text(textwrap.dedent(MODULE) + "\n# edited\n")
+    assert rewards.build(name, {"env_args": '{"max_turns": 3}'})[4] != fingerprint  # the environment's code changed
+
+
+class Scripted:
+    """An engine answering turn k of every episode with ``texts[k]``."""
+
+    def __init__(self, tokenizer, texts):
+        self.tokenizer, self.texts, self.calls = tokenizer, texts, 0
+
+    def generate(self, prompts, spec):
+        from tokalign.rollout import Completion
+
+        text = self.texts[min(self.calls, len(self.texts) - 1)]
+        self.calls += 1
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return [[Completion(list(ids), [-0.5] * len(ids), "stop", text) for _ in range(spec.n)] for _ in prompts]
+
+
+def test_episode_engine_runs_a_vf_tool_env_and_the_rubric_scores_it(installed_env):
+    from tokalign import models
+    from tokalign.rollout import SamplingSpec
+    from tokalign.rollout.episodes import EpisodeEngine
+    from tokalign.rows import rollout_rows, to_sample
+
+    tok = models.load_tokenizer("")
+    env = VerifiersEnvironment()
+    prompt = [{"role": "user", "content": "2+3?"}]
+    ids = tok(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+    prompt_row = {"id": "0", "prompt": json.dumps(prompt), "prompt_text": "", "prompt_ids": ids, "reference": json.dumps("5")}
+    engine = Scripted(tok, [hermes_text("add", {"a": 2, "b": 3}), "5"])
+    (ep,) = EpisodeEngine(engine, env, max_turns=4).generate([ids], SamplingSpec(n=1, max_new_tokens=64), rows=[prompt_row])[0]
+    assert [m["role"] for m in ep.episode["messages"]] == ["assistant", "tool", "assistant"]
+    assert ep.episode["messages"][1] == {"role": "tool", "name": "add", "content": "5"} and ep.text == "5"
+    e0, e1, who = ep.episode["turns"][1]
+    assert who == "env" and tok.decode(ep.ids[e0:e1]) == "\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n"
+    sample = to_sample(rollout_rows([prompt_row], [[ep]])[0])
+    assert RubricReward()([sample])[0].value == 1.0

@@ -29,7 +29,8 @@ the trajectory level is GRPO (verl ``compute_grpo_outcome_advantage``, unbiased 
 reward after ``filter_code`` drops every trajectory whose ``execution_passes`` (mean of its code blocks' passes) is
 not 1 and ``filter_ratio`` = 0.5 drops a prompt with fewer than ⌈0.5·G⌉ kept (``vllm_rollout_spmd.py``); the NLL is
 ``grpo_select_alpha``·(−Σ m·ℓ / Σ m) over tokens with advantage > 1e-7 (``dp_actor.py``, 0.01 in ``run_code_grpo.sh``);
-the step reward of a call is 1 if the sandbox ran it (return code 0, some stdout), else 0.
+the step reward of a call is 1 if the sandbox ran it (return code 0, some stdout), else 0 (here: 0 when the
+environment counted it in the turn's ``tool_errors``, e.g. a tool result starting ``error:``).
 Where tokalign departs: the official step level (``pass_rate_optimization``) *resamples*: for each failed step it cuts
 the turn back to its prefix minus L_suf tokens (``del_last_token_num``, 100 in the script), draws G' = 16 new
 reasoning suffixes and calls, rewards each by whether its call runs and GRPO-normalises within those G', training

@@ -18,7 +18,8 @@ where vf would ask its client for a response:
   trajectory step (``env.add_trajectory_step``), and asks ``env.is_completed(state)`` (the ``@vf.stop`` conditions:
   max turns, no tool called, an error, ...). If the episode goes on, ``env.get_prompt_messages(state)`` (which calls
   ``env_response``) gives the reply; its new messages go back to the model, a ``vf.ToolMessage`` as
-  ``{"role": "tool", "name": <the called tool>, "content": ...}``. An episode that ends runs ``env.cleanup``.
+  ``{"role": "tool", "name": <the called tool>, "content": ...}``, and a reward the environment put on the turn's
+  trajectory step (``state.add_step_reward``) is the turn's reward. An episode that ends runs ``env.cleanup``.
   Coroutines run on one event loop per environment, in its own thread, so what ``setup_state`` opens stays usable.
 
 Where tokalign differs from vf's loop: a tool call tokalign cannot read (bad JSON, no name) is not passed to vf —
@@ -42,23 +43,26 @@ ride on ``--env`` itself. The simplest honest design is an environment variable 
 
 ``VerifiersTask`` (``tokalign prepare tokalign.environments.verifiers_env:VerifiersTask:ENV_ID --split train|eval``)
 gives the environment's own dataset as prompts (``reference``: its ``answer``). ``RubricReward``
-(``--reward tokalign.environments.verifiers_env:RubricReward``, the environment named the same way) scores a sample
-with the environment's rubric (``rubric.score_rollout``: its reward functions and weights) after replaying the
-episode's model turns through a fresh episode of the environment, so the rubric sees a real vf state; tools run
-again, so an environment whose replies depend on chance or on the outside world may score differently from what the
-model saw. Group reward functions (``states``, ``completions``, ... arguments) are not supported: a reward sees one
-sample at a time.
+(``--reward tokalign.environments.verifiers_env:RubricReward``; the environment named by the same variables or by
+its options) scores a sample with the environment's rubric (``rubric.score_rollout``: its reward functions and
+weights) after replaying the episode's model turns through a fresh episode of the environment, so the rubric sees a
+real vf state; tools run again, so an environment whose replies depend on chance or on the outside world may score
+differently from what the model saw. Group reward functions (``states``, ``completions``, ... arguments) are not
+supported: a reward sees one sample at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import importlib.util
 import inspect
 import json
 import os
 import re
 import threading
 import zlib
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokalign.environments import calls as calls_mod
@@ -92,13 +96,7 @@ def load_vf_env(env_id: str | None = None, env_args: dict | None = None):
     if not env_id:
         raise UserError(f"Name the verifiers environment: {ENV_ID_VAR}=ENV_ID (its module installed), or subclass "
                         "VerifiersEnvironment with env_id = '...'.")
-    if env_args is None:
-        try:
-            env_args = json.loads(os.environ.get(ENV_ARGS_VAR) or "{}")
-        except json.JSONDecodeError as e:
-            raise UserError(f"{ENV_ARGS_VAR} is not JSON ({e.msg}); write a JSON object of load_environment arguments.") from None
-        if not isinstance(env_args, dict):
-            raise UserError(f"{ENV_ARGS_VAR} must be a JSON object of load_environment arguments, got {env_args!r}.")
+    env_args = env_args if env_args is not None else _args(os.environ.get(ENV_ARGS_VAR))
     key = json.dumps([env_id, env_args], sort_keys=True, default=str)
     if key not in _loaded:
         vf = vf_module()
@@ -107,6 +105,27 @@ def load_vf_env(env_id: str | None = None, env_args: dict | None = None):
         except Exception as e:
             raise PluginError(f"verifiers environment '{env_id}' failed to load: {type(e).__name__}: {e}") from e
     return _loaded[key]
+
+
+def _args(text: str | None) -> dict:
+    """``load_environment`` arguments written as a JSON object (empty: none)."""
+    try:
+        args = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{ENV_ARGS_VAR} is not JSON ({e.msg}); write a JSON object of load_environment arguments.") from None
+    if not isinstance(args, dict):
+        raise UserError(f"{ENV_ARGS_VAR} must be a JSON object of load_environment arguments, got {args!r}.")
+    return args
+
+
+def _module_hash(env_id: str) -> str:
+    """The content hash of the module ``vf.load_environment(env_id)`` imports (found, not imported), or ''."""
+    try:
+        spec = importlib.util.find_spec(env_id.replace("-", "_").split("/")[-1])
+        with open(spec.origin, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except (ImportError, ValueError, AttributeError, TypeError, OSError):
+        return ""
 
 
 def _decoded(value: Any) -> Any:
@@ -297,7 +316,12 @@ class VerifiersEnvironment(Environment):
         """End the episode: the environment's ``@vf.cleanup`` handlers run (once)."""
         if not ep.done:
             ep.done = True
-            self.run(self.env.cleanup(ep.vf_state))
+            if hasattr(self.env, "cleanup"):  # verifiers 0.1.14 on: @vf.cleanup handlers, the completion rendered by one
+                self.run(self.env.cleanup(ep.vf_state))
+            else:  # 0.1.11-0.1.12: is_completed ran the handlers if a stop condition fired; the completion is apart
+                if not ep.vf_state.get("is_completed"):
+                    self.run(self.env._cleanup(ep.vf_state))
+                self.run(self.env.render_completion(ep.vf_state))
         return Reply(done=True, reward=self._step_reward(ep.vf_state),
                      info={**(info or {}), "stop_condition": ep.vf_state.get("stop_condition")})
 
@@ -328,7 +352,8 @@ class VerifiersEnvironment(Environment):
             self.run(rubric.score_rollout(ep.vf_state))
         except AssertionError as e:  # vf's own check: no reward function at all
             raise PluginError(f"verifiers environment {type(self.env).__name__}: its rubric cannot score ({e}).") from e
-        self.run(rubric.cleanup(ep.vf_state))
+        if hasattr(rubric, "cleanup"):  # verifiers 0.1.12 on
+            self.run(rubric.cleanup(ep.vf_state))
         metrics = {k: float(v) for k, v in (ep.vf_state.get("metrics") or {}).items()}
         return float(ep.vf_state.get("reward") or 0.0), metrics
 
@@ -355,22 +380,37 @@ class VerifiersTask:
         return records
 
 
+@dataclass
+class RubricRewardConfig:
+    """Which vf environment's rubric scores: ``env_id`` and ``env_args`` (a JSON object), by default
+    ``$TOKALIGN_VF_ENV`` and ``$TOKALIGN_VF_ENV_ARGS`` (``--reward-opt NAME.env_id=...`` to set them).
+    ``env_source`` is filled in with the environment module's content hash: with the other two it keeps the score
+    cache from serving one environment's scores, or an edited one's, for another."""
+
+    env_id: str = field(default_factory=lambda: os.environ.get(ENV_ID_VAR, ""))
+    env_args: str = field(default_factory=lambda: os.environ.get(ENV_ARGS_VAR, ""))
+    env_source: str = ""
+
+    def __post_init__(self):
+        if not self.env_source and self.env_id:
+            self.env_source = _module_hash(self.env_id)
+
+
 class RubricReward:
     """The vf environment's rubric as a tokalign reward (``--reward tokalign.environments.verifiers_env:RubricReward``).
 
     Each sample's model turns (``metadata["messages"]`` for an episode, else the completion) are replayed through a
-    fresh episode of the environment; when it ends, ``rubric.score_rollout`` scores it. The environment is named as
-    for ``VerifiersEnvironment`` (``env_id``/``env_args`` on a subclass, or the environment variables)."""
+    fresh episode of the environment; when it ends, ``rubric.score_rollout`` scores it."""
 
-    env_id: str | None = None
-    env_args: dict | None = None
+    Config = RubricRewardConfig
 
-    def __init__(self):
+    def __init__(self, config: RubricRewardConfig | None = None):
+        self.config = config if config is not None else RubricRewardConfig()
         self._env: VerifiersEnvironment | None = None
 
     def environment(self) -> VerifiersEnvironment:
         if self._env is None:
-            self._env = VerifiersEnvironment(load_vf_env(self.env_id, self.env_args))
+            self._env = VerifiersEnvironment(load_vf_env(self.config.env_id or None, _args(self.config.env_args)))
         return self._env
 
     def __call__(self, samples: list) -> list[Reward]:
