@@ -93,3 +93,19 @@ def run_and_kill(args: list[str], out: str, checkpoint_name: str, cwd: Path, tim
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+class Scripted:
+    """A stand-in engine for episode tests: call k answers every prompt with ``texts[k]`` (the last one from then on),
+    its ids tokenised and closed with EOS, log-prob −0.5 a token, ``spec.n`` copies per prompt."""
+
+    def __init__(self, tokenizer, texts):
+        self.tokenizer, self.texts, self.calls = tokenizer, texts, 0
+
+    def generate(self, prompts, spec):
+        from tokalign.rollout import Completion
+
+        text = self.texts[min(self.calls, len(self.texts) - 1)]
+        self.calls += 1
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return [[Completion(list(ids), [-0.5] * len(ids), "stop", text) for _ in range(spec.n)] for _ in prompts]

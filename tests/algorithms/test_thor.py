@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from algo_helpers import groups_batch, micro_batches_add_up
+from conftest import Scripted
 from conftest import leaf as _leaf
 from torch.testing import assert_close
 
@@ -183,21 +184,6 @@ def test_thor_config_checks():
     for bad in ({"step_weight": -1.0}, {"nll_alpha": -0.1}, {"min_kept_fraction": 1.5}, {"step_group": "episode"}):
         with pytest.raises(ValueError):
             THORConfig(**bad)
-
-
-class Scripted:
-    """A stand-in engine: model turn k of every episode says ``texts[k]`` (log-prob −0.5 a token)."""
-
-    def __init__(self, tokenizer, texts):
-        self.tokenizer, self.texts, self.turn = tokenizer, texts, 0
-
-    def generate(self, prompts, spec):
-        from tokalign.rollout import Completion
-
-        text = self.texts[min(self.turn, len(self.texts) - 1)]
-        self.turn += 1
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        return [[Completion(list(ids), [-0.5] * len(ids), "stop", text) for _ in range(spec.n)] for _ in prompts]
 
 
 def test_thor_on_real_calculator_episodes():

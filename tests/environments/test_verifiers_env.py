@@ -12,6 +12,7 @@ import textwrap
 import types
 
 import pytest
+from conftest import Scripted
 
 vf = pytest.importorskip("verifiers")
 if not hasattr(vf, "MultiTurnEnv"):
@@ -287,21 +288,6 @@ def test_the_score_cache_tells_environments_apart(installed_env, tmp_path, monke
     assert rewards.build(name)[4] != fingerprint  # other load_environment arguments
     (tmp_path / "tiny_vf_env.py").write_text(textwrap.dedent(MODULE) + "\n# edited\n")
     assert rewards.build(name, {"env_args": '{"max_turns": 3}'})[4] != fingerprint  # the environment's code changed
-
-
-class Scripted:
-    """An engine answering turn k of every episode with ``texts[k]``."""
-
-    def __init__(self, tokenizer, texts):
-        self.tokenizer, self.texts, self.calls = tokenizer, texts, 0
-
-    def generate(self, prompts, spec):
-        from tokalign.rollout import Completion
-
-        text = self.texts[min(self.calls, len(self.texts) - 1)]
-        self.calls += 1
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        return [[Completion(list(ids), [-0.5] * len(ids), "stop", text) for _ in range(spec.n)] for _ in prompts]
 
 
 def test_episode_engine_runs_a_vf_tool_env_and_the_rubric_scores_it(installed_env):

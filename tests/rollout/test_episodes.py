@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Scripted
 
 from tokalign import models
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
@@ -17,7 +18,7 @@ from tokalign.environments.base import Environment, Reply
 from tokalign.environments.builtin import Calculator, calculator
 from tokalign.environments.calls import hermes_text
 from tokalign.forward import forward
-from tokalign.rollout import Completion, SamplingSpec
+from tokalign.rollout import SamplingSpec
 from tokalign.rollout.episodes import EpisodeEngine, EpisodeSpec
 from tokalign.rows import loads, rollout_rows, to_sample
 from tokalign.train.sources import scored_seqs
@@ -36,19 +37,6 @@ class Recording:
     def generate(self, prompts, spec):
         self.consumed.extend(list(p) for p in prompts)
         return self.engine.generate(prompts, spec)
-
-
-class Scripted:
-    """Answers call k of each episode with ``texts[k]`` (its ids tokenised, log-prob −0.5 each)."""
-
-    def __init__(self, tokenizer, texts):
-        self.tokenizer, self.texts, self.calls = tokenizer, texts, 0
-
-    def generate(self, prompts, spec):
-        text = self.texts[min(self.calls, len(self.texts) - 1)]
-        self.calls += 1
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        return [[Completion(list(ids), [-0.5] * len(ids), "stop", text) for _ in range(spec.n)] for _ in prompts]
 
 
 class AlwaysCalculates(Environment):

@@ -168,6 +168,11 @@ def resolve(specs: list[str], options: dict[str, dict] | None = None, what: str 
     return out
 
 
+def resolve_base(name: str, options: dict[str, Any] | None = None) -> ResolvedReward:
+    """The one reward another reward builds on (``length``, ``otc``, ``gated``: their ``base`` and ``base_options``)."""
+    return resolve([name], {name: dict(options)} if options else None)[0]
+
+
 def plugin_refs(resolved: list[ResolvedReward]) -> list[dict[str, Any]]:
     """The rewards of a run as an artifact's provenance ``plugins`` entries (name, distribution, version, weight,
     resolved options)."""

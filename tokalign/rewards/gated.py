@@ -56,8 +56,7 @@ class Gated:
         from tokalign import rewards
 
         self.config = config or GatedConfig()
-        opts = {self.config.base: dict(self.config.base_options)} if self.config.base_options else None
-        self.base = rewards.resolve([self.config.base], opts)[0]
+        self.base = rewards.resolve_base(self.config.base, self.config.base_options)
 
     def __call__(self, samples: list[Sample]) -> list[Reward]:
         from tokalign.rewards import normalise

@@ -86,8 +86,7 @@ class Length:
         if self.config.base:
             from tokalign import rewards
 
-            opts = {self.config.base: dict(self.config.base_options)} if self.config.base_options else None
-            self.base = (rewards.resolve([self.config.base], opts) if opts else rewards.resolve([self.config.base]))[0]
+            self.base = rewards.resolve_base(self.config.base, self.config.base_options)
 
     def over(self, sample: Sample) -> bool:
         """DLER's truncation: longer than L_trunc, or cut by the sampler."""

@@ -92,8 +92,7 @@ class OTC:
         from tokalign import rewards
 
         self.config = config or OTCConfig()
-        opts = {self.config.base: dict(self.config.base_options)} if self.config.base_options else None
-        self.base = rewards.resolve([self.config.base], opts)[0]
+        self.base = rewards.resolve_base(self.config.base, self.config.base_options)
 
     def _split(self, sample: Sample) -> tuple[Sample, int]:
         """(the sample as the base sees it, n): a dict reference may carry n_optimal and the answer."""
