@@ -88,3 +88,13 @@ def test_load_by_name_and_unknown():
     assert isinstance(load("calculator"), Calculator)
     with pytest.raises(UserError, match="environment"):
         load("no_such_env")
+
+
+def test_python_tool_runs_in_the_sandbox():
+    from tokalign.environments.builtin import Python, python
+
+    assert python("print(6 * 7)").strip() == "42"
+    assert python("x = 1") == "(no output)"
+    assert python("raise SystemExit(3)").startswith("error: exit code 3")
+    reply = Python().step(None, calls.hermes_text("python", {"code": "import os; print(len(os.listdir('.')))"}))
+    assert reply.messages[0]["name"] == "python" and reply.info["tool_errors"] == 0
