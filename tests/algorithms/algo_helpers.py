@@ -8,7 +8,7 @@ import json
 import math
 
 import torch
-from conftest import cli, micro_batch_check, token_batch
+from conftest import cli, leaf, micro_batch_check, token_batch
 from torch.testing import assert_close
 
 from tokalign.batching import Seq, collate
@@ -58,6 +58,19 @@ def ppo_batch(rewards, mask, old_values=None, logps=None) -> TokenBatch:
 
 # ---------------------------------------------------------------------------------------------------
 # micro-batches add up to the full batch
+
+
+def off_policy_loss_and_grad(algo, batch: TokenBatch, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``algo``'s loss and its gradient w.r.t. the policy log-probs on a prepared ``batch``, off-policy (ρ ≠ 1): seeded
+    behaviour log-probs in ``old_logps`` and policy log-probs 0.3·N(0, 1) away from them."""
+    from tokalign.protocols import PolicyOutput
+
+    g = torch.Generator().manual_seed(seed)
+    batch.fields["old_logps"] = -torch.rand(batch.completion_mask.shape, generator=g)
+    lp = leaf(batch.fields["old_logps"] + 0.3 * torch.randn(batch.completion_mask.shape, generator=g))
+    res = algo.loss(batch, PolicyOutput(lp))
+    res.loss.backward()
+    return res.loss.detach(), lp.grad
 
 
 def micro_batches_add_up(algo) -> None:

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from algo_helpers import groups_batch, micro_batches_add_up
+from algo_helpers import groups_batch, micro_batches_add_up, off_policy_loss_and_grad
 from conftest import leaf as _leaf
 from torch.testing import assert_close
 
@@ -104,14 +104,8 @@ def test_salt_distinct_trajectories_are_grpo_exactly():
         m = salt_b.completion_mask.bool()
         assert torch.equal(salt_b.fields["advantages"][m], grpo_b.fields["advantages"][:, None].expand_as(m)[m])
         assert float(salt_b.fields["advantages"][~m].abs().max()) == 0.0
-        grads = []
-        for algo, b in ((SALT(SALTConfig()), salt_b), (GRPO(GRPOConfig()), grpo_b)):
-            g = torch.Generator().manual_seed(5)
-            b.fields["old_logps"] = -torch.rand(b.completion_mask.shape, generator=g)
-            lp = _leaf(b.fields["old_logps"] + 0.3 * torch.randn(b.completion_mask.shape, generator=g))
-            res = algo.loss(b, PolicyOutput(lp))
-            res.loss.backward()
-            grads.append((res.loss.detach(), lp.grad))
+        grads = [off_policy_loss_and_grad(algo, b, seed=5)
+                 for algo, b in ((SALT(SALTConfig()), salt_b), (GRPO(GRPOConfig()), grpo_b))]
         assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 

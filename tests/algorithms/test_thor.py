@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from algo_helpers import groups_batch, micro_batches_add_up
+from algo_helpers import groups_batch, micro_batches_add_up, off_policy_loss_and_grad
 from conftest import Scripted
 from conftest import leaf as _leaf
 from torch.testing import assert_close
@@ -149,12 +149,7 @@ def grpo_and_thor_grads(rows_or_batch, cfg):
     for algo in (GRPO(GRPOConfig(epsilon_high=0.28)), THOR(cfg)):
         b = rows_or_batch()
         algo.prepare(b)
-        g = torch.Generator().manual_seed(3)
-        b.fields["old_logps"] = -torch.rand(b.completion_mask.shape, generator=g)
-        lp = _leaf(b.fields["old_logps"] + 0.3 * torch.randn(b.completion_mask.shape, generator=g))
-        res = algo.loss(b, PolicyOutput(lp))
-        res.loss.backward()
-        out.append((res.loss.detach(), lp.grad))
+        out.append(off_policy_loss_and_grad(algo, b, seed=3))
     return out
 
 
