@@ -15,6 +15,7 @@ hits the per-turn or episode token budget (``finish_reason`` "length").
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from tokalign.environments.turns import reply_ids
@@ -78,6 +79,12 @@ class EpisodeSpec:
         return self.environment().tools() if self.env else None
 
     def environment(self):
+        """The environment, loaded once per spec: checking it, rendering prompts with its tools and running its
+        episodes use one instance (a ``verifiers`` environment, say, may load its dataset when built)."""
+        return self._environment
+
+    @cached_property
+    def _environment(self):
         from tokalign import environments
 
         return environments.load(self.env)

@@ -21,13 +21,6 @@ class DataKind:
     length_limit: Callable[[Any], int | None] = lambda plan: None
 
 
-def episode_spec(r):
-    """The run's multi-turn settings from its rollout section."""
-    from tokalign.rollout.episodes import EpisodeSpec
-
-    return EpisodeSpec(r.env, r.max_turns, r.max_episode_tokens)
-
-
 def _online(plan, rows, state):
     from tokalign.rollout import SamplingSpec
     from tokalign.rollout.hf import HFEngine
@@ -36,7 +29,7 @@ def _online(plan, rows, state):
     # HF generate on a sharded policy is a collective: every process makes as many calls (vLLM samples from its own copy)
     lockstep = state.dist.active and cfg.train.distributed == "fsdp" and r.backend != "vllm"
     spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
-    episodes = episode_spec(r)
+    episodes = plan.episodes
     if r.backend == "vllm":  # sampling in vLLM; the trainer's weights are pushed into it before every step
         from tokalign import models
         from tokalign.rollout.vllm_engine import VLLMEngine

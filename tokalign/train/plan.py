@@ -13,6 +13,7 @@ from typing import Any
 from tokalign import artifacts, config, models, plugin_errors, registry
 from tokalign.errors import UserError
 from tokalign.rollout import check_backend
+from tokalign.rollout.episodes import EpisodeSpec
 from tokalign.train import kinds as kinds_mod
 from tokalign.train.kinds import KINDS
 
@@ -30,6 +31,7 @@ class Plan:
     extra: dict[str, Any] = field(default_factory=dict)  # inputs for the manifest, default reward, sampler max_new_tokens
     warnings: list[str] = field(default_factory=list)
     out: Path | None = None
+    episodes: EpisodeSpec = field(default_factory=EpisodeSpec)  # the multi-turn settings (rollout.env, ...)
 
     @property
     def needs(self):
@@ -245,10 +247,6 @@ def _check_train(t: config.TrainSection, rollout: config.RolloutSection) -> None
     if rollout.max_turns < 1 or rollout.max_episode_tokens < 0:
         raise UserError(f"rollout.max_turns must be ≥ 1 and rollout.max_episode_tokens ≥ 0 (0: max_turns × max_new_tokens), "
                         f"got {rollout.max_turns} and {rollout.max_episode_tokens}.")
-    if rollout.env:
-        from tokalign import environments
-
-        environments.load(rollout.env)  # an unknown or broken environment fails before any model loads
     if t.async_rollouts and _world_size() > 1:
         raise UserError("train.async_rollouts runs in one process for now (the sampler thread's gathers would interleave with "
                         "the training collectives); drop it under torchrun, or train in one process.")
@@ -316,10 +314,14 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
     check_backend(run_cfg.rollout.backend)
     t = run_cfg.train
     _check_train(t, run_cfg.rollout)
+    r = run_cfg.rollout
+    episodes = EpisodeSpec(r.env, r.max_turns, r.max_episode_tokens)
+    if episodes.env:
+        episodes.environment()  # an unknown or broken environment fails before any model loads
     kind, desc, rows, extra = _resolve_data(run_cfg.data, algorithm.needs.data, algo_name)
     if not rows:
         raise UserError(f"Training data '{run_cfg.data}' has no rows.")
-    plan = Plan(algo_name, algorithm, algo_cfg, run_cfg, kind, desc, rows, extra=extra)
+    plan = Plan(algo_name, algorithm, algo_cfg, run_cfg, kind, desc, rows, extra=extra, episodes=episodes)
     if KINDS[kind].sampled:
         if run_cfg.rollout.backend == "vllm":
             import importlib.util

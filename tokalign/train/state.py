@@ -12,7 +12,7 @@ from tokalign import components as components_mod
 from tokalign import forward, models
 from tokalign.batching import micro_batches
 from tokalign.train import distributed, lora, precision
-from tokalign.train.kinds import KINDS, episode_spec
+from tokalign.train.kinds import KINDS
 
 
 class TrainState:
@@ -117,7 +117,7 @@ def _rows(plan, tokenizer) -> list[dict]:
         rows = [{**r, "prompt": dumps(r["prompt"]), "reference": dumps(r.get("reference"))} for r in rows]
     if KINDS[plan.data_kind].keeps_ids:
         return rows
-    tools = episode_spec(plan.cfg.rollout).tools() if KINDS[plan.data_kind].sampled else None
+    tools = plan.episodes.tools() if KINDS[plan.data_kind].sampled else None
     return retokenize(rows, tokenizer, tools)
 
 
