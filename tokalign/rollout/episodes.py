@@ -131,7 +131,7 @@ class EpisodeEngine:
         turn = 1
         while active:
             contexts = [ep.prompt + ep.ids for ep in active]
-            spec_t = replace(spec, n=1, seed=spec.seed + 7919 * turn, max_new_tokens=spec.max_new_tokens)
+            spec_t = replace(spec, n=1, seed=spec.seed + 7919 * turn)
             out = self.engine.generate(contexts, spec_t)
             active = [ep for ep, comps in zip(active, out) if self._model_turn(ep, comps[0], budget)]
             turn += 1
