@@ -22,9 +22,9 @@ _tokalign() {
         plot) opts="--help --label --metrics --out --smooth --title -o" ;;
         plugins) opts="--check --help --json --names" ;;
         prepare) opts="--help --limit --model --out --overwrite --split -m -o" ;;
-        rollout) opts="--backend --env --help --max-episode-tokens --max-new-tokens --max-turns --model --n --out --overwrite --seed --temperature --top-p -m -o" ;;
+        rollout) opts="--backend --branch-opt --branching --env --help --max-episode-tokens --max-new-tokens --max-turns --model --n --out --overwrite --seed --temperature --top-p -m -o" ;;
         score) opts="--help --no-cache --out --overwrite --reward --reward-opt --timeout --workers -j -o -r" ;;
-        train) opts="--backend --batch-size --config --data --dpo-model --dry-run --env --help --log --lr --max-steps --model --n --out --overwrite --quiet --ref --ref-model --resume --reverse-model --reward --reward-opt --seed --set --teacher --with -c -d -m -o -q -r" ;;
+        train) opts="--backend --batch-size --branching --config --data --dpo-model --dry-run --env --help --log --lr --max-steps --model --n --out --overwrite --quiet --ref --ref-model --resume --reverse-model --reward --reward-opt --seed --set --teacher --with -c -d -m -o -q -r" ;;
         *) opts="" ;;
     esac
     if [[ "$cur" == -* ]]; then

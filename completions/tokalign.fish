@@ -52,6 +52,8 @@ complete -c tokalign -n '__fish_seen_subcommand_from prepare' -l out
 complete -c tokalign -n '__fish_seen_subcommand_from prepare' -l overwrite
 complete -c tokalign -n '__fish_seen_subcommand_from prepare' -l split
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l backend
+complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l branch-opt
+complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l branching
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l env
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l help
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l max-episode-tokens
@@ -73,6 +75,7 @@ complete -c tokalign -n '__fish_seen_subcommand_from score' -l timeout
 complete -c tokalign -n '__fish_seen_subcommand_from score' -l workers
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l backend
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l batch-size
+complete -c tokalign -n '__fish_seen_subcommand_from train' -l branching
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l config
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l data
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l dpo-model

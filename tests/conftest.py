@@ -109,3 +109,38 @@ class Scripted:
         self.calls += 1
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
         return [[Completion(list(ids), [-0.5] * len(ids), "stop", text) for _ in range(spec.n)] for _ in prompts]
+
+
+class AlwaysCalculates:
+    """An environment that answers every model turn with a calculator result, whatever the model said (a random
+    model writes no tool calls of its own); each reply is worth 0.5."""
+
+    name = "always"
+
+    def tools(self):
+        from tokalign.environments.builtin import Calculator
+
+        return Calculator().tools()
+
+    def start(self, row):
+        return None
+
+    def step(self, state, text):
+        from tokalign.environments.base import Reply
+        from tokalign.environments.builtin import calculator
+
+        return Reply([{"role": "tool", "name": "calculator", "content": calculator("1234*5678")}], reward=0.5)
+
+
+def often_stopping_model(path, tok) -> str:
+    """A seeded random tiny model whose generation config lists a third of the vocabulary as stop tokens, so its
+    turns end after a few tokens (a random model almost never samples its EOS)."""
+    from transformers import GenerationConfig
+
+    from tokalign import tiny
+
+    tiny.make_random(path, seed=1)
+    cfg = GenerationConfig.from_pretrained(path)
+    cfg.eos_token_id = [tok.eos_token_id, *range(10, 10 + len(tok) // 3)]
+    cfg.save_pretrained(path)
+    return str(path)

@@ -77,6 +77,10 @@ class RolloutSection:
     env: str = ""
     max_turns: int = 4
     max_episode_tokens: int = 0
+    # with env: the prompt's n episodes grown as a tree forking where the environment answered (tokalign/rollout/
+    # branching.py): "" = the algorithm's own (independent episodes for most), none, entropy (ARPO's), tree (PORTool's)
+    branching: str = ""
+    branch_options: dict[str, Any] = field(default_factory=dict)  # the strategy's options, e.g. {beam: 3}
 
 
 @dataclass

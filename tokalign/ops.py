@@ -256,20 +256,37 @@ def dual_clip_surrogate(logps, old_logps, advantages, eps_low, eps_high, clip_c:
     return torch.where(advantages < 0, torch.minimum(per_token, cap), per_token), clipped, lower
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over the masked (contiguous) completion positions.
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float | torch.Tensor,
+        lam: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each row's masked positions (the model's tokens), in order, whether or
+    not they are contiguous.
 
-    rewards, values, mask: [B, T]. δ_t = r_t + γ V_{t+1} − V_t with V = 0 past the last completion token;
-    A_t = Σ_k (γλ)^k δ_{t+k}. Returns (advantages, returns = A + V), both 0 outside the mask."""
-    values = values * mask
+    rewards, values, mask: [B, T]; gamma, lam: floats or [B, T] (γ_t, λ_t: the discount and λ between position t and
+    n(t), the row's next position with mask > 0). With V_{n(t)} = A_{n(t)} = 0 after the row's last masked position:
+
+        δ_t = r_t + γ_t V_{n(t)} − V_t,   A_t = δ_t + γ_t λ_t A_{n(t)}
+
+    so a contiguous mask and constant γ, λ give A_t = Σ_k (γλ)^k δ_{t+k}. Positions with mask 0 (prompt, padding, an
+    environment's reply inside a multi-turn completion) are skipped without breaking the chain: they get A = 0 and
+    return 0, and their rewards, values, γ and λ are ignored (rewards there are 0 by construction). Returns
+    (advantages, returns = A + V), both 0 outside the mask."""
+    on = mask > 0
     advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
+    next_value = rewards.new_zeros(rewards.shape[:1])  # V and A at each row's next masked position (0 past the last one)
+    next_adv = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        advantages[:, t] = last
-    return advantages, (advantages + values) * mask
+        g, lm = _column(gamma, t), _column(lam, t)
+        delta = rewards[:, t] + g * next_value - values[:, t]
+        adv = torch.where(on[:, t], delta + g * lm * next_adv, 0.0)
+        advantages[:, t] = adv
+        next_value = torch.where(on[:, t], values[:, t], next_value)
+        next_adv = torch.where(on[:, t], adv, next_adv)
+    return advantages, torch.where(on, advantages + values, 0.0)
+
+
+def _column(x: float | torch.Tensor, t: int):
+    """Column t of a [B, T] tensor; a float (or 0-d tensor) as it is."""
+    return x[:, t] if isinstance(x, torch.Tensor) and x.dim() == 2 else x
 
 
 def last_token_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,9 @@ class Needs:
     # the loss is a sum over rows given the fields ``prepare`` filled and the batch's totals (no pairing or group
     # statistics inside ``loss``), so a group larger than a micro-batch may be split across micro-batches
     split_groups: bool = False
+    # online multi-turn: the rollout branching it samples with unless rollout.branching says otherwise
+    # (tokalign.rollout.branching: "entropy", "tree"; "" = independent episodes); it then needs an environment
+    branching: str = ""
 
 
 @dataclass

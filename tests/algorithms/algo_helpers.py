@@ -13,6 +13,8 @@ from torch.testing import assert_close
 
 from tokalign.batching import Seq, collate
 from tokalign.protocols import TokenBatch
+from tokalign.rows import dumps
+from tokalign.train.sources import scored_seqs
 
 # ---------------------------------------------------------------------------------------------------
 # batches
@@ -23,6 +25,30 @@ def groups_batch(completions, rewards, group_ids, token=None) -> TokenBatch:
     token = token or [{} for _ in completions]
     return collate([Seq([1, 2], list(c), g, row={"rewards": float(r)}, token=tk)
                     for c, r, g, tk in zip(completions, rewards, group_ids, token)], pad_id=0)
+
+
+def episode(call, reply, answer, reward, group, calls=0, errors=0):
+    """A rollout row after prompt [1, 2]: model turn ``call``, environment tokens ``reply``, model turn ``answer``;
+    ``calls`` tool calls in the first turn, ``errors`` of them failed."""
+    ids = call + reply + answer
+    spans = [[0, len(call), "model"], [len(call), len(call) + len(reply), "env"], [len(call) + len(reply), len(ids), "model"]]
+    ep = {"turns": spans, "messages": [{"role": "assistant", "content": ""}, {"role": "user", "content": ""},
+                                       {"role": "assistant", "content": ""}], "tool_calls": [{"name": "t", "arguments": {}}] * calls, "turn_errors": [errors, 0]}
+    if calls:  # the first turn's calls: tool messages after it
+        ep["messages"][1:2] = [{"role": "tool", "name": "t", "content": ""}] * calls
+    return {"id": f"{group}", "prompt_ids": [1, 2], "completion_ids": ids, "group_id": group, "reward": reward,
+            "loss_mask": [1] * len(call) + [0] * len(reply) + [1] * len(answer), "sampler_logps": [0.0] * len(ids),
+            "episode": dumps(ep)}
+
+
+def batch_of(rows):
+    return collate(scored_seqs(rows, [r["group_id"] for r in rows]), pad_id=0)
+
+
+def completion(batch, i, name="advantages"):
+    """Row i's values of a [B, T] field on its completion tokens (prompt [1, 2]: token j at column 1 + j)."""
+    n = int(batch.attention_mask[i].sum()) - 2
+    return batch.fields[name][i, 1:1 + n].tolist()
 
 
 def rewards_batch(rewards, group_ids) -> TokenBatch:

@@ -11,7 +11,14 @@ import math
 
 import pytest
 import torch
-from algo_helpers import groups_batch, micro_batches_add_up, off_policy_loss_and_grad
+from algo_helpers import (
+    batch_of,
+    completion,
+    episode,
+    groups_batch,
+    micro_batches_add_up,
+    off_policy_loss_and_grad,
+)
 from conftest import leaf as _leaf
 from torch.testing import assert_close
 
@@ -22,33 +29,9 @@ from tokalign.algorithms.salt import (
     episode_turns,
     graph_step_advantages,
 )
-from tokalign.batching import collate
 from tokalign.protocols import PolicyOutput
-from tokalign.rows import dumps
-from tokalign.train.sources import scored_seqs
 
 EPS = 1e-6
-
-
-def episode(call, reply, answer, reward, group):
-    """A rollout row after prompt [1, 2]: model turn ``call``, environment tokens ``reply``, model turn ``answer``."""
-    ids = call + reply + answer
-    spans = [[0, len(call), "model"], [len(call), len(call) + len(reply), "env"], [len(call) + len(reply), len(ids), "model"]]
-    ep = {"turns": spans, "messages": [{"role": "assistant", "content": ""}, {"role": "user", "content": ""},
-                                       {"role": "assistant", "content": ""}], "tool_calls": [], "turn_errors": [0, 0]}
-    return {"id": f"{group}", "prompt_ids": [1, 2], "completion_ids": ids, "group_id": group, "reward": reward,
-            "loss_mask": [1] * len(call) + [0] * len(reply) + [1] * len(answer), "sampler_logps": [0.0] * len(ids),
-            "episode": dumps(ep)}
-
-
-def batch_of(rows):
-    return collate(scored_seqs(rows, [r["group_id"] for r in rows]), pad_id=0)
-
-
-def completion(batch, i, name="advantages"):
-    """Row i's values of a [B, T] field on its completion tokens (prompt [1, 2]: token j at column 1 + j)."""
-    n = int(batch.attention_mask[i].sum()) - 2
-    return batch.fields[name][i, 1:1 + n].tolist()
 
 
 def hand_group():

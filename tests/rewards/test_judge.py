@@ -8,6 +8,7 @@ retries and errors fast.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -17,6 +18,7 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -30,10 +32,12 @@ from tokalign.rewards.judge import Judge, fill
 
 class FakeOpenAI(BaseHTTPRequestHandler):
     """Answers /v1/chat/completions with the text after 'ANSWER:' in the user message; 'STATUS n' makes
-    it fail with HTTP n (once, for 'ONCE')."""
+    it fail with HTTP n (the first k times for 'STATUS n xk', once for 'ONCE'), asking the client to
+    retry after 10 ms (Retry-After-Ms: the openai client's retries stay fast)."""
 
-    requests: list[dict] = []
-    failed_once: set[str] = set()
+    requests: ClassVar[list[dict]] = []
+    gets: ClassVar[list[dict]] = []
+    tries: ClassVar[dict[str, int]] = {}
 
     def log_message(self, *args):
         pass
@@ -44,12 +48,15 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if code >= 400:
+                self.send_header("Retry-After-Ms", "10")
             self.end_headers()
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (the timeout test)
             pass
 
     def do_GET(self):
+        FakeOpenAI.gets.append({"path": self.path, "auth": self.headers.get("Authorization")})
         if self.path == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": "fake-judge", "object": "model"}]})
         else:
@@ -59,15 +66,22 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeOpenAI.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
         user = body["messages"][-1]["content"]
+        tries = FakeOpenAI.tries[user] = FakeOpenAI.tries.get(user, 0) + 1
         if "STATUS " in user:
             code = int(user.split("STATUS ")[1].split()[0])
-            if "ONCE" not in user or user not in FakeOpenAI.failed_once:
-                FakeOpenAI.failed_once.add(user)
+            times = re.search(r"STATUS \d+ x(\d+)", user)
+            fails = 1 if "ONCE" in user else int(times[1]) if times else math.inf
+            if tries <= fails:
                 return self._send(code, {"error": {"message": f"failing with {code}"}})
         if "SLOW" in user:
             time.sleep(1.0)
         answer = user.split("ANSWER:", 1)[1].strip() if "ANSWER:" in user else "no idea"
         self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]})
+
+
+def n_sent(text: str) -> int:
+    """How many requests the fake server got whose user message starts with ``text``."""
+    return sum(r["messages"][-1]["content"].startswith(text) for r in FakeOpenAI.requests)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +94,7 @@ def fake_server():
 
 
 def judge(url, **opts) -> Judge:
-    return Judge(Judge.Config(base_url=url, template="{prompt} | ref={reference} | ANSWER: {completion}", backoff=0.01, **opts))
+    return Judge(Judge.Config(base_url=url, template="{prompt} | ref={reference} | ANSWER: {completion}", **opts))
 
 
 def test_scores_are_parsed_and_normalised(fake_server):
@@ -117,13 +131,45 @@ def test_http_errors_retries_and_timeouts(fake_server, monkeypatch):
     samples = [Sample("bad", "STATUS 400", "x"), Sample("flaky", "STATUS 503 ONCE", "Score: 5"),
                Sample("down", "STATUS 500", "Score: 5"), Sample("slow", "SLOW", "Score: 9")]
     FakeOpenAI.requests.clear()
+    FakeOpenAI.gets.clear()
     got = judge(fake_server, retries=1, timeout=0.3, api_key_env="JUDGE_KEY")(samples)
     assert got[0].value == 0.0 and got[0].info["error"].startswith("HTTP 400") and got[0].info["parsed"] is False
+    assert "failing with 400" in got[0].info["error"]  # the server's answer, as it came
     assert got[1].value == 0.5 and got[1].info["parsed"] is True  # retried after the 503
     assert got[2].info["error"].startswith("HTTP 500") and got[2].info["error"].endswith("(after 2 tries)")
-    assert got[3].info["error"] == "timed out after 0.3 s (after 2 tries)"
-    assert {r["auth"] for r in FakeOpenAI.requests} == {"Bearer secret-for-test"}
-    assert sum(r["messages"][-1]["content"].startswith("STATUS 400") for r in FakeOpenAI.requests) == 1  # 4xx: no retry
+    assert got[3].value == 0.0 and got[3].info == {"parsed": False, "error": "timed out after 0.3 s (after 2 tries)"}
+    assert {r["auth"] for r in FakeOpenAI.requests + FakeOpenAI.gets} == {"Bearer secret-for-test"}  # /v1/models too
+    assert n_sent("STATUS 400") == 1  # 4xx: no retry
+    assert (n_sent("STATUS 503 ONCE"), n_sent("STATUS 500"), n_sent("SLOW")) == (2, 2, 2)
+
+
+def test_retries_until_the_server_answers(fake_server):
+    """429 and 5xx are retried (`retries` times, at the stub's Retry-After-Ms); backoff is accepted and
+    left to the openai client."""
+    samples = [Sample("limited", "STATUS 429 x2", "Score: 6"), Sample("crashed", "STATUS 500 x1", "Score: 8"),
+               Sample("gone", "STATUS 502 x3", "Score: 1")]
+    FakeOpenAI.requests.clear()
+    t0 = time.monotonic()
+    got = judge(fake_server, model="m", retries=2, backoff=30.0)(samples)
+    assert time.monotonic() - t0 < 10  # not 30 s: the client's own backoff, here the server's 10 ms
+    assert [r.value for r in got[:2]] == [0.6, 0.8] and got[0].info["parsed"] and got[1].info["parsed"]
+    assert got[2].info["parsed"] is False and got[2].info["error"].startswith("HTTP 502")
+    assert got[2].info["error"].endswith("(after 3 tries)")
+    assert (n_sent("STATUS 429 x2"), n_sent("STATUS 500 x1"), n_sent("STATUS 502 x3")) == (3, 2, 3)
+    FakeOpenAI.requests.clear()
+    assert judge(fake_server, model="m", retries=0)([Sample("once", "STATUS 503 x1 again", "Score: 6")])[0].info["error"] \
+        .startswith("HTTP 503")
+    assert n_sent("STATUS 503") == 1  # retries=0: one try
+
+
+def test_api_key(fake_server, monkeypatch):
+    """The key in api_key_env goes as a Bearer token; with none set the client still needs one: "EMPTY"."""
+    monkeypatch.delenv("JUDGE_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "not-this-one")
+    for env, key in (("JUDGE_KEY", "EMPTY"), ("", "EMPTY"), ("OPENAI_API_KEY", "not-this-one")):
+        FakeOpenAI.requests.clear()
+        assert judge(fake_server, model="m", api_key_env=env)([Sample("a", "q", "Score: 1")])[0].value == 0.1
+        assert [r["auth"] for r in FakeOpenAI.requests] == [f"Bearer {key}"]
 
 
 def test_unreachable_server_and_bad_options(tmp_path):
@@ -131,8 +177,11 @@ def test_unreachable_server_and_bad_options(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     down = judge(f"http://127.0.0.1:{port}", model="m", retries=1)
-    with pytest.raises(UserError, match=rf"judge: cannot reach http://127.0.0.1:{port}/v1: ConnectionRefusedError"):
+    with pytest.raises(UserError, match=rf"judge: cannot reach http://127.0.0.1:{port}/v1: ConnectionRefusedError") as e:
         down([Sample("a", "q", "c")])
+    assert "\n" not in str(e.value) and str(e.value).endswith("; start the server or fix --reward-opt judge.base_url.")
+    with pytest.raises(UserError, match=rf"^judge: cannot reach http://127.0.0.1:{port}/v1: ConnectionRefusedError"):
+        judge(f"http://127.0.0.1:{port}", retries=0)([Sample("a", "q", "c")])  # no model given: at /v1/models
     t0 = time.monotonic()
     with pytest.raises(UserError, match="cannot reach"):  # remembered: no second round of retries
         down([Sample("b", "q", "c")])
@@ -150,6 +199,15 @@ def test_unreachable_server_and_bad_options(tmp_path):
     with pytest.raises(UserError, match="cannot read template_file"):
         Judge(Judge.Config(base_url="http://127.0.0.1:1", template_file=str(tmp_path / "missing.txt"))).template()
     assert Judge(Judge.Config(base_url="http://127.0.0.1:1"))([]) == []
+
+
+def test_without_the_openai_package(monkeypatch):
+    made = Judge(Judge.Config(base_url="http://127.0.0.1:1", model="m"))
+    monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` fails as if it were not installed
+    with pytest.raises(UserError, match=r"^the judge reward needs the openai package: pip install openai$"):
+        Judge(Judge.Config(base_url="http://127.0.0.1:1"))
+    with pytest.raises(UserError, match=r"^the judge reward needs the openai package: pip install openai$"):
+        made([Sample("a", "q", "c")])
 
 
 def test_fill_is_one_pass():

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Scripted
+from conftest import AlwaysCalculates, Scripted, often_stopping_model
 
 from tokalign import models
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
 from tokalign.batching import collate
-from tokalign.environments.base import Environment, Reply
-from tokalign.environments.builtin import Calculator, calculator
+from tokalign.environments.builtin import Calculator
 from tokalign.environments.calls import hermes_text
 from tokalign.forward import forward
 from tokalign.rollout import SamplingSpec
@@ -37,18 +36,6 @@ class Recording:
     def generate(self, prompts, spec):
         self.consumed.extend(list(p) for p in prompts)
         return self.engine.generate(prompts, spec)
-
-
-class AlwaysCalculates(Environment):
-    """Answers every model turn with a calculator result, whatever the model said."""
-
-    name = "always"
-
-    def tools(self):
-        return Calculator().tools()
-
-    def step(self, state, text):
-        return Reply([{"role": "tool", "name": "calculator", "content": calculator("1234*5678")}], reward=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -158,25 +145,11 @@ def _three_turns(engine, tok, model):
     assert gap < 1e-3, f"trainer vs sampler log-prob gap {gap:.2e} on model tokens"
 
 
-def _often_stopping_model(path, tok) -> str:
-    """A seeded random tiny model whose generation config lists a third of the vocabulary as stop tokens, so its
-    turns end after a few tokens (a random model almost never samples its EOS)."""
-    from transformers import GenerationConfig
-
-    from tokalign import tiny
-
-    tiny.make_random(path, seed=1)
-    cfg = GenerationConfig.from_pretrained(path)
-    cfg.eos_token_id = [tok.eos_token_id, *range(10, 10 + len(tok) // 3)]
-    cfg.save_pretrained(path)
-    return str(path)
-
-
 def test_three_turn_episode_hf(tmp_path, tok):
     from tokalign.rollout.hf import HFEngine
 
     torch.manual_seed(0)
-    path = _often_stopping_model(tmp_path / "m", tok)
+    path = often_stopping_model(tmp_path / "m", tok)
     model = models.load_model(path)
     _three_turns(HFEngine(model, tok), tok, model)
 
@@ -186,7 +159,7 @@ def test_three_turn_episode_vllm(tmp_path, tok):
     pytest.importorskip("vllm")
     from tokalign.rollout.vllm_engine import VLLMEngine
 
-    path = _often_stopping_model(tmp_path / "m", tok)
+    path = often_stopping_model(tmp_path / "m", tok)
     model = models.load_model(path)
     engine = VLLMEngine(path, tok, max_model_len=256, seed=0)
     with torch.no_grad():  # a trained step's weights, pushed into the engine: the gap is checked after a sync

@@ -18,9 +18,11 @@ GOLDEN = HERE / "golden"
 VOLATILE_PREFIXES = ("time/", "memory/", "tokens_per_s")
 
 ONLINE = {"data": "arith", "reward": ["exact_match"], "rollout": {"n": 4, "max_new_tokens": 8}}
+EPISODES = {"n": 4, "max_new_tokens": 8, "env": "golden_runs:Always", "max_turns": 3}
 RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data files are written by _data()
     **{a: ONLINE for a in ("grpo", "dr_grpo", "dapo", "bnpo", "rec", "opmd", "tempo", "gtpo", "dcpo", "hapo", "rloo",
-                           "reinforce_pp_baseline", "reinforce_pp", "gspo", "ppo", "remax", "sspo", "prime", "thr", "thor", "salt")},
+                           "reinforce_pp_baseline", "reinforce_pp", "gspo", "ppo", "remax", "sspo", "prime", "thr", "thor", "salt",
+                           "poad")},
     "pure": {**ONLINE, "reward": ["exact_match", "golden_runs:Steps"]},
     "reinforce_ada": {**ONLINE, "algorithm": {"round_n": 4, "max_rounds": 2}},
     "par": {**ONLINE, "algorithm": {"num_references": 2}},
@@ -38,6 +40,12 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
     "grpo@mu2": {**ONLINE, "train": {"updates_per_batch": 2, "micro_batch_size": 4}},
     "ppo@tokens": {**ONLINE, "train": {"micro_batch_tokens": 64}},
     "dpo@micro": {"data": "@pairs", "train": {"micro_batch_size": 2}},
+    # multi-turn episodes (an environment that always answers: the bundled model makes no tool calls), plain and branching
+    "grpo@episodes": {**ONLINE, "reward": ["golden_runs:Steps"], "rollout": EPISODES},
+    "arpo": {**ONLINE, "reward": ["golden_runs:Steps"], "rollout": EPISODES},
+    "portool": {**ONLINE, "reward": ["golden_runs:Steps"], "rollout": EPISODES},
+    "poad@episodes": {**ONLINE, "reward": ["golden_runs:Steps"], "rollout": EPISODES},
+    "ppo@episodes": {**ONLINE, "reward": ["golden_runs:Steps"], "rollout": EPISODES},
 }
 
 
@@ -52,6 +60,23 @@ class Steps:
             vals = [0.0] + [0.5 if i % 2 == 0 else -0.25 for i in range(1, len(s.completion_ids))]
             out.append(Reward(sum(vals), vals))
         return out
+
+
+class Always:
+    """The episodes' environment: answers every model turn with "go on"."""
+
+    name = "always"
+
+    def tools(self):
+        return None
+
+    def start(self, row):
+        return None
+
+    def step(self, state, text):
+        from tokalign.environments.base import Reply
+
+        return Reply([{"role": "user", "content": "go on"}])
 
 
 COMMON = {"seed": 0, "train": {"max_steps": 3, "batch_size": 4, "save_every": 0}}

@@ -66,6 +66,10 @@ class PPO:
         """Extra per-token rewards [B, T] from the algorithm itself (RTO's DPO reward); none in PPO."""
         return 0.0
 
+    def discounts(self, batch: TokenBatch) -> float | torch.Tensor:
+        """γ of GAE: a float, or per token [B, T] (POAD: 1 inside an action, γ between actions)."""
+        return self.config.gamma
+
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         c, f, mask = self.config, batch.fields, batch.completion_mask
         token_reward = ops.last_token_mask(mask) * self.outcome(f["rewards"]).unsqueeze(-1) + self.dense_reward(batch) * mask
@@ -73,7 +77,7 @@ class PPO:
             token_reward = token_reward + f["token_rewards"] * mask
         if c.kl_coef > 0:
             token_reward = token_reward - c.kl_coef * ops.kl_penalty(f["old_logps"], f["ref_logps"], "k1") * mask
-        advantages, returns = ops.gae(token_reward, f["old_values"], mask, c.gamma, c.lam)
+        advantages, returns = ops.gae(token_reward, f["old_values"], mask, self.discounts(batch), c.lam)
         if c.whiten_advantages:
             advantages = ops.masked_whiten(advantages, mask) * mask
         f["advantages"], f["returns"] = advantages, returns

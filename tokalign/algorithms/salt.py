@@ -34,6 +34,7 @@ import torch
 
 from tokalign import ops
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
+from tokalign.algorithms.steps import episode_turns, graph_step_advantages
 from tokalign.algorithms.tempo import group_rows
 from tokalign.protocols import LossOutput, PolicyOutput, TokenBatch
 
@@ -43,63 +44,9 @@ class SALTConfig(GRPOConfig):
     pass
 
 
-def episode_turns(batch: TokenBatch) -> list[list[tuple[torch.Tensor, tuple[int, ...]]]]:
-    """Per row, its model turns in order: (the turn's columns in the [B, T] per-token tensors, its segment — the
-    completion's token ids after the previous model turn through the end of this one). Environment tokens are the
-    completion-mask-0 tokens with ``turn_index`` −1; without a ``turn_index`` field the completion is one turn."""
-    mask = (batch.completion_mask > 0).tolist()
-    turn = batch.fields.get("turn_index")
-    turn = turn.tolist() if turn is not None else None
-    ids = batch.input_ids[:, 1:].tolist()
-    out = []
-    for i, m in enumerate(mask):
-        labels, cols = [], []  # per completion column: its model turn, or −1 for the environment's tokens
-        for c, on in enumerate(m):
-            if on:
-                labels.append(int(turn[i][c]) if turn is not None else 0)
-                cols.append(c)
-            elif turn is not None and turn[i][c] < 0:
-                labels.append(-1)
-                cols.append(c)
-        steps, seg_start, j = [], 0, 0
-        while j < len(cols):
-            if labels[j] < 0:
-                j += 1
-                continue
-            first = j
-            while j < len(cols) and labels[j] == labels[first]:
-                j += 1
-            steps.append((torch.tensor(cols[first:j], dtype=torch.long), tuple(ids[i][c] for c in cols[seg_start:j])))
-            seg_start = j
-        out.append(steps)
-    return out
-
-
-def graph_step_advantages(turns: list[list[tuple[int, ...]]], adv: list[float]) -> tuple[list[list[float]], list[list[int]]]:
-    """One group's trajectories as a graph of steps (``turns[i]``: the segments of trajectory i): per step, the mean
-    advantage of the trajectories through its node, and the node's size."""
-    children: dict[tuple[int, tuple[int, ...]], int] = {}
-    total: list[float] = []
-    count: list[int] = []
-    paths = []
-    for segs, a in zip(turns, adv):
-        node, path = -1, []
-        for seg in segs:
-            nxt = children.get((node, seg))
-            if nxt is None:
-                nxt = children[(node, seg)] = len(total)
-                total.append(0.0)
-                count.append(0)
-            total[nxt] += a
-            count[nxt] += 1
-            node = nxt
-            path.append(nxt)
-        paths.append(path)
-    return [[total[v] / count[v] for v in path] for path in paths], [[count[v] for v in path] for path in paths]
-
-
 class SALT(GRPO):
     Config = SALTConfig
+    metric_prefix = "salt"
 
     @torch.no_grad()
     def prepare(self, batch: TokenBatch) -> TokenBatch:
@@ -120,5 +67,5 @@ class SALT(GRPO):
 
     def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
         res = super().loss(batch, out)  # GRPO's surrogate takes the per-token [B, T] advantages as they are
-        res.metrics["salt/shared_token_fraction"] = float(ops.masked_mean(batch.fields["salt_shared"], batch.completion_mask))
+        res.metrics[f"{self.metric_prefix}/shared_token_fraction"] = float(ops.masked_mean(batch.fields["salt_shared"], batch.completion_mask))
         return res

@@ -51,7 +51,7 @@ import torch
 
 from tokalign import ops
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
-from tokalign.algorithms.salt import episode_turns
+from tokalign.algorithms.steps import episode_turns
 from tokalign.algorithms.tempo import group_rows
 from tokalign.protocols import LossOutput, PolicyOutput, TokenBatch
 

@@ -43,12 +43,18 @@ ENV_HELP = "Multi-turn episodes: the environment answering the model between its
 MAX_TURNS_HELP = "With --env: model turns per episode."
 
 
-def episode_spec(env: str | None, max_turns: int, max_episode_tokens: int = 0):
+BRANCHING_HELP = ("With --env: grow each prompt's n episodes as a tree forking where the environment answered: entropy "
+                  "(ARPO's entropy-triggered forks) or tree (PORTool's); default none.")
+
+
+def episode_spec(env: str | None, max_turns: int, max_episode_tokens: int = 0, branching: str = "", branch_opts: list[str] | None = None):
+    from tokalign import config
     from tokalign.rollout.episodes import EpisodeSpec
 
-    spec = EpisodeSpec(env or "", max_turns, max_episode_tokens)
-    if spec.env:
-        spec.environment()  # an unknown or broken environment: one line before any model loads
+    options = config.parse_set(list(branch_opts or []))
+    spec = EpisodeSpec(env or "", max_turns, max_episode_tokens, "" if branching == "none" else branching,
+                       tuple(sorted(options.items())))
+    spec.check()  # an unknown or broken environment, bad branching: one line before any model loads
     return spec
 
 

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from tokalign.cli.common import ENV_HELP, MAX_TURNS_HELP, OUT_HELP, OVERWRITE, default_out, emit, episode_spec, sampling_spec, input_path
+from tokalign.cli.common import BRANCHING_HELP, ENV_HELP, MAX_TURNS_HELP, OUT_HELP, OVERWRITE, default_out, emit, episode_spec, sampling_spec, input_path
 
 
 def rollout(
@@ -20,6 +20,8 @@ def rollout(
     env: Optional[str] = typer.Option(None, "--env", help=ENV_HELP),
     max_turns: int = typer.Option(4, "--max-turns", min=1, help=MAX_TURNS_HELP),
     max_episode_tokens: int = typer.Option(0, "--max-episode-tokens", min=0, help="With --env: tokens after the prompt (model and environment); 0 = max-turns × max-new-tokens."),
+    branching: str = typer.Option("", "--branching", help=BRANCHING_HELP),
+    branch_opt: List[str] = typer.Option([], "--branch-opt", help="With --branching: a strategy option KEY=VALUE (repeatable), e.g. beam=3 (see `tokalign.rollout.branching`)."),
     overwrite: bool = OVERWRITE,
 ):
     """Sample completions with per-token sampler log-probs into a `rollouts` artifact."""
@@ -27,5 +29,5 @@ def rollout(
 
     src = input_path(prompts, "prompts artifact")
     spec = sampling_spec(model, n, temperature, top_p, max_new_tokens, seed)
-    episodes = episode_spec(env, max_turns, max_episode_tokens)
+    episodes = episode_spec(env, max_turns, max_episode_tokens, branching, branch_opt)
     emit(run(src, default_out("rollouts", out), model=model, backend=backend, spec=spec, overwrite=overwrite, episodes=episodes))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,16 @@ class Environment:
     def step(self, state: Any, text: str) -> Reply:
         """Answer the model's turn ``text`` (its decoded output, special tokens skipped)."""
         raise NotImplementedError
+
+    def fork(self, state: Any) -> Any:
+        """An independent copy of an episode's state, for a rollout that branches there (``rollout.branching``)."""
+        return copy.deepcopy(state)
+
+
+def fork_state(env: Any, state: Any) -> Any:
+    """``env.fork(state)``, or a deep copy for environments without the (optional) method."""
+    fork = getattr(env, "fork", None)
+    return fork(state) if callable(fork) else copy.deepcopy(state)
 
 
 def check(obj: Any) -> str | None:

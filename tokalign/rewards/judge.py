@@ -11,26 +11,30 @@ last match of ``score_pattern`` (first group, case-insensitive) in the answer is
 An answer without a score is recorded as such — value ``unparsed_value`` (default 0), info
 ``{"parsed": false, "response": ...}`` — and so is a request the server rejects (HTTP 4xx) or that keeps
 timing out; a server that cannot be reached at all is a UserError. Requests run on ``concurrency``
-threads; connection failures, timeouts, HTTP 408/429/5xx are retried ``retries`` times with
-exponential backoff. Only the standard library is used (no ``openai`` package).
+threads over one shared client of the ``openai`` package (``pip install openai``; imported only when the
+judge runs), which retries connection failures, timeouts and HTTP 408/409/429/5xx ``retries`` times with
+its own exponential backoff: 0.5 s doubling per try up to 8 s, less up to 25 % jitter, or the delay the
+server asks for in ``Retry-After``.
 
 Options (``--reward-opt judge.KEY=VALUE``): base_url (required; ".../v1" is added to a bare host),
 model (default: the first the server lists), template or template_file, system, score_pattern
 "Score:\\s*([-+]?\\d+(?:\\.\\d+)?)", min_score 0, max_score 10, unparsed_value 0, max_tokens 256,
-temperature 0, timeout 60 s, retries 2, backoff 0.5 s, concurrency 8, api_key_env OPENAI_API_KEY
-(the name of the environment variable holding the key, sent as a Bearer token when set).
+temperature 0, timeout 60 s (per try), retries 2, backoff 0.5 s (accepted for older configs and
+ignored: the client's backoff above starts at 0.5 s), concurrency 8, api_key_env OPENAI_API_KEY (the
+name of the environment variable holding the key, sent as a Bearer token; unset or empty: "EMPTY", which
+servers started without a key ignore).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import re
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +56,8 @@ Consider correctness, helpfulness and clarity; if a reference answer is given, a
 
 Explain briefly, then end with one line of the form "Score: N", where N is an integer from 0 (worst) to 10 (best)."""
 
-_RETRY_STATUS = (408, 429)
+_RETRY_STATUS = (408, 409, 429)  # and 5xx: what the openai client retries
+NO_KEY = "EMPTY"  # the openai client wants a key; servers started without one ignore it (as in vLLM's docs)
 DOWN_MEMORY_S = 10.0  # after finding the server unreachable, fail at once for this long
 _FIELDS = re.compile(r"\{(prompt|completion|reference)\}")
 
@@ -72,7 +77,7 @@ class JudgeConfig:
     temperature: float = 0.0
     timeout: float = 60.0
     retries: int = 2
-    backoff: float = 0.5
+    backoff: float = 0.5  # accepted and ignored: the openai client's own backoff (0.5 s, doubling) is used
     concurrency: int = 8
     api_key_env: str = "OPENAI_API_KEY"
 
@@ -127,6 +132,19 @@ class _Unreachable(Exception):
     pass
 
 
+class _Failed(Exception):
+    """A request that the server rejected or that kept timing out: the sample is recorded as unparsed."""
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception below ``e`` (e.g. the ConnectionRefusedError under openai's "Connection error.")."""
+    seen = {id(e)}
+    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        e = nxt
+    return e
+
+
 class Judge:
     Config = JudgeConfig
     name = "judge"
@@ -136,8 +154,12 @@ class Judge:
         self.config = config or JudgeConfig()
         self._model: str | None = None
         self._template: str | None = None
+        self._client = None
+        self._lock = threading.Lock()
         self._down: tuple[float, str] | None = None  # (when, why) the server was last found unreachable
         self.base_url = endpoint(self.config.base_url)  # a missing or malformed URL fails here, before any sample
+        if importlib.util.find_spec("openai") is None:  # so does a missing client (imported at the first request)
+            raise UserError("the judge reward needs the openai package: pip install openai")
 
     # --------------------------------------------------------------------------------------- setup
 
@@ -154,53 +176,61 @@ class Judge:
                 self._template = self.config.template
         return self._template
 
+    def client(self):
+        """The one ``openai.OpenAI`` client all threads share (created at the first request)."""
+        with self._lock:
+            if self._client is None:
+                try:
+                    import openai
+                except ImportError:
+                    raise UserError("the judge reward needs the openai package: pip install openai") from None
+                c = self.config
+                key = os.environ.get(c.api_key_env, "") if c.api_key_env else ""
+                self._client = openai.OpenAI(base_url=self.base_url, api_key=key or NO_KEY, timeout=c.timeout,
+                                             max_retries=c.retries)
+            return self._client
+
     def model(self) -> str:
         if self._model is None:
             if self.config.model:
                 self._model = self.config.model
             else:
-                listed = self._request("GET", "/models", None)
+                failed = ""
                 try:
-                    self._model = str(listed["data"][0]["id"])
-                except (KeyError, IndexError, TypeError):
-                    raise UserError(f"judge: {self.base_url}/models lists no model; pass --reward-opt judge.model=NAME.") from None
+                    listed = self._call(lambda client: client.models.list().data)
+                    self._model = str(listed[0].id)
+                except _Failed as e:
+                    failed = f" ({e})"
+                except (AttributeError, IndexError, TypeError):
+                    pass
+                if self._model is None:
+                    raise UserError(f"judge: {self.base_url}/models lists no model{failed}; pass --reward-opt judge.model=NAME.")
         return self._model
 
     # --------------------------------------------------------------------------------------- http
 
-    def _request(self, method: str, path: str, body: dict | None) -> dict:
-        """One JSON request with retries. Raises _Unreachable (no connection), or returns the parsed
-        JSON; an HTTP error that retrying cannot fix is returned as {"_error": ...}."""
+    def _call(self, request):
+        """``request(client)`` through the openai client, whose retries it leaves as they are. Raises
+        _Unreachable (no connection) or _Failed (an HTTP error or timeouts that retrying did not fix)."""
+        client = self.client()
+        import openai  # imported by client()
+
         c = self.config
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(c.api_key_env) if c.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        data = None if body is None else json.dumps(body).encode()
-        last, unreachable = "", False
-        for attempt in range(c.retries + 1):
-            if attempt:
-                time.sleep(c.backoff * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
-            try:
-                with urllib.request.urlopen(req, timeout=c.timeout) as resp:
-                    return json.loads(resp.read().decode("utf-8"))
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode("utf-8", "replace")[:300]
-                last, unreachable = f"HTTP {e.code}: {detail}", False
-                if e.code not in _RETRY_STATUS and e.code < 500:
-                    return {"_error": last}
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                return {"_error": f"the server's answer is not JSON ({e})"}
-            except OSError as e:  # URLError, refused or reset connections, socket timeouts
-                reason = getattr(e, "reason", e)
-                if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-                    last, unreachable = f"timed out after {c.timeout:g} s", False
-                else:
-                    last, unreachable = f"{type(reason).__name__}: {reason}", True
-        if unreachable:
-            raise _Unreachable(last)
-        return {"_error": f"{last} (after {c.retries + 1} tries)"}
+        tries = f"(after {c.retries + 1} tries)"
+        try:
+            return request(client)
+        except openai.APITimeoutError:  # before APIConnectionError, its base class
+            raise _Failed(f"timed out after {c.timeout:g} s {tries}") from None
+        except openai.APIConnectionError as e:
+            root = _root_cause(e)
+            raise _Unreachable(f"{type(root).__name__}: {root}" if root is not e else str(e)) from None
+        except openai.APIStatusError as e:
+            code = e.status_code
+            detail = e.response.text[:300] if e.response is not None else str(e.message)[:300]
+            retried = code in _RETRY_STATUS or code >= 500
+            raise _Failed(f"HTTP {code}: {detail}" + (f" {tries}" if retried else "")) from None
+        except openai.APIError as e:  # e.g. an answer that is not what the API promises
+            raise _Failed(f"{type(e).__name__}: {e}"[:300]) from None
 
     # --------------------------------------------------------------------------------------- scoring
 
@@ -226,14 +256,17 @@ class Judge:
         c = self.config
         messages = ([{"role": "system", "content": c.system}] if c.system else []) + \
             [{"role": "user", "content": fill(self.template(), sample)}]
-        body = {"model": self.model(), "messages": messages, "max_tokens": c.max_tokens, "temperature": c.temperature}
-        answer = self._request("POST", "/chat/completions", body)
-        if "_error" in answer:
-            return Reward(c.unparsed_value, None, {"parsed": False, "error": answer["_error"]})
+        model = self.model()
         try:
-            text = answer["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            return Reward(c.unparsed_value, None, {"parsed": False, "error": f"malformed answer: {json.dumps(answer)[:300]}"})
+            answer = self._call(lambda client: client.chat.completions.create(
+                model=model, messages=messages, max_tokens=c.max_tokens, temperature=c.temperature))
+        except _Failed as e:
+            return Reward(c.unparsed_value, None, {"parsed": False, "error": str(e)})
+        try:
+            text = answer.choices[0].message.content or ""
+        except (AttributeError, IndexError, TypeError):
+            shown = answer.model_dump_json() if hasattr(answer, "model_dump_json") else json.dumps(answer, default=str)
+            return Reward(c.unparsed_value, None, {"parsed": False, "error": f"malformed answer: {shown[:300]}"})
         return self.parse(text)
 
     def __call__(self, samples: list[Sample]) -> list[Reward]:

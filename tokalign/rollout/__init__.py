@@ -27,6 +27,9 @@ class Completion:
     text: str
     loss_mask: list[int] | None = None
     episode: dict[str, Any] | None = None
+    # with SamplingSpec.entropy_tokens = K: the sampled distribution's top-``ENTROPY_TOP`` entropy at each of the
+    # first K tokens (what branching rollouts read, rollout.branching)
+    entropy: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,18 @@ class SamplingSpec:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+    entropy_tokens: int = 0  # > 0: record Completion.entropy for the first this many tokens of each completion
+
+
+# tokens of each position's distribution whose entropy is recorded (vLLM returns the top k log-probs; HF matches it)
+ENTROPY_TOP = 10
+
+
+def top_entropy(logps) -> float:
+    """−Σ p log p over the given log-probs (a position's top ``ENTROPY_TOP``; −inf entries, cut by top-p, add 0)."""
+    import math
+
+    return -sum(math.exp(lp) * lp for lp in logps if lp > -math.inf)
 
 
 def check_backend(name: str) -> None:
@@ -54,10 +69,12 @@ def stop_ids(tokenizer, generation_config=None) -> set[int]:
     return ids
 
 
-def cut_at_stop(ids: list[int], logps: list[float], stops: set[int], tokenizer) -> Completion:
+def cut_at_stop(ids: list[int], logps: list[float], stops: set[int], tokenizer, entropy: list[float] | None = None) -> Completion:
     """Trim a generated sequence after its first stop token (kept: the model must learn to stop)."""
+    finish = "length"
     for i, t in enumerate(ids):
         if t in stops:
-            ids, logps = ids[: i + 1], logps[: i + 1]
-            return Completion(ids, logps, "stop", tokenizer.decode(ids, skip_special_tokens=True))
-    return Completion(ids, logps, "length", tokenizer.decode(ids, skip_special_tokens=True))
+            ids, logps, finish = ids[: i + 1], logps[: i + 1], "stop"
+            break
+    return Completion(ids, logps, finish, tokenizer.decode(ids, skip_special_tokens=True),
+                      entropy=entropy[: len(ids)] if entropy is not None else None)

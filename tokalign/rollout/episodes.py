@@ -14,12 +14,14 @@ hits the per-turn or episode token budget (``finish_reason`` "length").
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+from tokalign.environments.base import fork_state
 from tokalign.environments.turns import reply_ids
-from tokalign.rollout import Completion, SamplingSpec
+from tokalign.rollout import Completion, SamplingSpec, branching
 
 
 @dataclass
@@ -36,6 +38,8 @@ class _Episode:
     turn_errors: list[int] = field(default_factory=list)  # per model turn: the tool calls of its reply that failed
     finish: str | None = None
     model_turns: int = 0
+    turn_entropies: list[float] = field(default_factory=list)  # branching rollouts: per model turn (rollout.branching)
+    forked_at: int = 0  # the model turn after which this episode was forked off another (0: from the prompt)
 
     def add(self, ids: list[int], logps: list[float] | None, who: str) -> None:
         self.turns.append([len(self.ids), len(self.ids) + len(ids), who])
@@ -43,12 +47,22 @@ class _Episode:
         self.mask += [1 if who == "model" else 0] * len(ids)
         self.logps += logps if logps is not None else [0.0] * len(ids)
 
+    def fork(self, env) -> "_Episode":
+        """A copy that goes on on its own from here (the environment's state copied too)."""
+        copy = _Episode(self.prompt, fork_state(env, self.state), list(self.ids), list(self.mask), list(self.logps),
+                        [list(t) for t in self.turns], [dict(m) for m in self.messages], list(self.tool_calls),
+                        list(self.turn_rewards), list(self.turn_errors), self.finish, self.model_turns,
+                        list(self.turn_entropies))
+        copy.forked_at = self.model_turns
+        return copy
+
     def completion(self) -> Completion:
         last = next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
-        return Completion(self.ids, self.logps, self.finish or "stop", last, loss_mask=self.mask,
-                          episode={"turns": self.turns, "messages": self.messages, "tool_calls": self.tool_calls,
-                                   "turn_rewards": self.turn_rewards, "turn_errors": self.turn_errors,
-                                   "model_turns": self.model_turns})
+        episode = {"turns": self.turns, "messages": self.messages, "tool_calls": self.tool_calls,
+                   "turn_rewards": self.turn_rewards, "turn_errors": self.turn_errors, "model_turns": self.model_turns}
+        if self.forked_at:
+            episode["forked_at"] = self.forked_at
+        return Completion(self.ids, self.logps, self.finish or "stop", last, loss_mask=self.mask, episode=episode)
 
 
 def generate_rows(engine, rows: list[dict], spec: SamplingSpec) -> list[list[Completion]]:
@@ -62,11 +76,36 @@ def generate_rows(engine, rows: list[dict], spec: SamplingSpec) -> list[list[Com
 
 @dataclass(frozen=True)
 class EpisodeSpec:
-    """The run's multi-turn settings (``rollout.env``, ``rollout.max_turns``, ``rollout.max_episode_tokens``)."""
+    """The run's multi-turn settings (``rollout.env``, ``rollout.max_turns``, ``rollout.max_episode_tokens``,
+    ``rollout.branching`` and its ``rollout.branch_options``)."""
 
     env: str = ""
     max_turns: int = 4
     max_tokens: int = 0
+    branching: str = ""
+    branch_options: tuple = ()  # (key, value) pairs (the spec is hashable)
+
+    def check(self) -> None:
+        """Fail before any model loads: an unknown or broken environment, a branching without one, bad options."""
+        if self.branching and not self.env:
+            from tokalign.errors import UserError
+
+            raise UserError(f"rollout.branching {self.branching!r} forks episodes where the environment answered: "
+                            "it needs an environment (--env NAME, rollout.env).")
+        if self.branching:
+            branching.check_options(self.branching, dict(self.branch_options))
+        if self.env:
+            self.environment()
+
+    def describe(self) -> str:
+        """One line for the dry run: the environment, the budgets, the branching with its options."""
+        out = f"env {self.env}, at most {self.max_turns} model turns"
+        if self.max_tokens:
+            out += f", {self.max_tokens} tokens"
+        if self.branching:
+            opts = branching.check_options(self.branching, dict(self.branch_options))
+            out += f"; branching {self.branching} (" + ", ".join(f"{k} {v}" for k, v in vars(opts).items()) + ")"
+        return out
 
     def budget(self, spec: SamplingSpec) -> int:
         """Tokens an episode may hold after its prompt (what the engine's context must fit beyond the prompt)."""
@@ -91,18 +130,23 @@ class EpisodeSpec:
 
     def wrap(self, engine):
         """``engine`` running this spec's episodes (the engine itself when single-turn)."""
-        return EpisodeEngine(engine, self.environment(), self.max_turns, self.max_tokens) if self.env else engine
+        if not self.env:
+            return engine
+        strategy = branching.make(self.branching, dict(self.branch_options), len(engine.tokenizer))
+        return EpisodeEngine(engine, self.environment(), self.max_turns, self.max_tokens, strategy)
 
 
 class EpisodeEngine:
     """``engine`` running episodes of ``env``. ``max_turns``: model turns per episode; ``max_tokens``: the episode's
-    tokens after the prompt (model and environment), 0 for ``max_turns`` × the per-turn ``max_new_tokens``."""
+    tokens after the prompt (model and environment), 0 for ``max_turns`` × the per-turn ``max_new_tokens``;
+    ``branching``: a ``tokalign.rollout.branching`` strategy (None: independent episodes)."""
 
     episodic = True
 
-    def __init__(self, engine, env, max_turns: int = 4, max_tokens: int = 0):
+    def __init__(self, engine, env, max_turns: int = 4, max_tokens: int = 0, branching=None):
         self.engine, self.env = engine, env
         self.max_turns, self.max_tokens = max_turns, max_tokens
+        self.branching = branching
         self.tools = env.tools()
 
     @property
@@ -121,21 +165,58 @@ class EpisodeEngine:
         """``rows``: the prompt rows (the environment's ``start`` reads them), one per prompt."""
         rows = rows if rows is not None else [{} for _ in prompts]
         budget = self.max_tokens or self.max_turns * spec.max_new_tokens
-        first = self.engine.generate(prompts, spec)
-        episodes = [[_Episode(list(p), self.env.start(row)) for _ in comps] for p, row, comps in zip(prompts, rows, first)]
-        active = []
-        for eps, comps in zip(episodes, first):
-            for ep, c in zip(eps, comps):
-                if self._model_turn(ep, c, budget):
-                    active.append(ep)
+        strategy = self.branching
+        if strategy is not None and strategy.entropy_tokens:
+            spec = replace(spec, entropy_tokens=strategy.entropy_tokens)
+        rng = random.Random(spec.seed * 1_000_003 + 17)  # the strategy's draws, reproducible per call
+        groups = [branching.Group(spec.n, [], []) for _ in prompts]
+        first = self.engine.generate(prompts, replace(spec, n=strategy.initial(spec.n)) if strategy else spec)
+        for g, p, row, comps in zip(groups, prompts, rows, first):
+            for c in comps:
+                self._continue(g, _Episode(list(p), self.env.start(row)), c, budget)
         turn = 1
-        while active:
-            contexts = [ep.prompt + ep.ids for ep in active]
-            spec_t = replace(spec, n=1, seed=spec.seed + 7919 * turn)
-            out = self.engine.generate(contexts, spec_t)
-            active = [ep for ep, comps in zip(active, out) if self._model_turn(ep, comps[0], budget)]
+        while True:
+            requests = []  # (group, prompt row, the episode continued or None for a fresh one from the prompt)
+            for g, row in zip(groups, rows):
+                plan = strategy.expand(g, rng) if strategy else [(ep, 1) for ep in g.open]
+                requests += [(g, row, ep) for ep, copies in plan for _ in range(copies)]
+            if not requests:
+                break
+            prompts_at = {id(g): p for g, p in zip(groups, prompts)}
+            contexts = [prompts_at[id(g)] + (ep.ids if ep is not None else []) for g, _, ep in requests]
+            out = self.engine.generate(contexts, replace(spec, n=1, seed=spec.seed + 7919 * turn))
+            by_group: dict[int, list] = {}
+            for (g, row, ep), comps in zip(requests, out):
+                by_group.setdefault(id(g), []).append((row, ep, comps[0]))
+            for g, p in zip(groups, prompts):
+                candidates = by_group.get(id(g), [])
+                kept = strategy.keep(g, candidates, rng) if strategy else range(len(candidates))
+                continued = [candidates[k] for k in kept]
+                g.open = []
+                copies: dict[int, int] = {}
+                for _, ep, _ in continued:
+                    if ep is not None:
+                        copies[id(ep)] = copies.get(id(ep), 0) + 1
+                dropped = {id(ep) for _, ep, _ in candidates if ep is not None} - set(copies)
+                g.episodes = [e for e in g.episodes if id(e) not in dropped]  # pruned: none of its continuations kept
+                for row, ep, c in continued:
+                    if ep is None:
+                        ep = _Episode(list(p), self.env.start(row))
+                    elif copies[id(ep)] > 1:  # several continuations: each a copy of the history; the last one reuses it
+                        copies[id(ep)] -= 1
+                        ep = ep.fork(self.env)
+                    self._continue(g, ep, c, budget)
             turn += 1
-        return [[ep.completion() for ep in eps] for eps in episodes]
+        return [[ep.completion() for ep in g.episodes] for g in groups]
+
+    def _continue(self, g: "branching.Group", ep: _Episode, c: Completion, budget: int) -> None:
+        """Append ``c`` to ``ep`` (new, continued or forked) and file it in its group."""
+        if all(e is not ep for e in g.episodes):
+            g.episodes.append(ep)
+        if self.branching is not None:
+            ep.turn_entropies.append(self.branching.turn_entropy(c.entropy))
+        if self._model_turn(ep, c, budget):
+            g.open.append(ep)
 
     def _model_turn(self, ep: _Episode, c: Completion, budget: int) -> bool:
         """Append the model's turn and the environment's reply; True if the episode goes on."""

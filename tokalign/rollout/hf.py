@@ -5,17 +5,19 @@ from __future__ import annotations
 import torch
 
 from tokalign.forward import autocast
-from tokalign.rollout import Completion, SamplingSpec, cut_at_stop, stop_ids
+from tokalign.rollout import ENTROPY_TOP, Completion, SamplingSpec, cut_at_stop, stop_ids
 
 
 class SampledLogps:
     """A logits processor, after the temperature and top-p warpers: it sees the processed scores actually sampled from (temperature,
     top-p applied) and keeps only the log-prob of the token each sequence then took — read from the next call's
     input ids — so memory stays one [sequences, V] step (``output_scores`` would keep all of them: ~10 GB for 64 × 256
-    tokens at a 152k vocabulary)."""
+    tokens at a 152k vocabulary). ``entropy_tokens`` > 0: also the top-``ENTROPY_TOP`` entropy of the first that many
+    steps (as vLLM's top-k log-probs give it)."""
 
-    def __init__(self, prompt_width: int):
+    def __init__(self, prompt_width: int, entropy_tokens: int = 0):
         self.width, self.previous, self.taken = prompt_width, None, []
+        self.entropy_tokens, self.entropies = entropy_tokens, []
 
     def _take(self, ids: torch.Tensor) -> None:
         if self.previous is not None:
@@ -24,7 +26,16 @@ class SampledLogps:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self._take(input_ids)
         self.previous = torch.log_softmax(scores.float(), -1)
+        if len(self.entropies) < self.entropy_tokens:
+            top = self.previous.topk(min(ENTROPY_TOP, scores.shape[-1]), dim=-1).values
+            self.entropies.append(-(top.exp() * top.nan_to_num(neginf=0.0)).sum(-1))  # −inf (cut by top-p) adds 0
         return scores
+
+    def entropy(self) -> list[list[float]] | None:
+        """[sequences][first steps] top-k entropies (None when not recorded)."""
+        if not self.entropy_tokens:
+            return None
+        return torch.stack(self.entropies, dim=1).tolist() if self.entropies else None
 
     def finish(self, sequences: torch.Tensor) -> torch.Tensor:
         """[sequences, new tokens] log-probs once generate returned its sequences."""
@@ -83,13 +94,15 @@ class HFEngine:
                 mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
                 # never run past the model's context: a longer request is cut (finish_reason "length")
                 new_tokens = max(1, min(spec.max_new_tokens, limit - width))
-                recorder = SampledLogps(width)  # a fresh one per call: it holds this call's log-probs
+                recorder = SampledLogps(width, spec.entropy_tokens)  # a fresh one per call: it holds this call's log-probs
                 with autocast(device):  # the trainer's mixed precision, if any
                     res = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, max_new_tokens=new_tokens,
                                               logits_processor=[*warpers, recorder], synced_gpus=self.synced_gpus)
                 new = res.sequences[:, width:]
                 logps = recorder.finish(res.sequences)
-                rows = [cut_at_stop(new[r].tolist(), logps[r].tolist(), stops, self.tokenizer) for r in range(new.shape[0])]
+                ent = recorder.entropy()
+                rows = [cut_at_stop(new[r].tolist(), logps[r].tolist(), stops, self.tokenizer, ent[r] if ent else None)
+                        for r in range(new.shape[0])]
                 out.extend(rows[i * spec.n : (i + 1) * spec.n] for i in range(len(chunk)))
         finally:
             self.model.train(was_training)

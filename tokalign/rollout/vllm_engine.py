@@ -16,7 +16,7 @@ import random
 from dataclasses import replace
 
 from tokalign.errors import UserError
-from tokalign.rollout import Completion, SamplingSpec, cut_at_stop, stop_ids
+from tokalign.rollout import ENTROPY_TOP, Completion, SamplingSpec, cut_at_stop, stop_ids, top_entropy
 
 _ENGINES: dict[tuple[str, int, str], object] = {}
 
@@ -175,7 +175,8 @@ class VLLMEngine:
             self.vllm.SamplingParams(
                 n=spec.n if sample else 1,  # vLLM refuses n > 1 for greedy; its copies would be identical
                 temperature=spec.temperature, top_p=spec.top_p if sample else 1.0,
-                top_k=0, max_tokens=spec.max_new_tokens, logprobs=0, seed=rng.randrange(1 << 31),
+                top_k=0, max_tokens=spec.max_new_tokens, logprobs=ENTROPY_TOP if spec.entropy_tokens else 0,
+                seed=rng.randrange(1 << 31),
                 stop_token_ids=sorted(self.stops), detokenize=False,
             )
             for _ in prompts
@@ -187,6 +188,10 @@ class VLLMEngine:
             for c in sorted(res.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 logps = [step[t].logprob for step, t in zip(c.logprobs, ids)]
-                rows.append(cut_at_stop(ids, logps, self.stops, self.tokenizer))
+                ent = None
+                if spec.entropy_tokens:  # the top k of each step (vLLM adds the sampled token when it is not among them)
+                    ent = [top_entropy(sorted((x.logprob for x in step.values()), reverse=True)[:ENTROPY_TOP])
+                           for step in c.logprobs[: spec.entropy_tokens]]
+                rows.append(cut_at_stop(ids, logps, self.stops, self.tokenizer, ent))
             out.append(rows if sample else [replace(rows[0]) for _ in range(spec.n)])
         return out

@@ -37,7 +37,12 @@ def sample(rows: list[dict], model: str, backend: str, spec: SamplingSpec, token
 
 def episode_config(episodes: EpisodeSpec) -> dict:
     """The multi-turn settings for a manifest's config (nothing when single-turn)."""
-    return {"env": episodes.env, "max_turns": episodes.max_turns, "max_episode_tokens": episodes.max_tokens} if episodes.env else {}
+    if not episodes.env:
+        return {}
+    out = {"env": episodes.env, "max_turns": episodes.max_turns, "max_episode_tokens": episodes.max_tokens}
+    if episodes.branching:
+        out.update(branching=episodes.branching, branch_options=dict(episodes.branch_options))
+    return out
 
 
 def rollout(prompts: str, out: str, *, model: str = "", backend: str = "hf", spec: SamplingSpec = SamplingSpec(),

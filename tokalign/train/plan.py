@@ -162,6 +162,8 @@ class Plan:
         lines.append("batch components: " + (", ".join(f"{c.name} -> {', '.join(c.provides) or 'forward outputs'}" for c in comps) or "none"))
         if self.kind.sampled or self.kind.keeps_ids:
             lines.append("sampling hooks: " + (", ".join(h.name for h in self.needs.hooks) or "none"))
+        if self.kind.sampled and self.episodes.env:
+            lines.append("episodes: " + self.episodes.describe())
         lines.append("batch arithmetic:")
         lines += [f"  {k}: {v}" for k, v in self.arithmetic().items()]
         lines += [f"warning: {w}" for w in [*self.warnings, *self.option_warnings()]]
@@ -315,10 +317,14 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
     t = run_cfg.train
     _check_train(t, run_cfg.rollout)
     r = run_cfg.rollout
-    episodes = EpisodeSpec(r.env, r.max_turns, r.max_episode_tokens)
-    if episodes.env:
-        episodes.environment()  # an unknown or broken environment fails before any model loads
     kind, desc, rows, extra = _resolve_data(run_cfg.data, algorithm.needs.data, algo_name)
+    r.branching = r.branching or (algorithm.needs.branching if r.env else "")  # the manifest records what was used
+    if algorithm.needs.branching and not r.env and KINDS[kind].sampled:
+        raise UserError(f"'{algo_name}' learns from episodes that branch where an environment answered: pass --env NAME "
+                        "(e.g. --env calculator; rollout.env), or train on a scored artifact of such episodes.")
+    episodes = EpisodeSpec(r.env, r.max_turns, r.max_episode_tokens, "" if r.branching == "none" else r.branching,
+                           tuple(sorted(r.branch_options.items())))
+    episodes.check()  # an unknown or broken environment, bad branching options: before any model loads
     if not rows:
         raise UserError(f"Training data '{run_cfg.data}' has no rows.")
     plan = Plan(algo_name, algorithm, algo_cfg, run_cfg, kind, desc, rows, extra=extra, episodes=episodes)
