@@ -228,3 +228,31 @@ def test_tree_rollouts_through_the_cli(tmp_path):
     assert config["branching"] == "tree" and config["env"] == "always_env:Always"
     metrics = [json.loads(line) for line in (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()]
     assert "portool/fork_advantage_abs_mean" in metrics[-1]
+
+
+@pytest.mark.vllm
+def test_vllm_entropy_and_branching(tmp_path, tok):
+    """vLLM's top-10 log-probs give the same first-token entropy as the HF engine's logits, and a branching episode
+    group runs on it (forks share their history, every group ends with n)."""
+    pytest.importorskip("vllm")
+    from tokalign.rollout.vllm_engine import VLLMEngine
+
+    path = often_stopping_model(tmp_path / "m", tok)
+    engine = VLLMEngine(path, tok, max_model_len=256, seed=0)
+    prompt = _prompts(tok, 1)
+    (c,), = engine.generate(prompt, SamplingSpec(n=1, max_new_tokens=5, seed=0, entropy_tokens=3))
+    model = models.load_model(path)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt[0]])).logits[0, -1].float()
+    top = torch.log_softmax(logits, -1).topk(10).values
+    assert c.entropy is not None and c.entropy[0] == pytest.approx(float(-(top.exp() * top).sum()), abs=1e-3)
+    spec = SamplingSpec(n=4, max_new_tokens=12, seed=2)
+    groups = EpisodeEngine(engine, AlwaysCalculates(), max_turns=3, branching=_strategy("entropy", len(tok), initial=2)).generate(
+        _prompts(tok), spec)
+    assert [len(g) for g in groups] == [4, 4]
+    for g in groups:
+        for c in g:
+            k = c.episode.get("forked_at", 0)
+            if k:
+                cut = [t for t in c.episode["turns"] if t[2] == "model"][k - 1][1]
+                assert any(o is not c and o.ids[:cut] == c.ids[:cut] for o in g)
