@@ -97,3 +97,15 @@ def test_constant_tensors_equal_the_floats(seed):
         at, rt = ops.gae(rewards, values, m, torch.full_like(m, 0.9), torch.full_like(m, 0.8))
         assert_close(at, a, atol=1e-6, rtol=1e-6)
         assert_close(rt, r, atol=1e-6, rtol=1e-6)
+
+
+def test_placed_rewards_count_a_token_reward_once():
+    """R = 1.5 of which 0.5 given per token (a process reward's value is the sum of its token values): the last token
+    gets the remaining 1, so the rewards sum to R (before: R on the last token plus the token values, 2.0). Masked-off
+    positions get nothing; without token rewards R lands on the last masked token."""
+    from tokalign.ops import placed_rewards
+
+    mask = torch.tensor([[1.0, 1, 0, 1, 0]])
+    got = placed_rewards(torch.tensor([1.5]), mask, torch.tensor([[0.0, 0.5, 9.0, 0.0, 0.0]]))
+    assert torch.equal(got, torch.tensor([[0.0, 0.5, 0.0, 1.0, 0.0]]))
+    assert torch.equal(placed_rewards(torch.tensor([2.0]), mask), torch.tensor([[0.0, 0, 0, 2.0, 0]]))

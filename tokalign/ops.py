@@ -289,6 +289,17 @@ def _column(x: float | torch.Tensor, t: int):
     return x[:, t] if isinstance(x, torch.Tensor) and x.dim() == 2 else x
 
 
+def placed_rewards(rewards: torch.Tensor, mask: torch.Tensor, token_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-token rewards [B, T] of a reward-to-go algorithm: each row's total R [B] split into its per-token part
+    (a scored artifact's ``token_rewards``, whose sum is already in R: a process reward's value is the sum of its token
+    values) and the rest, R − Σ_t token_rewards_t, on the row's last masked token. Σ_t r_t = R either way."""
+    last = last_token_mask(mask)
+    if token_rewards is None:
+        return last * rewards.unsqueeze(-1)
+    per_token = token_rewards * mask
+    return last * (rewards - per_token.sum(-1)).unsqueeze(-1) + per_token
+
+
 def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
     """1 at each row's last masked position (where an outcome reward lands): [B, T] -> [B, T]."""
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)

@@ -39,7 +39,8 @@ def test_action_discounts():
 
 def test_two_actions_by_hand():
     """Action 0 = positions 0, 1; the environment's reply 2, 3 (m = 0, V = 9 there: ignored); action 1 = 4, 5.
-    R = 1 on the last token, action 0's own reward 0.5 on its last token (token_rewards, as the gated reward places it).
+    R = 1.5 in all: action 0's own reward 0.5 on its last token (token_rewards, as the gated reward places it) and the
+    remaining 1 on the last token.
     V = (0.5, 0.4, 9, 9, 0.3, 0.2), γ = 0.9, λ = 0.8; γ_t = (1, 0.9, ·, ·, 1, 0.9):
       δ5 = 1 − 0.2 = 0.8                         A5 = 0.8
       δ4 = 0 + 1·0.2 − 0.3 = −0.1                A4 = −0.1 + 1·0.8·0.8 = 0.54
@@ -48,13 +49,13 @@ def test_two_actions_by_hand():
     returns = A + V = (1.00704, 1.1588, 0, 0, 0.84, 1.0). PPO (γ = 0.9 on every token) differs: its δ0 = 0.36 − 0.5."""
     mask = [[1.0, 1, 0, 0, 1, 1]]
     values = [[0.5, 0.4, 9, 9, 0.3, 0.2]]
-    batch = ppo_batch([1.0], mask, old_values=values)
+    batch = ppo_batch([1.5], mask, old_values=values)
     batch.fields["turn_index"] = torch.tensor([[0.0, 0, -1, -1, 1, 1]])
     batch.fields["token_rewards"] = torch.tensor([[0.0, 0.5, 0, 0, 0, 0]])
     POAD(POADConfig(gamma=0.9, lam=0.8, **PLAIN)).prepare(batch)
     assert_close(batch.fields["advantages"], torch.tensor([[0.50704, 0.7588, 0, 0, 0.54, 0.8]]), atol=1e-6, rtol=0)
     assert_close(batch.fields["returns"], torch.tensor([[1.00704, 1.1588, 0, 0, 0.84, 1.0]]), atol=1e-6, rtol=0)
-    ppo = ppo_batch([1.0], mask, old_values=values)
+    ppo = ppo_batch([1.5], mask, old_values=values)
     ppo.fields["token_rewards"] = batch.fields["token_rewards"]
     PPO(PPOConfig(gamma=0.9, lam=0.8, **PLAIN)).prepare(ppo)
     assert abs(float(ppo.fields["advantages"][0, 0]) - 0.50704) > 0.01

@@ -12,7 +12,8 @@ the environment's replies); without ``turn_index`` (a single-turn completion) th
 token t, n(t) is the row's next model token (the environment's reply in between is skipped, not a break) and t is its
 action's last token iff n(t) lies in another action or there is none:
 
-    r_t = −β·k1_t + token_rewards_t + 1[t = last]·R                  (PPO's reward: R on the completion's last token)
+    r_t = −β·k1_t + token_rewards_t + 1[t = last]·(R − Σ token_rewards)     (PPO's reward: R's part not given per
+                                                                           token on the completion's last token)
     γ_t = γ at an action's last token, 1 inside an action;   λ_t = λ everywhere
     δ_t = r_t + γ_t V_{n(t)} − V_t,   A_t = δ_t + γ_t λ A_{n(t)},   G_t = A_t + V_t    (V, A = 0 after the last token)
     A whitened over the batch's model tokens; L^π (clip ε), L^V (clip ε_v) and the loss as in PPO (ppo.py)

@@ -6,7 +6,8 @@ trunk), per-token KL in the reward, GAE, clipped policy and value losses.
 Shapes: ``rewards``: [B]; ``logps``, ``old_logps``, ``ref_logps``, ``old_values``, ``values``,
 ``token_rewards``, mask: [B, T].
 
-    r_t = −β·k1_t + token_rewards_t + 1[t = last]·R          (token_rewards: the scored artifact's per-token rewards)
+    r_t = −β·k1_t + token_rewards_t + 1[t = last]·(R − Σ token_rewards)   (token_rewards: the scored artifact's
+                                                              per-token rewards, whose sum is part of R)
     δ_t = r_t + γ V_{t+1} − V_t,   A_t = Σ_k (γλ)^k δ_{t+k},   returns G_t = A_t + V_t;  A whitened over the batch
     L^π_t = max(−A ρ, −A clip(ρ, 1−ε, 1+ε)), dual clip min(·, −c·A) where A < 0
     L^V_t = ½ max((V_t − G_t)², (clip(V_t, V^old_t ± ε_v) − G_t)²)
@@ -72,9 +73,7 @@ class PPO:
 
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         c, f, mask = self.config, batch.fields, batch.completion_mask
-        token_reward = ops.last_token_mask(mask) * self.outcome(f["rewards"]).unsqueeze(-1) + self.dense_reward(batch) * mask
-        if "token_rewards" in f:
-            token_reward = token_reward + f["token_rewards"] * mask
+        token_reward = ops.placed_rewards(self.outcome(f["rewards"]), mask, f.get("token_rewards")) + self.dense_reward(batch) * mask
         if c.kl_coef > 0:
             token_reward = token_reward - c.kl_coef * ops.kl_penalty(f["old_logps"], f["ref_logps"], "k1") * mask
         advantages, returns = ops.gae(token_reward, f["old_values"], mask, self.discounts(batch), c.lam)

@@ -2,7 +2,7 @@
 Prompt and Reward Models", Hu et al. 2025, arXiv:2501.03262.
 
 REINFORCE++ (``reinforce_pp``; verl ``compute_reinforce_plus_plus_outcome_advantage``): per-token rewards
-r_t = −β_KL·k1_t + token_rewards_t + 1[t = last]·R, returns G_t = Σ_{k≥t} γ^{k−t} r_k, whitened over every
+r_t = −β_KL·k1_t + token_rewards_t + 1[t = last]·(R − Σ token_rewards) (the token rewards' sum is part of R), returns G_t = Σ_{k≥t} γ^{k−t} r_k, whitened over every
 completion token of the batch: A_t = whiten(G)_t. No critic, no groups needed.
 
 REINFORCE++-baseline (``reinforce_pp_baseline``): group-mean baseline, then whitening over the whole batch,
@@ -83,9 +83,7 @@ class ReinforcePP(GRPO):
 
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         c, f, mask = self.config, batch.fields, batch.completion_mask
-        reward = ops.last_token_mask(mask) * f["rewards"].unsqueeze(-1)
-        if "token_rewards" in f:
-            reward = reward + f["token_rewards"] * mask
+        reward = ops.placed_rewards(f["rewards"], mask, f.get("token_rewards"))
         if c.kl_coef > 0:
             reward = reward - c.kl_coef * ops.kl_penalty(f["old_logps"], f["ref_logps"], "k1") * mask
         returns, _ = ops.gae(reward, torch.zeros_like(reward), mask, c.gamma, 1.0)  # V = 0, λ = 1: discounted returns
