@@ -256,3 +256,16 @@ def test_vllm_entropy_and_branching(tmp_path, tok):
             if k:
                 cut = [t for t in c.episode["turns"] if t[2] == "model"][k - 1][1]
                 assert any(o is not c and o.ids[:cut] == c.ids[:cut] for o in g)
+
+
+def test_bad_branching_flags_are_one_line_and_write_nothing(tmp_path):
+    from conftest import cli
+
+    cli("prepare", "arith", "--limit", "2", "-o", str(tmp_path / "p.prompts"))
+    for flags, says in ((["--env", "calculator", "--branching", "tree", "--branch-opt", "forks"], "--branch-opt expects KEY=VALUE"),
+                        (["--env", "calculator", "--branching", "tree", "--branch-opt", "width=2"], "rollout.branch_options.width"),
+                        (["--branching", "tree"], "needs an environment"),
+                        (["--env", "calculator", "--branching", "beam"], "Unknown rollout branching 'beam'")):
+        res = cli("rollout", str(tmp_path / "p.prompts"), *flags, "-o", str(tmp_path / "r.rollouts"), check=False)
+        assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.rollouts").exists()
