@@ -107,13 +107,14 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def parse_set(items: list[str]) -> dict:
-    """['train.lr=1e-5', 'algorithm.beta=0.04'] -> nested dict (values parsed as YAML scalars)."""
+def parse_set(items: list[str], flag: str = "--set", example: str = "train.lr=1e-5") -> dict:
+    """['train.lr=1e-5', 'algorithm.beta=0.04'] -> nested dict (values parsed as YAML scalars); ``flag`` and
+    ``example`` name the option in the error of a malformed item."""
     out: dict = {}
     for item in items or []:
         key, eq, raw = item.partition("=")
         if not eq or not key.strip():
-            raise UserError(f"--set expects key=value (e.g. --set train.lr=1e-5), got '{item}'.")
+            raise UserError(f"{flag} expects key=value (e.g. {flag} {example}), got '{item}'.")
         value = parse_scalar(raw)
         node = out
         parts = key.strip().split(".")

@@ -89,6 +89,16 @@ class Numbered:
         return out
 
 
+def assert_forks_share_history(groups):
+    """Forked episodes share the ids of their history exactly: a forked one's prefix up to its fork is another's."""
+    for g in groups:
+        for c in g:
+            k = c.episode.get("forked_at", 0)
+            if k:
+                cut = [t for t in c.episode["turns"] if t[2] == "model"][k - 1][1]
+                assert any(o is not c and o.ids[:cut] == c.ids[:cut] for o in g)
+
+
 def _segments(c, tok):
     """The episode's model turns as texts."""
     return [tok.decode(c.ids[a:b], skip_special_tokens=True) for a, b, who in c.episode["turns"] if who == "model"]
@@ -110,13 +120,7 @@ def test_tree_keeps_n_episodes_that_share_prefixes(tok):
             a, b = c.episode["turns"][0][:2]
             assert c.loss_mask[a:b] == [1] * (b - a)
         assert any(c.episode.get("forked_at", 0) > 0 for c in g)
-    # forked episodes share the ids of their history exactly: a forked one's prefix up to its fork is another's
-    for g in groups:
-        for c in g:
-            k = c.episode.get("forked_at", 0)
-            if k:
-                cut = [t for t in c.episode["turns"] if t[2] == "model"][k - 1][1]
-                assert any(o is not c and o.ids[:cut] == c.ids[:cut] for o in g)
+    assert_forks_share_history(groups)
 
 
 def test_entropy_forks_fill_the_group(tok):
@@ -250,19 +254,14 @@ def test_vllm_entropy_and_branching(tmp_path, tok):
     groups = EpisodeEngine(engine, AlwaysCalculates(), max_turns=3, branching=_strategy("entropy", len(tok), initial=2)).generate(
         _prompts(tok), spec)
     assert [len(g) for g in groups] == [4, 4]
-    for g in groups:
-        for c in g:
-            k = c.episode.get("forked_at", 0)
-            if k:
-                cut = [t for t in c.episode["turns"] if t[2] == "model"][k - 1][1]
-                assert any(o is not c and o.ids[:cut] == c.ids[:cut] for o in g)
+    assert_forks_share_history(groups)
 
 
 def test_bad_branching_flags_are_one_line_and_write_nothing(tmp_path):
     from conftest import cli
 
     cli("prepare", "arith", "--limit", "2", "-o", str(tmp_path / "p.prompts"))
-    for flags, says in ((["--env", "calculator", "--branching", "tree", "--branch-opt", "forks"], "--branch-opt expects KEY=VALUE"),
+    for flags, says in ((["--env", "calculator", "--branching", "tree", "--branch-opt", "forks"], "--branch-opt expects key=value (e.g. --branch-opt forks=3)"),
                         (["--env", "calculator", "--branching", "tree", "--branch-opt", "width=2"], "rollout.branch_options.width"),
                         (["--branching", "tree"], "needs an environment"),
                         (["--env", "calculator", "--branching", "beam"], "Unknown rollout branching 'beam'")):

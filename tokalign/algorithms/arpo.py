@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from tokalign.algorithms.grpo import GRPO
 from tokalign.algorithms.salt import SALT, SALTConfig
 from tokalign.protocols import TokenBatch
@@ -49,10 +51,10 @@ class ARPO(SALT):
         super().__init__(config)
         self.needs = dataclasses.replace(self.needs, branching="entropy")
 
+    @torch.no_grad()
     def prepare(self, batch: TokenBatch) -> TokenBatch:
+        GRPO.prepare(self, batch)  # the per-row outcome advantages
+        node_adv, batch.fields["salt_shared"] = self.node_advantages(batch)  # and the shared-step mask, for the metric
         if self.config.attribution == "hard":
-            return super().prepare(batch)
-        seq_adv = GRPO.prepare(self, batch).fields["advantages"]
-        super().prepare(batch)  # the shared-step mask, for the metric
-        batch.fields["advantages"] = seq_adv
+            batch.fields["advantages"] = node_adv
         return batch

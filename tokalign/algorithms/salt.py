@@ -51,6 +51,13 @@ class SALT(GRPO):
     @torch.no_grad()
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         super().prepare(batch)
+        batch.fields["advantages"], batch.fields["salt_shared"] = self.node_advantages(batch)
+        return batch
+
+    @staticmethod
+    def node_advantages(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] per-token advantages (each step: the mean of ``batch.fields["advantages"]``, the per-row outcome
+        advantages, over the trajectories through its node) and [B, T] 1 on the tokens of steps shared by several."""
         seq_adv = batch.fields["advantages"].tolist()
         adv = torch.zeros_like(batch.completion_mask)
         shared = torch.zeros_like(batch.completion_mask)
@@ -61,9 +68,7 @@ class SALT(GRPO):
                 for (cols, _), v, n in zip(turns[i], vals, ns):
                     adv[i, cols] = v
                     shared[i, cols] = float(n > 1)
-        batch.fields["advantages"] = adv
-        batch.fields["salt_shared"] = shared
-        return batch
+        return adv, shared
 
     def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
         res = super().loss(batch, out)  # GRPO's surrogate takes the per-token [B, T] advantages as they are

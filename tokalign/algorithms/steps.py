@@ -57,13 +57,6 @@ class StepTree:
     parent: list[int]
     members: list[list[int]]
 
-    def children(self) -> dict[int, list[int]]:
-        """Per node (−1: the root), its child nodes in order of first appearance."""
-        out: dict[int, list[int]] = {}
-        for v, p in enumerate(self.parent):
-            out.setdefault(p, []).append(v)
-        return out
-
 
 def step_tree(turns: list[list[tuple[int, ...]]]) -> StepTree:
     """The tree of steps of one group (``turns[i]``: the segments of trajectory i)."""

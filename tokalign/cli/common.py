@@ -49,15 +49,10 @@ BRANCHING_HELP = ("With --env: grow each prompt's n episodes as a tree forking w
 
 def episode_spec(env: str | None, max_turns: int, max_episode_tokens: int = 0, branching: str = "", branch_opts: list[str] | None = None):
     from tokalign import config
-    from tokalign.errors import UserError
     from tokalign.rollout.episodes import EpisodeSpec
 
-    bad = [o for o in branch_opts or [] if "=" not in o or not o.partition("=")[0].strip()]
-    if bad:
-        raise UserError(f"--branch-opt expects KEY=VALUE (e.g. --branch-opt forks=3), got '{bad[0]}'.")
-    options = config.parse_set(list(branch_opts or []))
-    spec = EpisodeSpec(env or "", max_turns, max_episode_tokens, "" if branching == "none" else branching,
-                       tuple(sorted(options.items())))
+    options = config.parse_set(list(branch_opts or []), flag="--branch-opt", example="forks=3")
+    spec = EpisodeSpec.of(env or "", max_turns, max_episode_tokens, branching, options)
     spec.check()  # an unknown or broken environment, bad branching: one line before any model loads
     return spec
 

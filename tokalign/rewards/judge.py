@@ -57,6 +57,7 @@ Consider correctness, helpfulness and clarity; if a reference answer is given, a
 Explain briefly, then end with one line of the form "Score: N", where N is an integer from 0 (worst) to 10 (best)."""
 
 _RETRY_STATUS = (408, 409, 429)  # and 5xx: what the openai client retries
+NEEDS_OPENAI = "the judge reward needs the openai package: pip install openai"
 NO_KEY = "EMPTY"  # the openai client wants a key; servers started without one ignore it (as in vLLM's docs)
 DOWN_MEMORY_S = 10.0  # after finding the server unreachable, fail at once for this long
 _FIELDS = re.compile(r"\{(prompt|completion|reference)\}")
@@ -159,7 +160,7 @@ class Judge:
         self._down: tuple[float, str] | None = None  # (when, why) the server was last found unreachable
         self.base_url = endpoint(self.config.base_url)  # a missing or malformed URL fails here, before any sample
         if importlib.util.find_spec("openai") is None:  # so does a missing client (imported at the first request)
-            raise UserError("the judge reward needs the openai package: pip install openai")
+            raise UserError(NEEDS_OPENAI)
 
     # --------------------------------------------------------------------------------------- setup
 
@@ -183,7 +184,7 @@ class Judge:
                 try:
                     import openai
                 except ImportError:
-                    raise UserError("the judge reward needs the openai package: pip install openai") from None
+                    raise UserError(NEEDS_OPENAI) from None
                 c = self.config
                 key = os.environ.get(c.api_key_env, "") if c.api_key_env else ""
                 self._client = openai.OpenAI(base_url=self.base_url, api_key=key or NO_KEY, timeout=c.timeout,

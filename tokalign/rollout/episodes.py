@@ -49,12 +49,11 @@ class _Episode:
 
     def fork(self, env) -> "_Episode":
         """A copy that goes on on its own from here (the environment's state copied too)."""
-        copy = _Episode(self.prompt, fork_state(env, self.state), list(self.ids), list(self.mask), list(self.logps),
-                        [list(t) for t in self.turns], [dict(m) for m in self.messages], list(self.tool_calls),
-                        list(self.turn_rewards), list(self.turn_errors), self.finish, self.model_turns,
-                        list(self.turn_entropies))
-        copy.forked_at = self.model_turns
-        return copy
+        return replace(self, state=fork_state(env, self.state), ids=list(self.ids), mask=list(self.mask),
+                       logps=list(self.logps), turns=[list(t) for t in self.turns], messages=[dict(m) for m in self.messages],
+                       tool_calls=list(self.tool_calls), turn_rewards=list(self.turn_rewards),
+                       turn_errors=list(self.turn_errors), turn_entropies=list(self.turn_entropies),
+                       forked_at=self.model_turns)
 
     def completion(self) -> Completion:
         last = next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
@@ -84,6 +83,11 @@ class EpisodeSpec:
     max_tokens: int = 0
     branching: str = ""
     branch_options: tuple = ()  # (key, value) pairs (the spec is hashable)
+
+    @classmethod
+    def of(cls, env: str, max_turns: int, max_tokens: int, branching: str = "", options: dict | None = None) -> "EpisodeSpec":
+        """The spec of these settings as the CLI and the config give them (branching "none" = none, options a mapping)."""
+        return cls(env, max_turns, max_tokens, "" if branching == "none" else branching, tuple(sorted((options or {}).items())))
 
     def check(self) -> None:
         """Fail before any model loads: an unknown or broken environment, a branching without one, bad options."""
@@ -171,48 +175,50 @@ class EpisodeEngine:
         rng = random.Random(spec.seed * 1_000_003 + 17)  # the strategy's draws, reproducible per call
         groups = [branching.Group(spec.n, [], []) for _ in prompts]
         first = self.engine.generate(prompts, replace(spec, n=strategy.initial(spec.n)) if strategy else spec)
-        for g, p, row, comps in zip(groups, prompts, rows, first):
+        for k, comps in enumerate(first):
             for c in comps:
-                self._continue(g, _Episode(list(p), self.env.start(row)), c, budget)
+                self._continue(groups[k], self._start(groups[k], prompts[k], rows[k]), c, budget)
         turn = 1
         while True:
-            requests = []  # (group, prompt row, the episode continued or None for a fresh one from the prompt)
-            for g, row in zip(groups, rows):
+            requests = []  # (prompt index, the episode continued or None for a fresh one from the prompt)
+            for k, g in enumerate(groups):
                 plan = strategy.expand(g, rng) if strategy else [(ep, 1) for ep in g.open]
-                requests += [(g, row, ep) for ep, copies in plan for _ in range(copies)]
+                requests += [(k, ep) for ep, copies in plan for _ in range(copies)]
             if not requests:
                 break
-            prompts_at = {id(g): p for g, p in zip(groups, prompts)}
-            contexts = [prompts_at[id(g)] + (ep.ids if ep is not None else []) for g, _, ep in requests]
+            contexts = [prompts[k] + (ep.ids if ep is not None else []) for k, ep in requests]
             out = self.engine.generate(contexts, replace(spec, n=1, seed=spec.seed + 7919 * turn))
-            by_group: dict[int, list] = {}
-            for (g, row, ep), comps in zip(requests, out):
-                by_group.setdefault(id(g), []).append((row, ep, comps[0]))
-            for g, p in zip(groups, prompts):
-                candidates = by_group.get(id(g), [])
-                kept = strategy.keep(g, candidates, rng) if strategy else range(len(candidates))
-                continued = [candidates[k] for k in kept]
-                g.open = []
+            candidates: list[list] = [[] for _ in groups]  # per prompt: (episode or None, its sampled turn)
+            for (k, ep), comps in zip(requests, out):
+                candidates[k].append((ep, comps[0]))
+            for k, g in enumerate(groups):
+                kept = [candidates[k][i] for i in (strategy.keep(g, candidates[k], rng) if strategy else range(len(candidates[k])))]
                 copies: dict[int, int] = {}
-                for _, ep, _ in continued:
+                for ep, _ in kept:
                     if ep is not None:
                         copies[id(ep)] = copies.get(id(ep), 0) + 1
-                dropped = {id(ep) for _, ep, _ in candidates if ep is not None} - set(copies)
+                dropped = {id(ep) for ep, _ in candidates[k] if ep is not None} - set(copies)
                 g.episodes = [e for e in g.episodes if id(e) not in dropped]  # pruned: none of its continuations kept
-                for row, ep, c in continued:
+                g.open = []
+                for ep, c in kept:
                     if ep is None:
-                        ep = _Episode(list(p), self.env.start(row))
+                        ep = self._start(g, prompts[k], rows[k])
                     elif copies[id(ep)] > 1:  # several continuations: each a copy of the history; the last one reuses it
                         copies[id(ep)] -= 1
                         ep = ep.fork(self.env)
+                        g.episodes.append(ep)
                     self._continue(g, ep, c, budget)
             turn += 1
         return [[ep.completion() for ep in g.episodes] for g in groups]
 
+    def _start(self, g: "branching.Group", prompt: list[int], row: dict) -> _Episode:
+        """A new episode of the group, from its prompt."""
+        ep = _Episode(list(prompt), self.env.start(row))
+        g.episodes.append(ep)
+        return ep
+
     def _continue(self, g: "branching.Group", ep: _Episode, c: Completion, budget: int) -> None:
-        """Append ``c`` to ``ep`` (new, continued or forked) and file it in its group."""
-        if all(e is not ep for e in g.episodes):
-            g.episodes.append(ep)
+        """Append the sampled turn ``c`` to ``ep``; it stays open in its group if the episode goes on."""
         if self.branching is not None:
             ep.turn_entropies.append(self.branching.turn_entropy(c.entropy))
         if self._model_turn(ep, c, budget):

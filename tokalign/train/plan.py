@@ -322,8 +322,7 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
     if algorithm.needs.branching and not r.env and KINDS[kind].sampled:
         raise UserError(f"'{algo_name}' learns from episodes that branch where an environment answered: pass --env NAME "
                         "(e.g. --env calculator; rollout.env), or train on a scored artifact of such episodes.")
-    episodes = EpisodeSpec(r.env, r.max_turns, r.max_episode_tokens, "" if r.branching == "none" else r.branching,
-                           tuple(sorted(r.branch_options.items())))
+    episodes = EpisodeSpec.of(r.env, r.max_turns, r.max_episode_tokens, r.branching, r.branch_options)
     episodes.check()  # an unknown or broken environment, bad branching options: before any model loads
     if not rows:
         raise UserError(f"Training data '{run_cfg.data}' has no rows.")
