@@ -97,7 +97,7 @@ class RewardFn(Protocol):
 class Needs:
     """What an algorithm asks of the train loop: generic requirements, plus the components and hooks it uses."""
 
-    data: tuple[str, ...]  # what it trains on, in order of preference: online, scored, pairs, triples, unpaired, completions
+    data: tuple[str, ...]  # what it trains on, in order of preference: online, scored, pairs, triples, unpaired, completions, stepwise
     reference: bool = False  # frozen reference model log-probs in batch.fields["ref_logps"] (components.Reference)
     groups: bool = False  # several samples per prompt (rollout.n > 1)
     old_logps: bool = False  # behaviour-policy log-probs in batch.fields["old_logps"] (components.BehaviourLogps)

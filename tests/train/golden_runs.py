@@ -36,6 +36,7 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
     "tpo": {"data": "@triples"},
     "kto": {"data": "@unpaired"},
     "sft": {"data": "@completions"},
+    "prm": {"data": "@stepwise"},
     # the loop's other paths: several updates per batch (frozen old log-probs), micro-batches by rows and by tokens
     "grpo@mu2": {**ONLINE, "train": {"updates_per_batch": 2, "micro_batch_size": 4}},
     "ppo@tokens": {**ONLINE, "train": {"micro_batch_tokens": 64}},
@@ -90,6 +91,8 @@ def _data(tmp: Path) -> dict[str, str]:
         "triples": [{"prompt": p, "chosen": c, "rejected": r, "reference": c} for p, c, r in facts],
         "unpaired": [{"prompt": p, "completion": c if k % 2 else r, "label": bool(k % 2)} for k, (p, c, r) in enumerate(facts)],
         "completions": [{"prompt": p, "completion": c} for p, c, _ in facts],
+        "stepwise": [{"prompt": p, "completions": [p, c if k % 2 else r], "labels": [True, bool(k % 2)]}
+                     for k, (p, c, r) in enumerate(facts)],
     }
     out = {}
     for name, rows in files.items():

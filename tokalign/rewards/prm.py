@@ -123,6 +123,37 @@ def token_at(offsets: list[tuple[int, int]], pos: int) -> int:
     return hit[-1]
 
 
+def single_token(tok, text: str, key: str, owner: str = "prm: ", opt: str = "--reward-opt prm.") -> int:
+    """The vocabulary id of ``text``, which must be one token of ``tok``."""
+    vocab = tok.get_vocab()
+    if text in vocab:
+        return vocab[text]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise UserError(f"{owner}{key} {text!r} is {len(ids)} tokens for the PRM's tokenizer; pass one vocabulary token "
+                        f"({opt}{key}=TOKEN).")
+    return ids[0]
+
+
+def encode_steps(tok, prompt, completion: str, steps: list[tuple[int, int, int]], tag: str,
+                 chat_template: bool) -> tuple[list[int], list[int], int]:
+    """(input ids, the token each step is scored at, the first token of the completion) of the PRM's input: prompt +
+    the completion's ``steps`` (``split_steps``'s spans), each followed by ``tag`` before its separator, rendered as
+    ``common.conversation`` renders it. A step is read at its tag's last character (with no tag: its separator's).
+    The reward scores with it and ``tokalign train prm`` trains on it, so both see one layout."""
+    tagged, read_chars = "", []
+    for start, body_end, end in steps:
+        tagged += completion[start:body_end] + tag
+        sep = completion[body_end:end]
+        read_chars.append(len(tagged) - 1 if tag else len(tagged) + len(sep) - 1)
+        tagged += sep
+    text, special, offset = common.conversation(tok, prompt, tagged, chat_template)
+    enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    first = next((i for i, (a, b) in enumerate(offsets) if b > offset), len(offsets))
+    return enc["input_ids"], [token_at(offsets, offset + p) for p in read_chars], first
+
+
 class PRM:
     Config = PRMConfig
     name = "prm"
@@ -165,19 +196,9 @@ class PRM:
         if not getattr(tok, "is_fast", False):
             raise UserError(f"prm: the tokenizer of '{path}' is not a fast tokenizer; character offsets need one (tokenizer.json).")
         policy_tok = common.load_tokenizer(self.name, c.tokenizer) if c.tokenizer else tok
-        candidates = [self._single_token(tok, t, key) for t, key in ((c.good_token, "good_token"), (c.bad_token, "bad_token"))]
+        candidates = [single_token(tok, t, key) for t, key in ((c.good_token, "good_token"), (c.bad_token, "bad_token"))]
         tag = c.step_tag if c.step_tag != "auto" else (" ки" if kind == "causal" else "")
         return kind, model, tok, policy_tok, candidates, tag
-
-    def _single_token(self, tok, text: str, key: str) -> int:
-        vocab = tok.get_vocab()
-        if text in vocab:
-            return vocab[text]
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise UserError(f"prm: {key} {text!r} is {len(ids)} tokens for the PRM's tokenizer; pass one vocabulary token "
-                            f"(--reward-opt prm.{key}=TOKEN).")
-        return ids[0]
 
     def __call__(self, samples: list[Sample]) -> list[Reward]:
         if not samples:
@@ -190,16 +211,9 @@ class PRM:
                 raise UserError(f"prm: the completion_ids of sample '{s.id}' do not decode to its completion with the "
                                 f"{'policy' if c.tokenizer else 'PRM'}'s tokenizer; pass the policy's with --reward-opt prm.tokenizer=PATH.")
             steps = split_steps(s.completion, c.separator)
-            tagged, read_chars = "", []
-            for start, body_end, end in steps:
-                tagged += s.completion[start:body_end] + tag
-                sep = s.completion[body_end:end]
-                read_chars.append(len(tagged) - 1 if tag else len(tagged) + len(sep) - 1)
-                tagged += sep
-            text, special, offset = common.conversation(tok, s.prompt, tagged, c.chat_template)
-            enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
-            inputs.append(enc["input_ids"])
-            reads.append([token_at(enc["offset_mapping"], offset + p) for p in read_chars])
+            ids, read, _ = encode_steps(tok, s.prompt, s.completion, steps, tag, c.chat_template)
+            inputs.append(ids)
+            reads.append(read)
             places.append(char_to_token(policy_tok, list(s.completion_ids), [end - 1 for _, _, end in steps]))
             step_counts.append(len(steps))
 

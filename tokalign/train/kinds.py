@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from tokalign.errors import UserError
 from tokalign.train import sources
 
 
@@ -67,6 +68,14 @@ def _completions(plan, rows, state):
     return sources.CompletionSource(rows, state.tokenizer, plan.cfg.train.batch_size, plan.cfg.seed)
 
 
+def _stepwise(plan, rows, state):
+    """The algorithm lays each row out itself (``encode(tokenizer, row)``): the steps' layout is its choice."""
+    encode = getattr(plan.algorithm, "encode", None)
+    if encode is None:
+        raise UserError(f"algorithm '{plan.algo_name}' trains on stepwise data but has no encode(tokenizer, row) method.")
+    return sources.StepwiseSource(rows, lambda row: encode(state.tokenizer, row), plan.cfg.train.batch_size, plan.cfg.seed)
+
+
 KINDS: dict[str, DataKind] = {k.name: k for k in (
     DataKind("online", "prompts", None, True, False, _online, lambda plan: plan.cfg.rollout.max_new_tokens),
     DataKind("scored", "groups", None, False, True, _scored, lambda plan: plan.extra.get("max_new_tokens")),
@@ -74,21 +83,25 @@ KINDS: dict[str, DataKind] = {k.name: k for k in (
     DataKind("triples", "triples", 3, False, False, _pairs(True)),
     DataKind("unpaired", "labelled examples", 2, False, False, _unpaired),
     DataKind("completions", "examples", 1, False, False, _completions),
+    DataKind("stepwise", "examples", 1, False, False, _stepwise),
 )}
 
 # What rows of each shape can be trained as, in order of preference. The shape is what the rows hold: prompts alone,
 # prompts with completions, labelled completions, preference pairs (with a gold reference: also triples), scored
-# rollouts (also pairs: best vs worst of each group).
+# rollouts (also pairs: best vs worst of each group), labelled steps (stepwise supervision), text alone (language
+# modelling). Preference pairs are also labelled completions (chosen desirable, rejected not), as TRL's KTO reads them.
 KINDS_OF_SHAPE = {
     "prompt-only": ("online",),
     "prompt-completion": ("online", "completions"),
     "unpaired": ("unpaired", "online", "completions"),
-    "preference": ("pairs",),
-    "preference+gold": ("pairs", "triples"),
+    "language-modelling": ("completions",),
+    "preference": ("pairs", "unpaired"),
+    "preference+gold": ("pairs", "triples", "unpaired"),
     "scored": ("scored", "pairs"),
+    "stepwise": ("stepwise",),
 }
 # an artifact kind or a normalised file format -> its shape (prompts are refined by their rows)
-SHAPE_OF = {"pairs": "preference", "preference": "preference", "unpaired": "unpaired", "scored": "scored"}
+SHAPE_OF = {"pairs": "preference", "preference": "preference", "unpaired": "unpaired", "scored": "scored", "stepwise": "stepwise"}
 
 
 def shape(kind_or_format: str, rows: list[dict], gold: bool) -> str:
@@ -96,7 +109,9 @@ def shape(kind_or_format: str, rows: list[dict], gold: bool) -> str:
     ``gold``: every row's reference is a usable gold completion)."""
     found = SHAPE_OF.get(kind_or_format)
     if found is None:  # prompts: what their rows hold
-        found = ("unpaired" if any(r.get("label") is not None for r in rows)
+        found = ("stepwise" if any(r.get("step_labels") is not None for r in rows)
+                 else "unpaired" if any(r.get("label") is not None for r in rows)
+                 else "language-modelling" if rows and all(r.get("prompt") in ("", '""') for r in rows)  # TRL's ``text``
                  else "prompt-completion" if any(r.get("completion") for r in rows) else "prompt-only")
     return "preference+gold" if found == "preference" and gold else found
 
@@ -105,4 +120,6 @@ def convert(shape_: str, kind: str, rows: list[dict]) -> list[dict]:
     """Rows of one shape trained as a kind that needs other rows: scored rollouts as preference pairs."""
     if shape_ == "scored" and kind == "pairs":
         return sources.pairs_from_scored(rows)
+    if shape_.startswith("preference") and kind == "unpaired":  # TRL's KTO on a paired dataset
+        return sources.unpaired_from_pairs(rows)
     return rows

@@ -123,6 +123,17 @@ def pairs_from_scored(rows: list[dict]) -> list[dict]:
     return pairs
 
 
+def unpaired_from_pairs(rows: list[dict]) -> list[dict]:
+    """Preference pairs as labelled single completions, as TRL's KTO reads a paired dataset: the chosen completion
+    desirable, the rejected one undesirable, in that order."""
+    out = []
+    for r in rows:
+        common = {k: v for k, v in r.items() if k not in ("chosen", "rejected", "chosen_ids", "rejected_ids")}
+        for side, label in (("chosen", True), ("rejected", False)):
+            out.append({**common, "id": f"{r['id']}/{side}", "completion": r[side], "label": label})
+    return out
+
+
 @dataclass
 class PairSource:
     """Preference pairs: each pair is a group of two rows, chosen (is_chosen=1) then rejected."""
@@ -168,11 +179,31 @@ class CompletionSource:
 
         turns = row.get("completion_messages")
         if not turns:
-            return Seq(list(row["prompt_ids"]), completion_ids(self.tokenizer, row["completion"]), group, prompt_index=index)
+            prompt, completion = list(row["prompt_ids"]), completion_ids(self.tokenizer, row["completion"])
+            if not prompt:  # language modelling (TRL's ``text``): the first token has no prediction, so it is the prompt
+                prompt, completion = completion[:1], completion[1:]
+            return Seq(prompt, completion, group, prompt_index=index)
         from tokalign.environments.turns import conversation_tokens
 
         ids, mask = conversation_tokens(self.tokenizer, loads(turns) if isinstance(turns, str) else turns)
         return Seq(list(row["prompt_ids"]), ids, group, token={"loss_mask": mask}, prompt_index=index)
+
+
+@dataclass
+class StepwiseSource:
+    """Stepwise supervision (a prompt, its completion's steps, a label per step), one group each; the algorithm lays
+    a row out as it trains on it (``encode(tokenizer, row) -> Seq``: which tokens, which carry the loss)."""
+
+    rows: list[dict]
+    encode: Callable[[dict], Seq]
+    batch_size: int
+    seed: int
+
+    def batch(self, step: int) -> tuple[list[Seq], dict[str, float]]:
+        idx = indices_for_step(len(self.rows), self.batch_size, step, self.seed)
+        seqs = [replace(self.encode(self.rows[i]), group_id=g, prompt_index=i) for g, i in enumerate(idx)]
+        labels = [bool(x) for i in idx for x in self.rows[i]["step_labels"]]
+        return seqs, {"steps/per_example": len(labels) / len(idx), "steps/good_fraction": _mean([float(x) for x in labels])}
 
 
 @dataclass
