@@ -11,7 +11,22 @@ Each run is one child process tree. What is enforced:
   unprivileged uid of its own (random, from a high range) with no capabilities and
   ``no_new_privs``, so it cannot undo the read-only mounts, open root-only devices or sockets, or
   signal anyone else's processes. A non-root parent uses an unprivileged user namespace instead
-  (same mounts; the child keeps the user's uid, so user-owned Unix sockets stay reachable).
+  (same mounts; the child keeps the user's uid, so what hides the user's files is the next point).
+* **Private places hidden** — in the mount namespace (either mode) each of these is covered by an
+  empty read-only tmpfs before the program starts: ``/root``, ``/home``, the invoking user's home
+  (``$HOME`` and the password-file entry), ``$XDG_CACHE_HOME``/``CONFIG``/``DATA``/``STATE``,
+  ``$XDG_RUNTIME_DIR`` and ``/run/user/UID`` (agent sockets), ``$HF_HOME`` and the directory of
+  ``$HF_TOKEN_PATH`` and of ``$SSH_AUTH_SOCK``, where they exist; so ``~/.ssh``, ``~/.netrc`` and
+  the Hugging Face token cannot be read, wherever they live. A system or shared directory (``/``,
+  ``/tmp``, ``/usr``…, as the "home" of a service account) is never hidden. Only what the run
+  needs is put back, read-only, at its own path: the interpreter's binary, every symlink on
+  the way to it (made again), its prefixes (``sys.prefix``/``base_prefix``/``exec_prefix``: the venv and the
+  Python install, not the project around them) and the sandbox's own temp dir. So a venv or a
+  pyenv below the hidden home still runs (as root, a directory on those paths that other uids
+  cannot traverse is hidden the same way, so the private uid can reach the interpreter). An
+  interpreter whose prefix *is* a hidden place (a Python installed straight into ``$HOME``) is
+  refused with a message. The program's ``/proc`` is its own PID namespace's (its init is not
+  dumpable); where the kernel refuses that mount in a user namespace, an empty ``/proc`` is used.
 * **Resources** — ``resource`` limits in the child: RLIMIT_CPU (CPU seconds), RLIMIT_AS (address
   space), RLIMIT_FSIZE (size of any written file, stdout/stderr included: they go to files),
   RLIMIT_NPROC (processes of the sandbox uid), RLIMIT_NOFILE, RLIMIT_CORE = 0.
@@ -20,16 +35,25 @@ Each run is one child process tree. What is enforced:
   started dies with it, even one that left the process group (``setsid``). If the scoring process
   itself dies, PR_SET_PDEATHSIG takes the sandbox down too.
 
-With ``allow_network=True`` where namespaces are impossible (e.g. root without CAP_SYS_ADMIN, as in
-a default Docker container), only the resource limits, the wall clock and — as root — the private
-uid apply: world-writable places such as /tmp are then writable, and the interpreter must be
-reachable by that uid (``python`` option).
+Where namespaces are impossible, the sandbox refuses with one line saying why and what to do. As
+root that means no CAP_SYS_ADMIN (a default Docker container); as a normal user, unprivileged user
+namespaces switched off (``kernel.unprivileged_userns_clone``, ``user.max_user_namespaces``) or
+restricted by AppArmor (``kernel.apparmor_restrict_unprivileged_userns``). With
+``allow_network=True`` it runs there anyway, but nothing can be mounted, so nothing is hidden:
+only the resource limits, the wall clock and — as root — the private uid apply; world-writable
+places such as /tmp are then writable, and the interpreter must be reachable by that uid
+(``python`` option). As root, the private uid still cannot read the invoking user's private
+places as long as other uids cannot traverse them (``/root`` is 0700): the sandbox checks that
+and refuses if one is open (e.g. a 0755 ``$HOME``). A non-root user's program would run as that
+user and could read all their files, so without namespaces a non-root sandbox refuses even with
+``allow_network=True``, unless ``allow_home_access=True`` accepts exactly that.
 
-Not enforced: reading files (everything world-readable stays readable; a root parent hides a
-blocked directory such as ``/root`` behind an empty tmpfs only where the interpreter lives
-below it), CPU share and memory bandwidth (no cgroups), and Unix sockets on the filesystem that
-the sandbox uid may open. It is a guard against accidents and sloppy or greedy programs, not a
-hardened jail against an attacker with a kernel exploit.
+Not enforced: reading files outside the hidden places (whatever is world-readable stays
+readable; in user-namespace mode, also what the user owns elsewhere, e.g. a project directory
+outside ``$HOME``; without namespaces, other users' homes keep only their own permissions), CPU
+share and memory bandwidth (no cgroups), and Unix sockets on the filesystem outside the hidden
+places that the sandbox uid may open. It is a guard against accidents and sloppy or greedy
+programs, not a hardened jail against an attacker with a kernel exploit.
 
 The module is also the launcher script: ``python -I -S sandbox.py CONFIG.json`` (stdlib only, so
 no import of tokalign or its dependencies happens in the child).
@@ -44,6 +68,13 @@ from dataclasses import dataclass, field
 
 SETUP_FAILED = 125  # launcher exit code when the sandbox could not be set up (details on the status pipe)
 _UID_BASE, _UID_SPAN = 1_900_000_000, 50_000_000  # sandbox uids (root parent): far above any real account
+
+# never hidden, even when named as someone's home (service accounts have homes such as / or /usr/sbin):
+# shared places, and anything inside the system trees
+_SHARED_DIRS = {"/", "/tmp", "/var", "/var/tmp", "/var/lib", "/run", "/dev/shm", "/opt", "/srv", "/mnt", "/media",
+                "/nonexistent"}
+_SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/sys", "/dev",
+                 "/boot")
 
 # pseudo file systems whose remount may be refused; their files are root-owned (the sandbox uid
 # cannot write them) and they hold no user data
@@ -63,6 +94,7 @@ class Limits:
     max_processes: int = 32  # RLIMIT_NPROC for the sandbox uid
     max_open_files: int = 256  # RLIMIT_NOFILE
     allow_network: bool = False  # True: no network namespace (and run even where namespaces are impossible)
+    allow_home_access: bool = False  # True: run even where nothing can hide the user's files (non-root, no namespaces)
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "cpu_s", "memory_mb", "file_size_mb", "disk_mb", "max_processes", "max_open_files"):
@@ -73,8 +105,9 @@ class Limits:
             if int(getattr(self, name)) != getattr(self, name):
                 raise ValueError(f"sandbox limit {name} must be a whole number, got {getattr(self, name)!r}")
             setattr(self, name, int(getattr(self, name)))
-        if not isinstance(self.allow_network, bool):
-            raise ValueError(f"allow_network must be true or false, got {self.allow_network!r}")
+        for name in ("allow_network", "allow_home_access"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -125,29 +158,115 @@ class Result:
 # ------------------------------------------------------------------ parent side
 
 
-def _exposures(python: str) -> list[list]:
-    """[[blocked_dir, [child, ...]], ...]: directories on the interpreter's paths that a non-root
-    uid cannot traverse (e.g. /root for a pyenv in /root/.pyenv). The launcher hides each behind an
-    empty tmpfs and binds back only the named children."""
-    real = os.path.realpath(python)
-    if os.path.realpath(sys.executable) == real:
-        paths = {real, *(os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, sys.exec_prefix))}
-    else:  # another interpreter: its binary and the prefix above its bin/
-        paths = {real, os.path.dirname(os.path.dirname(real))}
-    plan: dict[str, set[str]] = {}
-    for p in sorted(paths):
-        parts = p.strip("/").split("/")
-        cur = "/"
-        for i, part in enumerate(parts[:-1]):
-            cur = os.path.join(cur, part)
-            try:
-                mode = os.stat(cur).st_mode
-            except OSError:
-                break
-            if not mode & 0o001:  # no search permission for others
-                plan.setdefault(cur, set()).add(parts[i + 1])
-                break
-    return [[d, sorted(children)] for d, children in sorted(plan.items())]
+def _within(path: str, top: str) -> bool:
+    """``path`` is ``top`` or lies below it."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _private_places() -> tuple[list[str], list[str]]:
+    """(places, own): the existing directories to hide from a sandboxed program (real paths), and
+    those of them that are the invoking user's own (the fallback without namespaces checks these)."""
+    import pwd
+
+    env = os.environ
+    uid = os.getuid()
+    own = ["/root", env.get("HOME"), *(env.get(f"XDG_{k}_HOME") for k in ("CACHE", "CONFIG", "DATA", "STATE")),
+           env.get("XDG_RUNTIME_DIR"), f"/run/user/{uid}", env.get("HF_HOME")]
+    try:
+        own.append(pwd.getpwuid(uid).pw_dir)
+    except KeyError:
+        pass
+    for name in ("HF_TOKEN_PATH", "SSH_AUTH_SOCK"):  # a file: hide the directory that holds it
+        if env.get(name):
+            own.append(os.path.dirname(os.path.abspath(env[name])))
+
+    def usable(p: str | None) -> str | None:
+        if not p or not os.path.isabs(p):
+            return None
+        real = os.path.realpath(p)
+        if real in _SHARED_DIRS or any(_within(real, t) for t in _SYSTEM_TREES) or not os.path.isdir(real):
+            return None
+        return real
+
+    own_real = sorted({r for r in map(usable, own) if r})
+    everything = sorted({*own_real, *filter(None, [usable("/home")])})
+    return everything, own_real
+
+
+_PREFIXES: dict[str, list[str]] = {}
+
+
+def _prefixes(python: str) -> list[str]:
+    """sys.prefix, base_prefix, exec_prefix, base_exec_prefix of ``python`` (asked once per path)."""
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
+        return sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix})
+    if python not in _PREFIXES:
+        import subprocess
+
+        ask = "import sys; print('\\n'.join((sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)))"
+        try:
+            out = subprocess.run([python, "-I", "-c", ask], check=False, capture_output=True, text=True, timeout=30,
+                                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}).stdout
+            found = sorted({p for p in out.splitlines() if os.path.isabs(p)})
+        except (OSError, ValueError, subprocess.SubprocessError):
+            found = []
+        # not a Python that answers: at least the directory above its bin/
+        _PREFIXES[python] = found or [os.path.dirname(os.path.dirname(os.path.realpath(python)))]
+    return _PREFIXES[python]
+
+
+def _route(path: str) -> list[list[str]]:
+    """How ``path`` is reached: ["link", where, target] for each symlink passed on the way (in
+    order), then ["bind", real path]. Every ``where`` and the real path have no symlink above them."""
+    steps: list[list[str]] = []
+    todo = [p for p in os.path.abspath(path).split("/") if p]
+    done: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        where = "/" + "/".join([*done, part])
+        if os.path.islink(where) and hops < 40:
+            hops += 1
+            target = os.readlink(where)
+            steps.append(["link", where, target])
+            todo = [p for p in target.split("/") if p] + todo
+            if target.startswith("/"):
+                done = []
+            continue
+        done.append(part)
+    steps.append(["bind", "/" + "/".join(done)])
+    return steps
+
+
+def _mount_plan(python: str, sandbox_dir: str, root: bool) -> dict:
+    """What the launcher hides and what it puts back (see the module docstring): {"hide": [dir, ...],
+    "keep": [["link", where, target] | ["bind", path], ...], "own": [dir, ...]}."""
+    hide, own = _private_places()
+    keep: list[list[str]] = []
+    for p in [python, *_prefixes(python), sandbox_dir]:
+        for step in _route(p):
+            if step not in keep and os.path.lexists(step[1]):  # (a missing one fails later, as "cannot start")
+                keep.append(step)
+    if root:  # the private uid must be able to walk to what is kept: hide (and so open up) what it cannot traverse
+        for step in keep:
+            cur = ""
+            for part in step[1].strip("/").split("/")[:-1]:
+                cur += "/" + part
+                try:
+                    mode = os.stat(cur).st_mode
+                except OSError:
+                    break
+                if not mode & 0o001:
+                    if cur not in hide:
+                        hide.append(cur)
+                    break
+    return {"hide": sorted(hide), "keep": keep, "own": own}
 
 
 class _Running:
@@ -177,9 +296,10 @@ class _Running:
             "limits": {k: getattr(limits, k) for k in ("cpu_s", "memory_mb", "file_size_mb", "disk_mb",
                                                         "max_processes", "max_open_files")},
             "allow_network": limits.allow_network,
+            "allow_home_access": limits.allow_home_access,
             "uid": _UID_BASE + secrets.randbelow(_UID_SPAN) if root else None,
-            "expose": _exposures(python) if root else [],
             "namespaces": not _NO_NAMESPACES,
+            **_mount_plan(python, self.dir, root),
         }
         self.uid = cfg["uid"]
         with open(os.path.join(self.dir, "config.json"), "w") as f:
@@ -306,16 +426,13 @@ def check_available(limits: Limits, python: str | None = None) -> str:
     from tokalign.errors import UserError
 
     python = python or sys.executable
-    key = (limits.allow_network, python, os.geteuid())
+    key = (limits.allow_network, limits.allow_home_access, python, os.geteuid(), _NO_NAMESPACES, os.environ.get("HOME"))
     if key not in _PROBED:
-        r = run(Job({"probe.py": "pass\n"}, "probe.py"), Limits(timeout_s=max(30.0, limits.timeout_s),
-                                                            allow_network=limits.allow_network), python=python)
-        if r.setup_error:
-            hint = ("" if limits.allow_network else
-                    " Run as root (in Docker: --cap-add SYS_ADMIN) or enable unprivileged user namespaces "
-                    "(sysctl user.max_user_namespaces, kernel.apparmor_restrict_unprivileged_userns=0), or opt "
-                    "out of isolation with the option allow_network=true.")
-            raise UserError(f"code sandbox unavailable: {r.setup_error}.{hint}")
+        r = run(Job({"probe.py": "pass\n"}, "probe.py"),
+                Limits(timeout_s=max(30.0, limits.timeout_s), allow_network=limits.allow_network,
+                       allow_home_access=limits.allow_home_access), python=python)
+        if r.setup_error:  # the launcher's message says why and what to do
+            raise UserError(f"code sandbox unavailable: {r.setup_error}.")
         if not r.ok:
             raise UserError(f"code sandbox: the interpreter {python} does not run inside the sandbox ({r.reason()}); "
                             "set the option python=/path/to/a/world-readable/python.")
@@ -329,9 +446,9 @@ _CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
 _CLONE_NEWPID, _CLONE_NEWNET = 0x20000000, 0x40000000
 _MS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048,
        "relatime": 1 << 21, "strictatime": 1 << 24}
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_MOVE, _MS_REC, _MS_PRIVATE = (
-    1, 2, 4, 32, 4096, 8192, 16384, 1 << 18)
-_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 1, 4, 38
 
 
 class _SetupError(Exception):
@@ -382,26 +499,63 @@ def _visible(mounts: list[dict]) -> list[dict]:
     return vis
 
 
+def _makedirs(path: str) -> None:
+    """mkdir -p inside a fresh tmpfs, each new level 0755 whatever the umask (the private uid walks through)."""
+    cur = ""
+    for part in path.strip("/").split("/"):
+        cur += "/" + part
+        if not os.path.lexists(cur):
+            os.mkdir(cur)
+            os.chmod(cur, 0o755)
+
+
+def _hide_private_places(libc, cfg: dict) -> None:
+    """Cover each of cfg["hide"] with an empty tmpfs and put back, at its own path, what cfg["keep"]
+    names: a symlink is made again, a directory or file is bind-mounted from a descriptor opened
+    before anything was covered. Runs in the new mount namespace, before the read-only remount."""
+    import stat
+
+    hide, keep = cfg["hide"], cfg["keep"]
+    for h in hide:
+        if ["bind", h] in keep:  # (a place inside what is kept is hidden again, after the bind)
+            raise _SetupError(f"cannot hide {h} from the program: the interpreter is installed right there (its "
+                              "prefix); use a Python installed elsewhere (option python=...)")
+    fds: dict[str, int] = {}
+    try:
+        for step in keep:
+            if step[0] == "bind" and any(_within(step[1], h) for h in hide):
+                fds[step[1]] = os.open(step[1], os.O_PATH | os.O_CLOEXEC)
+        # outer paths first; at the same depth a hide first (equal paths were refused above)
+        ops = sorted([(p.count("/"), 0, p, None) for p in hide] + [(s[1].count("/"), 1, s[1], s) for s in keep])
+        done: list[tuple[str, str]] = []  # (path, "hide" | "keep") now in effect
+        for _, order, path, step in ops:
+            around = [d for d in done if d[0] != path and _within(path, d[0])]
+            inner = max(around, key=lambda d: len(d[0]))[1] if around else None
+            if order == 0:
+                if inner == "hide":
+                    continue  # inside an empty tmpfs already
+                _mount(libc, "tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=1m,mode=0755")
+                done.append((path, "hide"))
+            elif inner == "hide":  # elsewhere it is visible as it is
+                _makedirs(os.path.dirname(path))
+                if step[0] == "link":
+                    if not os.path.lexists(path):
+                        os.symlink(step[2], path)
+                    continue
+                if stat.S_ISDIR(os.fstat(fds[path]).st_mode):
+                    _makedirs(path)
+                else:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                _mount(libc, f"/proc/self/fd/{fds[path]}", path, None, _MS_BIND | _MS_REC)
+                done.append((path, "keep"))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
 def _setup_mounts(libc, cfg: dict, uid: int | None) -> None:
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)
-    for k, (blocked, children) in enumerate(cfg["expose"]):
-        stages = []
-        for j, child in enumerate(children):
-            src = os.path.join(blocked, child)
-            stage = os.path.join(cfg["dir"], f"stage{k}-{j}")
-            if os.path.isdir(src):
-                os.mkdir(stage)
-            else:
-                open(stage, "w").close()
-            _mount(libc, src, stage, None, _MS_BIND | _MS_REC)
-            stages.append((src, stage))
-        _mount(libc, "tmpfs", blocked, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
-        for src, stage in stages:
-            if os.path.isdir(stage):
-                os.mkdir(src)
-            else:
-                open(src, "w").close()
-            _mount(libc, stage, src, None, _MS_MOVE)
+    _hide_private_places(libc, cfg)
     failed = []
     for m in _mountinfo():
         flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
@@ -463,9 +617,39 @@ def _kill_uid(uid: int) -> None:
     os.waitpid(pid, 0)
 
 
+def _no_namespaces(root: bool, uid: int, err: str) -> str:
+    """The one-line refusal where the namespaces cannot be created: why, and what to do."""
+    if root:
+        return (f"cannot create network/mount namespaces (unshare: {err}); as root this needs CAP_SYS_ADMIN "
+                "(in Docker: --cap-add SYS_ADMIN), or set allow_network=true to run with the limits and a "
+                "private uid only")
+    return (f"cannot create network/mount namespaces (unshare: {err}): unprivileged user namespaces are not "
+            f"available to uid {uid}; enable them (sysctl kernel.unprivileged_userns_clone=1 where it exists, "
+            "user.max_user_namespaces > 0, kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu), or run as "
+            "root, or set allow_network=true and allow_home_access=true to run with the limits only (the "
+            "program could then read your files)")
+
+
+def _open_to_others(path: str) -> bool:
+    """Every directory from / down to ``path`` (itself included) can be searched by other uids."""
+    cur = ""
+    for part in path.strip("/").split("/"):
+        cur += "/" + part
+        try:
+            if not os.stat(cur).st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def _launch(cfg_path: str, fds_json: str) -> None:
+    import ctypes
+    import re  # noqa: F401  (used by _mountinfo: imported now, the interpreter's own files may be hidden later)
+    import resource  # noqa: F401  (used by _exec_program, same reason)
     import shutil
     import signal
+    import stat  # noqa: F401  (used by _hide_private_places, same reason)
 
     fds = json.loads(fds_json)
     status = fds["status_fd"]
@@ -483,26 +667,48 @@ def _launch(cfg_path: str, fds_json: str) -> None:
             raise _SetupError("the scoring process is gone")
         root = os.geteuid() == 0
         uid = cfg["uid"] if root else None
+        outer_uid, outer_gid = os.getuid(), os.getgid()  # before unshare: inside a new user namespace both read 65534
         flags = _CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWPID | (0 if cfg["allow_network"] else _CLONE_NEWNET)
         if not root:
             flags |= _CLONE_NEWUSER
         isolation: list[str] = []
         work = os.path.join(cfg["dir"], "work")
         if not cfg["namespaces"] or libc.unshare(flags) != 0:
-            import ctypes
-
             err = os.strerror(ctypes.get_errno()) if cfg["namespaces"] else "disabled"
             if not cfg["allow_network"]:
-                raise _SetupError(f"cannot create network/mount namespaces (unshare: {err})")
-            flags = 0  # opted out: run with limits only (and a dropped uid when root)
+                raise _SetupError(_no_namespaces(root, outer_uid, err))
+            flags = 0  # opted out: run with limits only (and a dropped uid when root); nothing can be hidden
+            if not cfg["allow_home_access"]:
+                if not root:
+                    raise _SetupError(
+                        f"no namespaces here (unshare: {err}), so nothing can hide your files from the program: it "
+                        f"would run as you (uid {outer_uid}) and could read your home; enable unprivileged user "
+                        "namespaces, or run as root, or set allow_home_access=true to accept that")
+                exposed = [p for p in cfg["own"] if _open_to_others(p)]
+                if exposed:
+                    raise _SetupError(
+                        f"no namespaces here (unshare: {err}), so {exposed[0]} cannot be hidden, and other uids can "
+                        f"enter it (the program could read its world-readable files); chmod 700 {exposed[0]}, or "
+                        "set allow_home_access=true to accept that")
         if flags & _CLONE_NEWUSER:
-            outer_uid, outer_gid = os.getuid(), os.getgid()
             for name, text in (("setgroups", "deny"), ("uid_map", f"{outer_uid} {outer_uid} 1"),
                                ("gid_map", f"{outer_gid} {outer_gid} 1")):
-                with open(f"/proc/self/{name}", "w") as f:
-                    f.write(text)
+                try:
+                    with open(f"/proc/self/{name}", "w") as f:
+                        f.write(text)
+                except OSError as e:
+                    raise _SetupError(
+                        f"a user namespace was made but its {name} could not be written ({e.strerror}); AppArmor's "
+                        "kernel.apparmor_restrict_unprivileged_userns=1 does this (set it to 0, or give this Python an "
+                        "AppArmor profile that allows userns), or run as root") from None
         if flags:
-            _setup_mounts(libc, cfg, uid)
+            try:
+                _setup_mounts(libc, cfg, uid)
+            except _SetupError as e:
+                if root or "Operation not permitted" not in str(e):
+                    raise
+                raise _SetupError(f"{e} inside the user namespace; user namespaces look restricted here (AppArmor: "
+                                  "sysctl kernel.apparmor_restrict_unprivileged_userns=0), or run as root") from None
             isolation += (["netns"] if flags & _CLONE_NEWNET else []) + ["mountns", "pidns"]
             isolation += ["userns"] if flags & _CLONE_NEWUSER else []
         elif uid is not None:
@@ -523,9 +729,15 @@ def _launch(cfg_path: str, fds_json: str) -> None:
     if init == 0:  # pid 1 of the new PID namespace (when there is one)
         try:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)  # the program cannot look into us (/proc/1/cwd, fd, mem)
             os.close(status)
+            os.chdir("/")
             if flags & _CLONE_NEWPID:  # a /proc of our own: the program sees only its own processes
-                libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | 8 | _MS_RDONLY, None)
+                ro = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC | _MS_RDONLY
+                if libc.mount(b"proc", b"/proc", b"proc", ro, None) != 0 and uid is None:
+                    # refused (a /proc with covered parts, as in containers): the host's /proc would show the
+                    # scoring process, which runs as the same user; an empty one instead
+                    _mount(libc, "tmpfs", "/proc", "tmpfs", ro, "size=4k,mode=0555")
             child = os.fork()
             if child == 0:
                 try:

@@ -26,6 +26,9 @@ pass; ``Verdict.passed`` = all pass.
 Options (``--reward-opt code.KEY=VALUE``): the sandbox limits ``timeout_s`` (wall, per test),
 ``cpu_s``, ``memory_mb``, ``file_size_mb``, ``disk_mb``, ``max_processes``, ``max_open_files``;
 ``allow_network`` (run without a network namespace, and where namespaces are impossible);
+``allow_home_access`` (where nothing can hide the invoking user's files from the program — a
+non-root user without user namespaces, with ``allow_network`` — run anyway; elsewhere ``$HOME``,
+``/root``, ``/home`` and the other private places stay hidden whatever it says);
 ``workers`` (tests run at once); ``partial_credit``; ``python`` (the interpreter; default: the
 one running tokalign).
 """
@@ -78,6 +81,7 @@ class CodeConfig:
     max_processes: int = 32
     max_open_files: int = 256
     allow_network: bool = False
+    allow_home_access: bool = False  # run even where nothing can hide the user's files (see tokalign.sandbox)
     workers: int = 1  # tests (of one or several samples) run at the same time
     partial_credit: bool = True  # score = fraction of tests passed; False: 1.0 only if all pass
     python: str = ""  # interpreter for the programs; "" = the one running tokalign
