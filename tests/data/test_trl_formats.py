@@ -94,8 +94,8 @@ def _doc_table() -> dict[str, set[str]]:
     rows = {}
     for line in DOC.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) == 3 and cells[0] in FORMATS:
-            rows[cells[0]] = set(re.findall(r"`(\w+)`", cells[2]))
+        if line.startswith("|") and len(cells) == 2 and cells[0] in FORMATS:
+            rows[cells[0]] = set(re.findall(r"`(\w+)`", cells[1]))
     return rows
 
 
