@@ -75,6 +75,7 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402
 
 from tokalign import ops  # noqa: E402
+from tokalign.algorithms.cispo import CISPO, CISPOConfig  # noqa: E402
 from tokalign.algorithms.dpo import DPO, DPOConfig  # noqa: E402
 from tokalign.algorithms.grpo import GRPO, GRPOConfig  # noqa: E402
 from tokalign.algorithms.gspo import GSPO, GSPOConfig  # noqa: E402
@@ -385,6 +386,22 @@ def test_grpo_parity_random_logps(tiny_model, tmp_path, loss_type, beta, eps_low
     assert 0.0 < res.metrics["clip_fraction"] < 1.0
     print(f"\nGRPO {loss_type} β={beta} ε=({eps_low},{eps_high}) random logps: |Δloss| = "
           f"{_max_abs(res.loss, trl_loss):.2e}, max|Δgrad| = {_max_abs(tk_logps.grad, trl_logps.grad):.2e}")
+    assert_close(res.loss, trl_loss, atol=ATOL, rtol=0)
+    assert_close(tk_logps.grad, trl_logps.grad, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("ratio_max", [5.0, 1.2])
+def test_cispo_parity_random_logps(tiny_model, tmp_path, beta, ratio_max):
+    """CISPO equals GRPOTrainer._compute_loss with loss_type="cispo" (trl/trainer/grpo_trainer.py: the detached
+    ``clamp(ρ, max=epsilon_high)`` times A times ℓ, over the batch's tokens): loss and per-token gradients. Behaviour
+    noise 1.0 so that some ratios pass the cap."""
+    trainer = _grpo_trainer(tiny_model, tmp_path, loss_type="cispo", beta=beta, epsilon=0.2, epsilon_high=ratio_max)
+    algo = CISPO(CISPOConfig(ratio_max=ratio_max, beta=beta))
+    res, tk_logps, trl_loss, trl_logps = _random_logps_parity(trainer, algo, seed=31, noise=1.0)
+    assert 0.0 < res.metrics["clip_fraction"] < 1.0
+    print(f"\nCISPO β={beta} cap {ratio_max}: |Δloss| = {_max_abs(res.loss, trl_loss):.2e}, "
+          f"max|Δgrad| = {_max_abs(tk_logps.grad, trl_logps.grad):.2e}")
     assert_close(res.loss, trl_loss, atol=ATOL, rtol=0)
     assert_close(tk_logps.grad, trl_logps.grad, atol=ATOL, rtol=0)
 
