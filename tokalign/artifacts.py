@@ -99,6 +99,35 @@ class Artifact:
         with _readable(self.path / DATA):
             return pq.read_table(self.path / DATA).to_pylist()
 
+    def num_rows(self) -> int:
+        """Rows of the data file (from its footer: nothing is read)."""
+        import pyarrow.parquet as pq
+
+        with _readable(self.path / DATA):
+            return pq.read_metadata(self.path / DATA).num_rows
+
+    def iter_batches(self, batch_size: int = 10_000) -> Iterable[list[dict[str, Any]]]:
+        """The rows of ``rows()``, in order, in lists of at most ``batch_size``, read as they are consumed: bounded
+        memory on any size."""
+        import pyarrow.parquet as pq
+
+        with _readable(self.path / DATA):
+            f = pq.ParquetFile(self.path / DATA, buffer_size=1 << 20)
+        with f:
+            batches = f.iter_batches(batch_size=batch_size)
+            while True:
+                with _readable(self.path / DATA):
+                    batch = next(batches, None)
+                    rows = None if batch is None else batch.to_pylist()
+                if rows is None:
+                    return
+                yield rows
+
+    def iter_rows(self, batch_size: int = 10_000) -> Iterable[dict[str, Any]]:
+        """The rows of ``rows()`` one at a time, read ``batch_size`` at a time."""
+        for batch in self.iter_batches(batch_size):
+            yield from batch
+
 
 @contextmanager
 def _readable(path: Path):
@@ -194,6 +223,9 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
         raise UserError(f"Output '{p}' already exists. Pass --overwrite to replace it, or choose another --out.")
     if p.exists() and not p.is_dir():
         raise UserError(f"Output '{p}' exists and is not a directory; remove it or choose another --out.")
+    if p.is_dir() and not is_artifact(p) and any(p.iterdir()):  # --overwrite replaces artifacts, never a user's files
+        raise UserError(f"Output '{p}' is a directory that is not a tokalign artifact; --overwrite replaces only artifacts: "
+                        "move its files away or choose another --out.")
     return p
 
 
@@ -229,6 +261,76 @@ class ArtifactWriter:
         self.counts[name] = table.num_rows
         return target
 
+    def stream_rows(self, chunks: Iterable[list[dict[str, Any]]], name: str = DATA) -> Path:
+        """``write_rows`` of the concatenated ``chunks``, written as they come (a Parquet row group each): bounded
+        memory on any size. The columns are the first row's and their types those ``write_rows`` infers from all the
+        rows: a later chunk that widens one (a column all null so far, ints then floats, a new struct field) has what
+        was written before rewritten with the wider type; one whose values do not fit raises as ``write_rows`` would."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        target = self.path / name
+        writer, schema, n = None, None, 0
+        try:
+            for rows in chunks:
+                if not rows:
+                    continue
+                if schema is None:
+                    table = pa.Table.from_pylist(rows)
+                    self._check_columns(table.column_names, name)
+                    schema = table.schema
+                    writer = pq.ParquetWriter(target, schema)
+                else:
+                    table = pa.Table.from_arrays([[r.get(c) for r in rows] for c in schema.names], schema.names)
+                    if not table.schema.equals(schema):
+                        wider = pa.unify_schemas([schema, table.schema], promote_options="permissive")
+                        if not wider.equals(schema):
+                            writer = self._widen(writer, target, wider)
+                            schema = wider
+                        table = self._cast(table, schema)
+                writer.write_table(table)
+                n += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:  # no rows at all
+            return self.write_rows([], name)
+        self.counts[name] = n
+        return target
+
+    def _check_columns(self, columns: list[str], name: str) -> None:
+        missing = [c for c in COLUMNS.get(self.kind, ()) if c not in columns] if name == DATA else []
+        if missing:  # a programming error, not a user one
+            raise RuntimeError(f"{self.kind} rows lack columns {missing}")
+
+    @staticmethod
+    def _cast(table, schema):
+        import pyarrow as pa
+
+        try:
+            return table.cast(schema)
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):  # e.g. struct fields reordered
+            return pa.Table.from_pylist(table.to_pylist(), schema=schema)
+
+    def _widen(self, writer, target: Path, schema):
+        """Close ``writer``, rewrite what it wrote with the wider ``schema`` (one row group at a time) and return a
+        writer that goes on appending to it."""
+        import pyarrow.parquet as pq
+
+        writer.close()
+        narrow = target.with_name(f"{target.name}.narrow")
+        target.rename(narrow)
+        wider = pq.ParquetWriter(target, schema)
+        try:
+            with pq.ParquetFile(narrow) as f:
+                for i in range(f.num_row_groups):
+                    wider.write_table(self._cast(f.read_row_group(i), schema))
+        except BaseException:
+            wider.close()
+            raise
+        narrow.unlink()
+        return wider
+
     def write_json(self, name: str, obj: Any) -> Path:
         target = self.path / name
         target.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
@@ -263,35 +365,161 @@ def build_manifest(kind: str, root: Path, prov: Provenance, counts: dict[str, in
     }
 
 
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Rename a complete ``tmp`` into ``out``; an existing ``out`` is moved aside first, then removed."""
-    aside = None
-    if out.exists():
-        aside = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
-        out.rename(aside)
+def temp_name(out: Path) -> Path:
+    """A fresh ``<out>.tmp-<hex>`` beside ``out``: a name readers never take for ``out``, and that the next write of
+    ``out`` clears when no live process holds it (``remove_stale``)."""
+    return out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+
+
+def _lock(path: Path, wait: bool = False) -> int | None:
+    """An fd holding an exclusive ``flock`` on the directory ``path`` (released when the fd is closed, or when its
+    process dies, SIGKILL included); None when another process holds it (``wait``: block until it is free), or where
+    the file system has no locks."""
+    import fcntl
+
     try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return fd
+    except OSError:  # BlockingIOError: held; ENOLCK, EINVAL, ENOTSUP: no flock here
+        os.close(fd)
+        return None
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _stale(out: Path) -> list[Path]:
+    """The temp dirs of ``out`` there are (``<out>.tmp-<hex>``; ``<out>.old-<hex>``: set aside by older versions)."""
+    import re
+
+    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old)-[0-9a-f]{8}")
+    try:
+        names = [p for p in out.parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return []
+    return [p for p in names if p.is_dir() and not p.is_symlink()]
+
+
+def remove_stale(out: Path) -> None:
+    """Remove the temp dirs of ``out`` left by writers that died (a kill, a crash): those whose lock nobody holds."""
+    for p in _stale(out):
+        fd = _lock(p)
+        if fd is None:
+            continue  # a live writer's, or unlockable: leave it
+        try:
+            shutil.rmtree(p, ignore_errors=True)
+        finally:
+            _unlock(fd)
+
+
+def _claim_tmp(out: Path, tmp: Path | None) -> tuple[Path, int | None]:
+    """Create and lock the temp dir to write ``out`` in, first clearing stale ones. Under a lock on the parent
+    directory, so no writer clears another's temp dir between its creation and its locking."""
+    guard = _lock(out.parent, wait=True)
+    try:
+        if guard is not None:
+            remove_stale(out)
+        tmp = tmp or temp_name(out)
+        tmp.mkdir(parents=True, exist_ok=True)
+        return tmp, _lock(tmp)
+    finally:
+        _unlock(guard)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # glibc < 2.28, musl
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def commit_dir(tmp: Path, out: Path) -> None:
+    """Put a complete ``tmp`` at ``out``. An existing ``out`` is swapped with it in one step where the system can
+    (so ``out`` is at every moment the old artifact or the new one, whenever a kill comes), else moved aside first;
+    then the old one is removed. Leftovers of a kill in between are temp dirs, which the next write clears."""
+    if not out.exists():
         tmp.rename(out)
-    except BaseException:
-        if aside is not None:
+        return
+    held = _lock(out)  # the old one, soon a temp dir: no other writer's clearing may take it while we hold it
+    try:
+        if _exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old artifact
+            return
+        aside = temp_name(out)
+        out.rename(aside)
+        try:
+            tmp.rename(out)
+        except BaseException:
             aside.rename(out)
-        raise
-    if aside is not None:
+            raise
         shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        _unlock(held)
+
+
+def disk_full(exc: BaseException, where: Path) -> bool:
+    """``exc`` says the disk is full, or came while writing to a disk that has filled up (torch.save's RuntimeError
+    keeps no errno, nor does torch.distributed.checkpoint's CheckpointException)."""
+    from tokalign.errors import no_space
+
+    if isinstance(exc, (UserError, KeyboardInterrupt, SystemExit, GeneratorExit)):
+        return False
+    if no_space(exc):
+        return True
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (64 << 10)
 
 
 @contextmanager
 def writing(out: str | os.PathLike, kind: str, prov: Provenance, overwrite: bool = False, tmp: Path | None = None):
-    """Yield an ArtifactWriter on a temp dir; on success write the manifest and rename into place."""
+    """Yield an ArtifactWriter on a temp dir; on success write the manifest and rename into place.
+
+    The temp dir is locked while it is written, so the next write of ``out`` can tell the leftovers of a killed
+    writer from a live one's, and clears them. A full disk is one line (``NoSpace``, exit 2) and leaves nothing."""
+    from tokalign.errors import no_space, no_space_error
+
     out = check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp or out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp, held = _claim_tmp(out, tmp)
+    except OSError as e:
+        if no_space(e):
+            raise no_space_error(out, e, "; nothing was written") from e
+        raise
     writer = ArtifactWriter(tmp, kind)
     try:
         yield writer
         manifest = build_manifest(kind, tmp, prov, writer.counts)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         commit_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise no_space_error(out, e, "; nothing was left behind") from e
         raise
+    finally:
+        _unlock(held)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
@@ -10,6 +11,35 @@ class UserError(Exception):
     """Bad input the user can fix. The message is one line that names the fix."""
 
     exit_code = 2
+
+
+class NoSpace(UserError):
+    """The disk (or the quota) filled up while writing: one line naming where and the fix, exit 2."""
+
+
+# what a full disk says when the errno did not survive: Rust's io::Error (safetensors, tokenizers), Arrow's detail
+_NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "errno 28", "os error 122")
+
+
+def no_space(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from or during, says the disk or the quota is full."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(exc).lower() for t in _NO_SPACE_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def no_space_error(path=None, exc: BaseException | None = None, left: str = "") -> NoSpace:
+    """The one line for a full disk while writing ``path`` (None: unknown); ``left``: what became of the partial output."""
+    where = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+    detail = f" (writing '{where}')" if where and str(where) != str(path) else ""
+    device = f"the device holding '{path}'" if path else "the device"
+    return NoSpace(f"No space left on {device}{detail}: free some space there, or write elsewhere (another --out){left}.")
 
 
 def edit_distance(a: str, b: str) -> int:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from tokalign import artifacts
 from tokalign.artifacts import sha256_json
-from tokalign.errors import UserError
+from tokalign.errors import UserError, no_space_error
 from tokalign.protocols import Stateful
 from tokalign.train import distributed
 
@@ -39,6 +40,17 @@ def identity(run_config: dict) -> str:
 
 def work_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
+
+
+def discard(work: Path) -> None:
+    """Remove a work dir so that a kill midway never leaves half of one (a checkpoint without its state, say, which
+    --resume would trip over): it is renamed to a temp dir of its output first, which the next write of that output
+    clears if this removal is cut short."""
+    if not work.exists():
+        return
+    gone = artifacts.temp_name(work.with_name(work.name.removesuffix(".partial")))
+    work.rename(gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def latest(work: Path) -> Path | None:
@@ -78,14 +90,26 @@ def _sharded_state(trained: _Trained, optimizer) -> tuple[dict, dict]:
 
 def save(work: Path, step: int, state, config_sha256: str) -> Path:
     """Every process calls it: each writes its shard of the weights and optimiser state; the main process the rest,
-    then renames the finished checkpoint into place."""
-    import torch.distributed.checkpoint as dcp
-
+    then renames the finished checkpoint into place. A full disk is one line; the checkpoints before stay."""
     dist = state.dist
     final, tmp = work / f"checkpoint-{step}", work / f"checkpoint-{step}.tmp"
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier(dist)
+    try:
+        return _save(work, step, state, config_sha256, final, tmp)
+    except BaseException as e:
+        if not artifacts.disk_full(e, work):
+            raise
+        if dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise no_space_error(work, e, "; --resume continues from the last complete checkpoint, if there is one") from e
+
+
+def _save(work: Path, step: int, state, config_sha256: str, final: Path, tmp: Path) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    dist = state.dist
     model, optim = _sharded_state(_Trained(state), state.optimizer)
     dcp.save({"model": model, "optimizer": optim}, checkpoint_id=tmp / SHARDS)
     if dist.main:
@@ -156,8 +180,11 @@ def restore_rng(state: dict) -> None:
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from."""
+    """Drop metric lines logged after the checkpoint we resume from (the file replaced in one step: a kill midway
+    leaves the old one, never a truncated one)."""
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)

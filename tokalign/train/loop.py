@@ -60,7 +60,7 @@ def _claim_work_dir(work: Path, resume: bool, overwrite: bool, dist: distributed
     if not resume and ckpt is not None and not overwrite:
         raise UserError(f"'{work}' holds an interrupted run of this --out; pass --resume to continue it or --overwrite to start over.")
     if (ckpt is None or not resume) and work.exists() and dist.main:  # one process clears it (the others wait)
-        shutil.rmtree(work)
+        checkpoint.discard(work)
     return ckpt if resume else None
 
 
@@ -288,7 +288,7 @@ def _finish(state: TrainState, work: Path, run_config: dict, weights=None) -> Pa
         if source_dir is not None and (source_dir / config.MODEL_DEFAULTS_FILE).is_file():  # the model's recommended settings travel with it
             shutil.copy(source_dir / config.MODEL_DEFAULTS_FILE, w.path / config.MODEL_DEFAULTS_FILE)
         w.counts["metrics.jsonl"] = sum(1 for _ in open(w.path / "metrics.jsonl"))
-    shutil.rmtree(work, ignore_errors=True)
+    checkpoint.discard(work)  # renamed away first: a kill while it is removed leaves no half resume point
     return plan.out
 
 
