@@ -62,6 +62,18 @@ def load_tokenizer(name: str):
     return tok
 
 
+def context_length(name: str) -> int | None:
+    """The model's context in tokens (its config's ``max_position_embeddings``), or None where the config has none."""
+    from transformers import AutoConfig
+
+    path, _ = resolve_model(name)
+    try:
+        value = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def load_model(name: str, dtype: str = "float32", device: str | None = None, quantization_config=None):
     import torch
     from transformers import AutoModelForCausalLM

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from typing import Any
 
+from tokalign.errors import UserError
 from tokalign.protocols import Sample
 
 SCORE_COLUMNS = ("reward", "rewards", "verdicts", "token_rewards", "reward_errors")
+CHUNK_ROWS = 10_000  # rows prepare and score hold at a time (bounded memory on big inputs)
+
+
+def chunk_rows() -> int:
+    """Rows per chunk of the streaming stages: ``CHUNK_ROWS``, or ``$TOKALIGN_CHUNK_ROWS`` (tests force small chunks)."""
+    try:
+        return max(1, int(os.environ.get("TOKALIGN_CHUNK_ROWS", "") or CHUNK_ROWS))
+    except ValueError:
+        return CHUNK_ROWS
 
 
 def dumps(x: Any) -> str:
@@ -123,3 +135,38 @@ def episode_stats(rows: list[dict], prefix: str = "") -> dict[str, float]:
 def failed_reward_rows(rows: list[dict]) -> int:
     """Rows of a scored artifact with at least one failed reward (artifacts from before the column count none)."""
     return sum(1 for r in rows if r.get("reward_errors") not in (None, "", "{}"))
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _all_finite(values) -> bool:
+    """No NaN, ±inf or null among ``values`` (one sum: NaN and inf survive it; fast on long token columns)."""
+    try:
+        return math.isfinite(sum(values))
+    except TypeError:
+        return False
+
+
+def check_row(source: str, index: int, row: dict, scored: bool) -> None:
+    """One rollouts (or, with ``scored``, scored) row is usable: its per-token columns hold one value per completion
+    token and (scored) its rewards are finite numbers. Raises one line naming the row (``index`` from 1) and the fix."""
+    where = f"'{source}' row {index} (id '{row.get('id')}')"
+    fix = f"re-score it (tokalign score {source} --out NEW)"
+    redo = "re-create it (tokalign rollout, then tokalign score)" if scored else "re-create it (tokalign rollout)"
+    if scored:
+        values = {"reward": row.get("reward"), **{f"rewards.{k}": v for k, v in (row.get("rewards") or {}).items()}}
+        for key, value in values.items():
+            if not _finite(value):
+                raise UserError(f"{where} has {key} = {value!r}: rewards must be finite numbers; {fix}.")
+    n = len(row.get("completion_ids") or ())
+    for column in ("sampler_logps", "token_rewards", "loss_mask") if scored else ("sampler_logps", "loss_mask"):
+        got = row.get(column)
+        if got is None:
+            continue
+        if len(got) != n:
+            raise UserError(f"{where} has {len(got)} {column} for {n} completion tokens (one per token needed); "
+                            f"{fix if column == 'token_rewards' else redo}.")
+        if column == "token_rewards" and not _all_finite(got):
+            raise UserError(f"{where} has a token reward that is not a finite number; {fix}.")

@@ -7,14 +7,17 @@ loads a local copy instead of the hub's; see ``tokalign.data.tasks``). A task ne
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokalign import registry
 from tokalign.errors import UserError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+STREAMED = (".jsonl", ".parquet", ".csv")  # files ``iter_records`` reads a chunk at a time (the rest are read whole)
 
 
 def load_records(source: str, split: str = "train") -> tuple[list[dict], dict]:
@@ -25,6 +28,30 @@ def load_records(source: str, split: str = "train") -> tuple[list[dict], dict]:
     records, info = _load(source, split)
     info["sha256"] = sha256_file(Path(info["path"])) if info["source"] == "file" else sha256_json(records)
     return records, info
+
+
+def iter_records(source: str, split: str = "train", chunk: int = 10_000, limit: int | None = None) -> tuple[Iterator[list[dict]], dict]:
+    """(chunks of at most ``chunk`` records, info): ``load_records`` in bounded memory, of the first ``limit`` records
+    (all when None). A local JSONL, Parquet or CSV file is read as the chunks are consumed, and no further than the
+    ``limit``-th record (an error in a later record surfaces when its chunk is read); a JSON file, a task or a hub
+    dataset is loaded whole (``load_records``), then handed out in chunks. ``info["sha256"]`` is the whole source's."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() in STREAMED:
+        from tokalign.artifacts import sha256_file
+
+        info = {"source": "file", "path": str(path.resolve()), "sha256": sha256_file(path)}
+        return chunked(itertools.islice(iter_file(path), limit), chunk), info
+    records, info = load_records(source, split)
+    if limit is not None:
+        records = records[:limit]
+    return (records[i : i + chunk] for i in range(0, len(records), chunk)), info
+
+
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last one shorter), read from ``items`` as they are needed."""
+    it = iter(items)
+    while part := list(itertools.islice(it, max(1, size))):
+        yield part
 
 
 def _load(source: str, split: str) -> tuple[list[dict], dict]:
@@ -135,11 +162,14 @@ def registry_unknown(source: str) -> UserError:
 
 def load_file(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _load_jsonl(path)
+    if suffix in STREAMED:
+        return list(iter_file(path))
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the file as "
+                            "UTF-8 (e.g. iconv -f latin1 -t utf-8).") from e
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}.") from e
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -147,23 +177,69 @@ def load_file(path: Path) -> list[dict]:
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise UserError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}}).")
         return data
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as e:
-            raise UserError(f"{path}: not a readable Parquet file ({e}).") from e
-    if suffix == ".csv":
-        with open(path, newline="") as f:
-            return [dict(row) for row in csv.DictReader(f)]
     raise UserError(f"{path}: unsupported file type '{suffix}'. Use one of {', '.join(SUFFIXES)}.")
 
 
-def _load_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+def iter_file(path: Path) -> Iterator[dict]:
+    """The records of a JSONL, Parquet or CSV file, one at a time as they are read."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _iter_jsonl(path)
+    if suffix == ".parquet":
+        return _iter_parquet(path)
+    if suffix == ".csv":
+        return _iter_csv(path)
+    raise ValueError(f"{path}: not a file read record by record ({', '.join(STREAMED)})")
+
+
+def _iter_parquet(path: Path, batch: int = 4096) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable Parquet file ({e}).") from e
+    with f:
+        batches = f.iter_batches(batch_size=batch)
+        while True:
+            try:
+                part = next(batches, None)
+                records = None if part is None else part.to_pylist()
+            except Exception as e:
+                raise UserError(f"{path}: not a readable Parquet file ({e}).") from e
+            if records is None:
+                return
+            yield from records
+
+
+def _not_utf8(path: Path, line: int, e: UnicodeDecodeError) -> UserError:
+    return UserError(f"{path} line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at column {e.start + 1}); "
+                     "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).")
+
+
+def _iter_csv(path: Path) -> Iterator[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        while True:
+            try:
+                row = next(reader, None)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8 "
+                                "(e.g. iconv -f latin1 -t utf-8).") from e
+            except csv.Error as e:
+                raise UserError(f"{path} line {reader.line_num}: not valid CSV ({e}).") from e
+            if row is None:
+                return
+            yield dict(row)
+
+
+def _iter_jsonl(path: Path) -> Iterator[dict]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, lineno, e) from e
             if not line.strip():
                 continue
             try:
@@ -172,8 +248,7 @@ def _load_jsonl(path: Path) -> list[dict]:
                 raise UserError(f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno}); fix or remove that line.") from e
             if not isinstance(row, dict):
                 raise UserError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}.")
-            rows.append(row)
-    return rows
+            yield row
 
 
 def load_hub(repo_id: str, split: str, config: str | None = None,

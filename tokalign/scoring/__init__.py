@@ -89,53 +89,93 @@ def score_samples(rewards, samples: list, *, workers: int = 1, timeout: float | 
 
     ``workers`` ≤ 1 runs in this process; more spawns that many processes (fewer if there is less work).
     ``cache`` is a ``ScoreCache`` or None. ``progress(done, total)`` is called as (reward, sample) results arrive."""
-    from tokalign.scoring import cache as cache_mod
+    with Scorer(rewards, workers=workers, timeout=timeout, cache=cache, progress=progress) as scorer:
+        return scorer.score(samples), scorer.report
 
-    report = ScoreReport(len(samples), max(1, workers), timeout if timeout and timeout > 0 else None,
-                         str(cache.path) if cache is not None else None, {r.name: RewardStats() for r in rewards})
-    results: dict[tuple[int, int], tuple[str, Any]] = {}
-    keys: dict[tuple[int, int], str] = {}
-    if cache is not None and samples and rewards:
-        digests = [cache_mod.sample_digest(s) for s in samples]
-        keys = {(ri, i): cache_mod.key(r.fingerprint, d) for ri, r in enumerate(rewards) for i, d in enumerate(digests)}
-        hits = cache.get_many(list(keys.values()))
-        for k, key in keys.items():
-            if key in hits:
-                results[k] = (OK, hits[key])
-                report.rewards[rewards[k[0]].name].cached += 1
-    todo = [(ri, i, s) for ri in range(len(rewards)) for i, s in enumerate(samples) if (ri, i) not in results]
-    if todo and workers > 1:
-        from tokalign.scoring import pool
 
-        refs = [(r.name, r.plugin.value, r.plugin.kind, r.options) for r in rewards]
-        results.update(pool.run(refs, todo, workers, report.timeout, progress))
-    elif todo:
-        done = 0
-        with Alarm(report.timeout) as alarm:
-            for ri, r in enumerate(rewards):
-                mine = [(i, s) for rj, i, s in todo if rj == ri]
-                for k in range(0, len(mine), BATCH):
-                    part = mine[k : k + BATCH]
-                    for (i, _), result in zip(part, call_many(r.fn, r.name, [s for _, s in part], alarm)):
-                        results[(ri, i)] = result
-                    done += len(part)
-                    if progress:
-                        progress(done, len(todo))
-    fresh = []
-    for ri, i, _ in todo:
-        status, payload = results[(ri, i)]
-        stats = report.rewards[rewards[ri].name]
-        if status == OK:
-            stats.computed += 1
-            if keys:
-                fresh.append((keys[(ri, i)], payload))
-        else:
-            stats.errors += status == ERROR
-            stats.timeouts += status == TIMEOUT
-            stats.first_error = stats.first_error or payload
-    if cache is not None:
-        cache.put_many(fresh)
-    return _combine(rewards, samples, results, report), report
+class Scorer:
+    """``score_samples`` chunk after chunk: one worker pool (kept from the first chunk that needs it to ``close``),
+    one cache and one report (counts, first errors) over all the chunks, so a big artifact is scored in bounded
+    memory with the results and report of scoring it whole. A chunk's fresh results go to the cache before the next
+    chunk is looked up. ``total``: the (reward, sample) calls of all the chunks, for ``progress`` (else per chunk)."""
+
+    def __init__(self, rewards, *, workers: int = 1, timeout: float | None = None, cache=None,
+                 progress: Callable[[int, int], None] | None = None, total: int | None = None):
+        self.rewards, self.workers, self.cache, self.progress, self.total = list(rewards), workers, cache, progress, total
+        self.report = ScoreReport(0, max(1, workers), timeout if timeout and timeout > 0 else None,
+                                  str(cache.path) if cache is not None else None, {r.name: RewardStats() for r in self.rewards})
+        self._pool = None
+        self._done = 0  # (reward, sample) results of the chunks before, for progress
+
+    def __enter__(self) -> "Scorer":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(clean=exc_type is None)
+
+    def close(self, clean: bool = True) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close(clean)
+
+    def _progress(self, base: int) -> Callable[[int, int], None] | None:
+        if self.progress is None:
+            return None
+        return lambda done, total: self.progress(base + done, self.total or total)
+
+    def score(self, samples: list) -> list[dict]:
+        """Per-sample dicts of one chunk, in sample order; the report counts them."""
+        from tokalign.scoring import cache as cache_mod
+
+        rewards, report, cache = self.rewards, self.report, self.cache
+        report.samples += len(samples)
+        results: dict[tuple[int, int], tuple[str, Any]] = {}
+        keys: dict[tuple[int, int], str] = {}
+        if cache is not None and samples and rewards:
+            digests = [cache_mod.sample_digest(s) for s in samples]
+            keys = {(ri, i): cache_mod.key(r.fingerprint, d) for ri, r in enumerate(rewards) for i, d in enumerate(digests)}
+            hits = cache.get_many(list(keys.values()))
+            for k, key in keys.items():
+                if key in hits:
+                    results[k] = (OK, hits[key])
+                    report.rewards[rewards[k[0]].name].cached += 1
+        base = self._done + (len(results) if self.total else 0)
+        todo = [(ri, i, s) for ri in range(len(rewards)) for i, s in enumerate(samples) if (ri, i) not in results]
+        if todo and self.workers > 1:
+            if self._pool is None:
+                from tokalign.scoring import pool
+
+                refs = [(r.name, r.plugin.value, r.plugin.kind, r.options) for r in rewards]
+                self._pool = pool.Pool(refs, self.workers, report.timeout)
+            results.update(self._pool.run(todo, self._progress(base)))
+        elif todo:
+            done, progress = 0, self._progress(base)
+            with Alarm(report.timeout) as alarm:
+                for ri, r in enumerate(rewards):
+                    mine = [(i, s) for rj, i, s in todo if rj == ri]
+                    for k in range(0, len(mine), BATCH):
+                        part = mine[k : k + BATCH]
+                        for (i, _), result in zip(part, call_many(r.fn, r.name, [s for _, s in part], alarm)):
+                            results[(ri, i)] = result
+                        done += len(part)
+                        if progress:
+                            progress(done, len(todo))
+        self._done += len(rewards) * len(samples)
+        fresh = []
+        for ri, i, _ in todo:
+            status, payload = results[(ri, i)]
+            stats = report.rewards[rewards[ri].name]
+            if status == OK:
+                stats.computed += 1
+                if keys:
+                    fresh.append((keys[(ri, i)], payload))
+            else:
+                stats.errors += status == ERROR
+                stats.timeouts += status == TIMEOUT
+                stats.first_error = stats.first_error or payload
+        if cache is not None:
+            cache.put_many(fresh)
+        return _combine(rewards, samples, results, report)
 
 
 def _combine(rewards, samples, results, report: ScoreReport) -> list[dict]:

@@ -11,7 +11,8 @@ does not come back (stuck in C code, ignoring the alarm) is killed at a hard dea
 is recorded as timed out, the rest of its chunk goes back in the queue, and a new worker starts.
 A worker that dies (segfault, ``os._exit``, the OOM killer) fails only the sample it was running.
 A reward breaking its contract in a worker stops the run in the parent with the worker's one-line error
-(and, under ``--debug``, the worker's traceback on stderr).
+(and, under ``--debug``, the worker's traceback on stderr). A ``Pool`` keeps its workers across runs (the score stage
+scores a big artifact chunk after chunk with one pool); ``run`` is one run in a pool of its own.
 """
 
 from __future__ import annotations
@@ -188,65 +189,98 @@ class _Run:
         w.conn.close()
 
 
+class Pool:
+    """``workers`` reward processes kept across ``run`` calls: the score stage scores chunk after chunk of a big
+    artifact with one pool (started on the first call that has work, grown to what a call can use)."""
+
+    def __init__(self, refs: list[tuple[str, str, str, dict]], workers: int, timeout: float | None):
+        import multiprocessing as mp
+
+        self.refs, self.workers, self.timeout = refs, workers, timeout
+        self.ctx = mp.get_context("spawn")
+        self.live: list[_Worker] = []
+
+    def run(self, items: list[tuple[int, int, Any]], progress=None) -> dict:
+        """Score ``items`` = [(reward index, position, sample)]. Returns {(reward index, position): (status,
+        payload)} as ``calls.call_one`` gives them. A run that raises stops (kills) every worker."""
+        from multiprocessing.connection import wait
+
+        r = _Run(self.refs, self.timeout, self.ctx, progress=progress, total=len(items))
+        size = chunk_size(len(items), self.workers)
+        by_reward: dict[int, list] = {}
+        for ri, pos, sample in items:
+            by_reward.setdefault(ri, []).append((pos, sample))
+        for ri, entries in by_reward.items():
+            for i in range(0, len(entries), size):
+                r.queue.append((ri, entries[i : i + size]))
+        hard = hard_deadline(self.timeout)
+        pool, self.live = self.live, []
+        pool += [r.start() for _ in range(min(self.workers, len(r.queue)) - len(pool))]
+        try:
+            while r.queue or any(w.task is not None for w in pool):
+                for w in pool:
+                    r.dispatch(w)
+                waitables = [w.conn for w in pool] + [w.proc.sentinel for w in pool]
+                ready = set(wait(waitables, timeout=POLL_S if hard else None))
+                alive = []
+                for w in pool:
+                    dead = w.proc.sentinel in ready
+                    if w.conn in ready and not dead:
+                        try:
+                            r.receive(w, w.conn.recv())
+                        except (EOFError, OSError):
+                            dead = True
+                    killed_at = None
+                    if not dead and hard and w.task is not None:
+                        start, budget = w.slot[2], w.slot[3]
+                        if start and budget and time.monotonic() - start > hard_deadline(budget):
+                            w.proc.kill()
+                            killed_at, dead = start, True
+                    if dead:
+                        r.bury(w, killed_at)
+                        if r.queue:
+                            alive.append(r.start())
+                    else:
+                        alive.append(w)
+                pool = alive
+        except BaseException:
+            _stop(pool, clean=False)
+            raise
+        self.live = pool
+        return r.results
+
+    def close(self, clean: bool = True) -> None:
+        """Stop the workers: asked to exit when ``clean``, else killed."""
+        pool, self.live = self.live, []
+        _stop(pool, clean)
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(clean=exc_type is None)
+
+
+def _stop(pool: list[_Worker], clean: bool) -> None:
+    for w in pool:
+        if clean:
+            try:
+                w.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        else:
+            w.proc.kill()
+    for w in pool:
+        w.proc.join(2 if clean else 5)
+        if w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join(5)
+        w.conn.close()
+
+
 def run(refs: list[tuple[str, str, str, dict]], items: list[tuple[int, int, Any]], workers: int, timeout: float | None,
         progress=None) -> dict:
-    """Score ``items`` = [(reward index, position, sample)] in ``workers`` processes.
+    """Score ``items`` = [(reward index, position, sample)] in ``workers`` processes started for this call.
     Returns {(reward index, position): (status, payload)} as ``calls.call_one`` gives them."""
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
-
-    r = _Run(refs, timeout, mp.get_context("spawn"), progress=progress, total=len(items))
-    size = chunk_size(len(items), workers)
-    by_reward: dict[int, list] = {}
-    for ri, pos, sample in items:
-        by_reward.setdefault(ri, []).append((pos, sample))
-    for ri, entries in by_reward.items():
-        for i in range(0, len(entries), size):
-            r.queue.append((ri, entries[i : i + size]))
-    hard = hard_deadline(timeout)
-    pool = [r.start() for _ in range(min(workers, len(r.queue)))]
-    clean = False
-    try:
-        while r.queue or any(w.task is not None for w in pool):
-            for w in pool:
-                r.dispatch(w)
-            waitables = [w.conn for w in pool] + [w.proc.sentinel for w in pool]
-            ready = set(wait(waitables, timeout=POLL_S if hard else None))
-            alive = []
-            for w in pool:
-                dead = w.proc.sentinel in ready
-                if w.conn in ready and not dead:
-                    try:
-                        r.receive(w, w.conn.recv())
-                    except (EOFError, OSError):
-                        dead = True
-                killed_at = None
-                if not dead and hard and w.task is not None:
-                    start, budget = w.slot[2], w.slot[3]
-                    if start and budget and time.monotonic() - start > hard_deadline(budget):
-                        w.proc.kill()
-                        killed_at, dead = start, True
-                if dead:
-                    r.bury(w, killed_at)
-                    if r.queue:
-                        alive.append(r.start())
-                else:
-                    alive.append(w)
-            pool = alive
-        clean = True
-    finally:
-        for w in pool:
-            if clean:
-                try:
-                    w.conn.send(None)
-                except (OSError, ValueError):
-                    pass
-            else:
-                w.proc.kill()
-        for w in pool:
-            w.proc.join(2 if clean else 5)
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join(5)
-            w.conn.close()
-    return r.results
+    with Pool(refs, workers, timeout) as pool:
+        return pool.run(items, progress)

@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from tokalign.rows import dumps, to_sample
 
 
 def score_rows(rows: list[dict], rewards, *, workers: int = 1, timeout: float | None = None, cache=None, progress=None):
     """(rows + score columns, ``scoring.ScoreReport``). ``reward_errors`` is a JSON object {reward: why
     it failed on this row} ("{}" when none failed); a failed reward counts 0 in ``reward`` (see ``tokalign.scoring``)."""
-    from tokalign.scoring import score_samples
+    from tokalign.scoring import Scorer
 
-    results, report = score_samples(rewards, [to_sample(r) for r in rows], workers=workers, timeout=timeout, cache=cache, progress=progress)
+    with Scorer(rewards, workers=workers, timeout=timeout, cache=cache, progress=progress) as scorer:
+        return score_chunk(scorer, rows), scorer.report
+
+
+def score_chunk(scorer, rows: list[dict]) -> list[dict]:
+    """``rows`` + score columns, scored by a ``scoring.Scorer`` (whose report counts them): ``score_rows`` one chunk
+    of a big artifact at a time."""
     out = []
-    for r, s in zip(rows, results):
+    for r, s in zip(rows, scorer.score([to_sample(r) for r in rows])):
         out.append({**r, "reward": s["reward"], "rewards": s["rewards"], "verdicts": dumps(s["verdicts"]),
                     "token_rewards": s["token_rewards"], "reward_errors": dumps(s["reward_errors"])})
-    return out, report
+    return out
+
+
+def group_chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive rows in chunks of about ``size``, cut only where ``group_id`` changes: a chunk holds whole groups
+    (a group bigger than ``size`` is one chunk)."""
+    chunk: list[dict] = []
+    for r in rows:
+        if len(chunk) >= size and r.get("group_id") != chunk[-1].get("group_id"):
+            yield chunk
+            chunk = []
+        chunk.append(r)
+    if chunk:
+        yield chunk
 
 
 def scored_rows(rows: list[dict], rewards) -> list[dict]:

@@ -1,28 +1,58 @@
-"""Stage ``prepare``: a task, file or hub dataset -> a ``prompts`` or ``pairs`` artifact."""
+"""Stage ``prepare``: a task, file or hub dataset -> a ``prompts`` or ``pairs`` artifact.
+
+Records are read, normalised, rendered and written a chunk at a time (``iter_rows``; ``rows.chunk_rows()`` records
+each), so a big JSONL, Parquet or CSV file is prepared in bounded memory."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 from tokalign import artifacts, models
 from tokalign.data import formats, loaders, render
-from tokalign.rows import dumps
+from tokalign.errors import UserError
+from tokalign.rows import chunk_rows, dumps
 
 
 def load_rows(source: str, tokenizer, split: str = "train", limit: int | None = None,
               tools: list[dict] | None = None) -> tuple[str, list[dict], dict]:
     """(kind, rows, info): normalised, tokenised rows ready for an artifact or the train loop (prompts rendered with
     an environment's ``tools``, if any)."""
-    records, info = loaders.load_records(source, split)
-    if limit:
-        records = records[:limit]
-    fmt, rows = formats.normalise(records, source)
+    kind, chunks, info = iter_rows(source, tokenizer, split, limit, tools)
+    return kind, [row for chunk in chunks for row in chunk], info
+
+
+def iter_rows(source: str, tokenizer, split: str = "train", limit: int | None = None, tools: list[dict] | None = None,
+              chunk: int | None = None) -> tuple[str, Iterator[list[dict]], dict]:
+    """(kind, chunks of rows, info): ``load_rows`` a chunk of ``chunk`` records at a time (default
+    ``rows.chunk_rows()``), read as the chunks are consumed; no more than ``limit`` records are read. The first chunk
+    is read here: the data's format (told from its first record) decides the artifact's kind."""
+    records, info = loaders.iter_records(source, split, chunk or chunk_rows(), limit or None)
+    first = next(records, [])
+    if not first:
+        raise UserError(f"{source}: no records.")
+    fmt = formats.detect(first[0], source)
+
+    def rows() -> Iterator[list[dict]]:
+        start = 0
+        for part in itertools.chain([first], records):
+            normalised = [formats.normalise_record(rec, start + i, fmt, source) for i, rec in enumerate(part)]
+            start += len(part)
+            yield _rendered(normalised, fmt, tokenizer, tools)
+
+    return formats.ARTIFACT_KIND[fmt], rows(), info
+
+
+def _rendered(rows: list[dict], fmt: str, tokenizer, tools: list[dict] | None) -> list[dict]:
     out = []
     for r, (text, ids) in zip(rows, render.render_prompts(tokenizer, [r["prompt"] for r in rows], tools)):
         row = {"id": r["id"], "prompt": dumps(r["prompt"]), "prompt_text": text, "prompt_ids": ids,
                "reference": dumps(r.get("reference"))}
         if fmt == "preference":
             row.update(chosen=r["chosen"], rejected=r["rejected"])
+        elif fmt == "stepwise":
+            row.update(steps=r["steps"], step_labels=r["step_labels"])
         else:
             row["completion"] = r.get("completion")
             if r.get("completion_messages"):  # a multi-turn completion (assistant turns and what answered them)
@@ -30,20 +60,33 @@ def load_rows(source: str, tokenizer, split: str = "train", limit: int | None = 
             if fmt == "unpaired":
                 row["label"] = r["label"]
         out.append(row)
-    return ("pairs" if fmt == "preference" else "prompts"), out, info
+    return out
+
+
+def _within_context(chunks: Iterator[list[dict]], source: str, context: int | None) -> Iterator[list[dict]]:
+    """The chunks, refusing a prompt that leaves the model no room to answer (as many tokens as its context, or more)."""
+    start = 0
+    for chunk in chunks:
+        for i, row in enumerate(chunk):
+            if context and len(row["prompt_ids"]) >= context:
+                raise UserError(f"{source} record {start + i + 1} (id '{row['id']}'): its prompt is {len(row['prompt_ids'])} tokens, "
+                                f"but the model's context is {context} (max_position_embeddings); shorten it or drop the record.")
+        start += len(chunk)
+        yield chunk
 
 
 def prepare(source: str, out: str, *, model: str = "", split: str = "train", limit: int | None = None,
             overwrite: bool = False) -> Path:
     out_path = artifacts.check_output(out, overwrite)
     tokenizer = models.load_tokenizer(model)
-    kind, rows, info = load_rows(source, tokenizer, split, limit)
+    kind, chunks, info = iter_rows(source, tokenizer, split, limit)
+    chunks = _within_context(chunks, source, models.context_length(model))
     prov = artifacts.Provenance(
         config={"source": source, "split": split, "limit": limit, "model": model or "(bundled)"},
         inputs=[{"path": info.get("path", source), "kind": info["source"], "split": split, "sha256": info["sha256"]}],
         plugins=loaders.plugin_refs(info), model=models.identity(model),
         extra={"default_reward": info.get("default_reward")},
     )
-    with artifacts.writing(out_path, kind, prov, overwrite) as w:
-        w.write_rows(rows)
+    with artifacts.writing(out_path, kind, prov, overwrite) as w:  # a bad record in a later chunk: nothing is left
+        w.stream_rows(chunks)
     return out_path

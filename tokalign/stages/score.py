@@ -29,12 +29,15 @@ def default_reward(src) -> str:
 def score(rollouts: str, out: str, *, reward: list[str] | None = None, overwrite: bool = False, reward_options: dict | None = None,
           workers: int = 1, timeout: float | None = 30.0, cache: bool = True) -> Path:
     """``workers``: 1 in-process, N > 1 processes, 0 one per CPU. ``timeout``: seconds per sample and
-    reward (None or 0: none). ``cache``: read and write the score cache (``scoring.cache``)."""
+    reward (None or 0: none). ``cache``: read and write the score cache (``scoring.cache``).
+
+    Rows are read, scored and written a chunk at a time (``rows.chunk_rows()`` rows, cut between groups), with one
+    worker pool, cache and report over all chunks; a broken reward is told at the end, and then no artifact is left."""
     from tokalign.errors import UserError
-    from tokalign.scoring import resolve_workers
+    from tokalign.rows import SCORE_COLUMNS, check_row, chunk_rows
+    from tokalign.scoring import Scorer, resolve_workers
     from tokalign.scoring.calls import check_broken
-    from tokalign.rows import SCORE_COLUMNS
-    from tokalign.scoring.rows import score_rows
+    from tokalign.scoring.rows import group_chunks, score_chunk
 
     out_path = artifacts.check_output(out, overwrite)
     if timeout is not None and timeout < 0:
@@ -45,29 +48,32 @@ def score(rollouts: str, out: str, *, reward: list[str] | None = None, overwrite
         found = default_reward(src)
         reward = list(found) if isinstance(found, list) else [found]
     resolved = rewards.resolve(reward, reward_options)
-    rows = src.rows()
+    size = chunk_rows()
+    rows = (check_row(str(src.path), i, r, scored=False) or r for i, r in enumerate(src.iter_rows(size), 1))
     if src.kind == "scored":  # re-score: drop the old scores, keep the rollouts
-        rows = [{k: v for k, v in r.items() if k not in SCORE_COLUMNS} for r in rows]
+        rows = ({k: v for k, v in r.items() if k not in SCORE_COLUMNS} for r in rows)
     store = None
     if cache:
         from tokalign.scoring.cache import ScoreCache
 
         store = ScoreCache()
     progress = _progress if sys.stderr.isatty() else None
-    try:
-        out_rows, report = score_rows(rows, resolved, workers=n_workers, timeout=timeout or None, cache=store, progress=progress)
-    finally:
-        if store is not None:
-            store.close()
-        if progress:
-            sys.stderr.write("\r\033[K")
-    check_broken(report, resolved)
-    sys.stderr.write(f"score: {report.summary()}\n")
     config = {"reward": reward, "reward_options": dict(reward_options or {}), "timeout_s": timeout or None}
-    prov = artifacts.Provenance(config=config, inputs=[src.ref()], plugins=plugin_refs(resolved),
-                                extra={"scoring": report.to_dict()})
-    with artifacts.writing(out_path, "scored", prov, overwrite) as w:
-        w.write_rows(out_rows)
+    prov = artifacts.Provenance(config=config, inputs=[src.ref()], plugins=plugin_refs(resolved))
+    with artifacts.writing(out_path, "scored", prov, overwrite) as w:  # raising in here leaves nothing behind
+        try:
+            with Scorer(resolved, workers=n_workers, timeout=timeout or None, cache=store, progress=progress,
+                        total=src.num_rows() * len(resolved)) as scorer:
+                w.stream_rows(score_chunk(scorer, chunk) for chunk in group_chunks(rows, size))
+        finally:
+            if store is not None:
+                store.close()
+            if progress:
+                sys.stderr.write("\r\033[K")
+        report = scorer.report
+        check_broken(report, resolved)  # known only once every chunk is scored
+        sys.stderr.write(f"score: {report.summary()}\n")
+        prov.extra["scoring"] = report.to_dict()  # the manifest is built when the block ends
     return out_path
 
 
