@@ -18,9 +18,25 @@ REWARD_OPT_HELP = "A reward's option: NAME.key=value (repeatable; values typed l
 
 
 def default_out(stage: str, out: str | None) -> str:
-    if out:
-        return out
-    return str(Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+    path = out or str(Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+    check_writable(path)
+    return path
+
+
+def check_writable(out: str) -> None:
+    """Before any work: the output can be created where it is asked for (its nearest existing parent is a directory
+    this process may write in), so a run does not compute for minutes to fail at the end."""
+    import os
+
+    from tokalign.errors import UserError
+
+    parent = next((p for p in Path(out).parents if p.exists()), Path("."))  # named as the user wrote it
+    if not parent.is_dir():
+        raise UserError(f"Output '{out}' cannot be created: '{parent}' is a file, not a directory; choose another --out.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            raise UserError(f"Output '{out}' cannot be created: '{parent}' is on a read-only file system; choose another --out.")
+        raise UserError(f"Output '{out}' cannot be created: '{parent}' is not writable; check its permissions, or choose another --out.")
 
 
 def input_path(arg: str | None, what: str) -> str:
@@ -49,8 +65,15 @@ BRANCHING_HELP = ("With --env: grow each prompt's n episodes as a tree forking w
 
 def episode_spec(env: str | None, max_turns: int, max_episode_tokens: int = 0, branching: str = "", branch_opts: list[str] | None = None):
     from tokalign import config
+    from tokalign.errors import UserError
     from tokalign.rollout.episodes import EpisodeSpec
 
+    if branch_opts and branching in ("", "none"):  # options of no strategy would be silently ignored
+        raise UserError("--branch-opt sets an option of a --branching strategy: pass --branching NAME too (entropy or "
+                        "tree), or drop it.")
+    if max_episode_tokens and not env:
+        raise UserError("--max-episode-tokens limits multi-turn episodes: pass --env NAME too (e.g. --env calculator), "
+                        "or drop it.")
     options = config.parse_set(list(branch_opts or []), flag="--branch-opt", example="forks=3")
     spec = EpisodeSpec.of(env or "", max_turns, max_episode_tokens, branching, options)
     spec.check()  # an unknown or broken environment, bad branching: one line before any model loads

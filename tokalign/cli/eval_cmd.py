@@ -38,6 +38,13 @@ def evaluate(
 
     `tokalign eval --compare A B` prints A's and B's results side by side instead."""
     if compare or compared or as_json:
+        given = [flag for flag, value in (("--data", data), ("--model", model), ("--verifier", verifier), ("--ref", ref),
+                                          ("--out", out)) if value]
+        if compare and given:  # they would be silently ignored: the user meant one of the two
+            from tokalign.errors import UserError
+
+            raise UserError(f"--compare only reads existing results, so {', '.join(given)} would do nothing: drop "
+                            f"{'it' if len(given) == 1 else 'them'}, or evaluate without --compare.")
         return _compare(compare, compared or [], as_json)
     from tokalign.stages.evaluate import evaluate as run
 

@@ -135,7 +135,9 @@ def _preference(rec: dict, row: dict, where: str) -> None:
             raise UserError(f"{where}: no 'prompt' column, and chosen/rejected are not both text or both conversations "
                             "(the implicit prompt is their shared beginning).")
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
-    row.update(prompt=_prompt(prompt, where), chosen=completion_text(chosen, where), rejected=completion_text(rejected, where))
+    else:
+        prompt = _prompt(prompt, where)
+    row.update(prompt=prompt, chosen=completion_text(chosen, where), rejected=completion_text(rejected, where))
     for side in ("chosen", "rejected"):  # other objectives' scores of each side (MODPO's margins)
         if f"{side}_margins" in rec:
             row[f"{side}_margins"] = _margins(rec[f"{side}_margins"], f"{side}_margins", where)
@@ -175,6 +177,9 @@ def _messages(msgs: Any, row: dict, where: str) -> None:
 
 
 def _prompt(prompt: Any, where: str) -> Any:
+    """A ``prompt`` column's value: non-empty text or a non-empty conversation."""
+    if (isinstance(prompt, str) and not prompt.strip()) or prompt == []:
+        raise UserError(f"{where}: 'prompt' is empty; give the text (or the messages) the model answers, or drop the record.")
     if isinstance(prompt, str) or _is_messages(prompt):
         return prompt
     raise UserError(f"{where}: 'prompt' must be text or a list of {{role, content}} messages, got {type(prompt).__name__}.")

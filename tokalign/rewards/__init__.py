@@ -209,6 +209,7 @@ def _verifier_as_reward(verifier, name: str = "") -> Callable[[list[Sample]], li
 def normalise(name: str, sample: Sample, value: Any) -> Reward:
     """Coerce a reward's return value and check the per-token contract; a breach is the reward's bug on any
     input, so it raises ``plugin_errors.ContractViolation`` (scoring stops the run on it)."""
+    import math
     import numbers
 
     from tokalign.plugin_errors import contract
@@ -218,14 +219,18 @@ def normalise(name: str, sample: Sample, value: Any) -> Reward:
 
     if isinstance(value, Verdict):
         value = Reward(value.score, None, {"passed": value.passed, "detail": value.detail})
-    elif isinstance(value, numbers.Real) or value is None:  # numbers.Real: numpy scalars too
-        value = Reward(float("nan") if value is None else float(value))
+    elif isinstance(value, numbers.Real):  # numbers.Real: numpy scalars too (and bools)
+        value = Reward(float(value))
+    if value is None:
+        broke(f"it returned None for sample '{sample.id}'; a reward must be a finite number (0.0 for no credit)")
     if not isinstance(value, Reward):
         broke(f"it must return a Reward or a float per sample, got {type(value).__name__}")
     try:
         value.value = float(value.value)  # a numpy or 0-d torch scalar is a number too
     except (TypeError, ValueError):
         broke(f"Reward.value must be a number, got {type(value.value).__name__}")
+    if not math.isfinite(value.value):  # NaN or ±inf would poison group means, advantages and the loss
+        broke(f"it returned {value.value} for sample '{sample.id}'; a reward must be a finite number")
     if value.token_values is not None:
         n = len(sample.completion_ids)
         if len(value.token_values) != n:
@@ -235,4 +240,7 @@ def normalise(name: str, sample: Sample, value: Any) -> Reward:
             value.token_values = [float(v) for v in value.token_values]
         except (TypeError, ValueError):
             broke("token_values must be numbers")
+        bad = next((v for v in value.token_values if not math.isfinite(v)), None)
+        if bad is not None:
+            broke(f"it returned a token value of {bad} for sample '{sample.id}'; token_values must be finite numbers")
     return value

@@ -205,6 +205,7 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
         if art.kind == "scored":  # the artifact's own bookkeeping, not its training kind
             from tokalign.rows import failed_reward_rows
 
+            _check_scored_rows(source, rows)
             extra.update(reward_failures=failed_reward_rows(rows), scored_rows=len(rows))
     else:
         records, info = loaders.load_records(source, "train")
@@ -221,12 +222,22 @@ def _resolve_data(source: str, accepts: tuple[str, ...], algo_name: str) -> tupl
             if not converted:
                 raise UserError(f"'{source}' has no group with unequal rewards, so no preference pairs can be formed from it.")
             if converted is not rows:
-                desc["pairs"] = "best vs worst reward per group"
+                desc["converted"] = ("best vs worst reward per group" if kind == "pairs"
+                                     else "each pair as two labelled examples (chosen desirable, rejected undesirable)")
             return kind, desc, converted, extra
     raise UserError(
         f"'{algo_name}' trains on {' or '.join(accepts)} data, but '{source}' provides {' or '.join(kinds)}."
         + (" Run `tokalign rollout` and `tokalign score` first, or pass prompts for online training." if "scored" in accepts else "")
     )
+
+
+def _check_scored_rows(source: str, rows: list[dict]) -> None:
+    """Before any model loads: each row's rewards are finite numbers and its per-token columns hold one value per
+    completion token (NaN, inf or a ragged column would otherwise poison the first step, or crash it)."""
+    from tokalign.rows import check_row
+
+    for i, r in enumerate(rows, 1):
+        check_row(source, i, r, scored=True)
 
 
 def _check_train(t: config.TrainSection, rollout: config.RolloutSection) -> None:
@@ -238,9 +249,28 @@ def _check_train(t: config.TrainSection, rollout: config.RolloutSection) -> None
         raise UserError(f"train.fused_head must be auto, always or never, got '{t.fused_head}'.")
     if t.distributed not in ("ddp", "fsdp"):
         raise UserError(f"train.distributed must be ddp or fsdp, got '{t.distributed}'.")
-    for key, value in (("max_steps", t.max_steps), ("batch_size", t.batch_size)):
+    for key, value in (("max_steps", t.max_steps), ("batch_size", t.batch_size), ("updates_per_batch", t.updates_per_batch),
+                       ("max_length", t.max_length), ("rollout.n", rollout.n), ("rollout.max_new_tokens", rollout.max_new_tokens),
+                       ("rollout.max_sampling_rounds", rollout.max_sampling_rounds)):
         if value < 1:
-            raise UserError(f"train.{key} must be ≥ 1, got {value}.")
+            raise UserError(f"{key if key.startswith('rollout.') else 'train.' + key} must be ≥ 1, got {value}.")
+    for key, value in (("micro_batch_size", t.micro_batch_size), ("micro_batch_tokens", t.micro_batch_tokens),
+                       ("warmup_steps", t.warmup_steps), ("save_every", t.save_every), ("lora_r", t.lora_r),
+                       ("rollout.sampling_chunk", rollout.sampling_chunk)):
+        if value < 0:
+            raise UserError(f"{key if key.startswith('rollout.') else 'train.' + key} must be ≥ 0, got {value}.")
+    for key, value, low, high, what in (
+        ("train.lr", t.lr, 0.0, math.inf, "≥ 0 (e.g. 1e-6)"),
+        ("train.weight_decay", t.weight_decay, 0.0, math.inf, "≥ 0"),
+        ("train.max_grad_norm", t.max_grad_norm, 0.0, math.inf, "≥ 0 (0: no clipping)"),
+        ("train.lora_dropout", t.lora_dropout, 0.0, 1.0, "in [0, 1]"),
+        ("rollout.temperature", rollout.temperature, 0.0, math.inf, "≥ 0 (0: greedy)"),
+        ("rollout.top_p", rollout.top_p, 0.0, 1.0, "in (0, 1]"),
+        ("rollout.vllm_gpu_memory_utilization", rollout.vllm_gpu_memory_utilization, 0.0, 1.0, "in (0, 1]"),
+    ):
+        open_low = key in ("rollout.top_p", "rollout.vllm_gpu_memory_utilization")
+        if not math.isfinite(value) or value < low or value > high or (open_low and value <= low):
+            raise UserError(f"{key} must be a finite number {what}, got {value:g}.")
     if t.async_rollouts < 0:
         raise UserError(f"train.async_rollouts must be ≥ 0 (steps sampled ahead; 0: sample, then train), got {t.async_rollouts}.")
     if t.async_rollouts and rollout.vllm_sleep:
