@@ -22,7 +22,7 @@ EPISODES = {"n": 4, "max_new_tokens": 8, "env": "golden_runs:Always", "max_turns
 RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data files are written by _data()
     **{a: ONLINE for a in ("grpo", "dr_grpo", "dapo", "bnpo", "rec", "opmd", "tempo", "gtpo", "dcpo", "hapo", "rloo",
                            "reinforce_pp_baseline", "reinforce_pp", "gspo", "ppo", "remax", "sspo", "prime", "thr", "thor", "salt",
-                           "poad", "cispo", "steer")},
+                           "poad", "cispo", "steer", "rrhf")},
     "pure": {**ONLINE, "reward": ["exact_match", "golden_runs:Steps"]},
     "reinforce_ada": {**ONLINE, "algorithm": {"round_n": 4, "max_rounds": 2}},
     "par": {**ONLINE, "algorithm": {"num_references": 2}},
