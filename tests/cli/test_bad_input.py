@@ -90,7 +90,7 @@ CASES: dict[str, Case] = {
     "prepare: prompt longer than the model's context": case("prepare long.jsonl --out X", "context", files={"long.jsonl": LONG_PROMPT},
                                                            **SLOW),
     "prepare: 10 MB prompt field": case("prepare huge.jsonl --out X", "context", files={"huge.jsonl": _huge_prompt},
-                                        **SLOW),  # ~45 s of tokenising before the refusal
+                                        **SLOW),  # refused before tokenising (by its length in characters)
     "prepare: output exists": case("prepare arith --out P", "Output 'P' already exists. Pass --overwrite"),
     "prepare: output is a file": case("prepare arith --out afile --overwrite", "Output 'afile' exists and is not a directory"),
     "prepare: output's parent is a file": case("prepare arith --out afile/X", "'afile' is a file, not a directory"),

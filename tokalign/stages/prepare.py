@@ -24,10 +24,11 @@ def load_rows(source: str, tokenizer, split: str = "train", limit: int | None = 
 
 
 def iter_rows(source: str, tokenizer, split: str = "train", limit: int | None = None, tools: list[dict] | None = None,
-              chunk: int | None = None) -> tuple[str, Iterator[list[dict]], dict]:
+              chunk: int | None = None, context: int | None = None) -> tuple[str, Iterator[list[dict]], dict]:
     """(kind, chunks of rows, info): ``load_rows`` a chunk of ``chunk`` records at a time (default
     ``rows.chunk_rows()``), read as the chunks are consumed; no more than ``limit`` records are read. The first chunk
-    is read here: the data's format (told from its first record) decides the artifact's kind."""
+    is read here: the data's format (told from its first record) decides the artifact's kind. With ``context`` (the
+    model's, in tokens), a prompt that leaves no room to answer is refused, naming its record."""
     records, info = loaders.iter_records(source, split, chunk or chunk_rows(), limit or None)
     first = next(records, [])
     if not first:
@@ -38,8 +39,13 @@ def iter_rows(source: str, tokenizer, split: str = "train", limit: int | None = 
         start = 0
         for part in itertools.chain([first], records):
             normalised = [formats.normalise_record(rec, start + i, fmt, source) for i, rec in enumerate(part)]
+            if context:  # before tokenising: a prompt of 100 characters a token or more is over any context
+                _check_context(source, start, normalised, lambda r: len(str(r["prompt"])) // 100, context)
+            rendered = _rendered(normalised, fmt, tokenizer, tools)
+            if context:
+                _check_context(source, start, rendered, lambda r: len(r["prompt_ids"]), context)
             start += len(part)
-            yield _rendered(normalised, fmt, tokenizer, tools)
+            yield rendered
 
     return formats.ARTIFACT_KIND[fmt], rows(), info
 
@@ -63,24 +69,21 @@ def _rendered(rows: list[dict], fmt: str, tokenizer, tools: list[dict] | None) -
     return out
 
 
-def _within_context(chunks: Iterator[list[dict]], source: str, context: int | None) -> Iterator[list[dict]]:
-    """The chunks, refusing a prompt that leaves the model no room to answer (as many tokens as its context, or more)."""
-    start = 0
-    for chunk in chunks:
-        for i, row in enumerate(chunk):
-            if context and len(row["prompt_ids"]) >= context:
-                raise UserError(f"{source} record {start + i + 1} (id '{row['id']}'): its prompt is {len(row['prompt_ids'])} tokens, "
-                                f"but the model's context is {context} (max_position_embeddings); shorten it or drop the record.")
-        start += len(chunk)
-        yield chunk
+def _check_context(source: str, start: int, rows: list[dict], tokens, context: int) -> None:
+    """Refuse the first of ``rows`` (records ``start`` + 1, …) whose prompt has ``tokens(row)`` ≥ ``context`` tokens."""
+    for i, row in enumerate(rows):
+        n = tokens(row)
+        if n >= context:
+            raise UserError(f"{source} record {start + i + 1} (id '{row['id']}'): its prompt is {'over ' if 'prompt_ids' not in row else ''}"
+                            f"{n} tokens, but the model's context is {context} (max_position_embeddings); shorten it or drop "
+                            "the record.")
 
 
 def prepare(source: str, out: str, *, model: str = "", split: str = "train", limit: int | None = None,
             overwrite: bool = False) -> Path:
     out_path = artifacts.check_output(out, overwrite)
     tokenizer = models.load_tokenizer(model)
-    kind, chunks, info = iter_rows(source, tokenizer, split, limit)
-    chunks = _within_context(chunks, source, models.context_length(model))
+    kind, chunks, info = iter_rows(source, tokenizer, split, limit, context=models.context_length(model))
     prov = artifacts.Provenance(
         config={"source": source, "split": split, "limit": limit, "model": model or "(bundled)"},
         inputs=[{"path": info.get("path", source), "kind": info["source"], "split": split, "sha256": info["sha256"]}],
