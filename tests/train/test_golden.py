@@ -50,7 +50,7 @@ def test_packed_run_matches_golden(name, tmp_path):
 
 # one row per micro-batch: algorithms that declare Needs.split_groups have their groups split into single rows, the
 # others get one group per micro-batch; the gradients (and losses, up to rounding) must not change. Left out: the
-# three whose statistics are per micro-batch by design (DCPO's only-token-mean as in verl, HAPO's ĥ over the
+# four whose statistics are per micro-batch by design (DCPO's only-token-mean as in verl, HAPO's ĥ over the
 # micro-batch's tokens, KTO's KL estimate from the micro-batch's mismatched rows, STEER's m_min and m_max as in the authors' code)
 PER_MICRO_BATCH = ("dcpo", "hapo", "kto", "steer")
 
