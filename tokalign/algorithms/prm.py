@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from tokalign.batching import Seq
 from tokalign.protocols import LossOutput, Needs, PolicyOutput, TokenBatch
-from tokalign.rewards.prm import encode_steps, single_token, unescape
+from tokalign.rewards.prm import check_layout, encode_steps, single_token, unescape
 from tokalign.rows import loads
 
 
@@ -46,10 +46,7 @@ class PRMConfig:
 
     def __post_init__(self):
         self.separator, self.step_tag = unescape(self.separator), unescape(self.step_tag)
-        if not self.separator:
-            raise ValueError("separator must not be empty")
-        if not self.good_token or not self.bad_token or self.good_token == self.bad_token:
-            raise ValueError(f"good_token and bad_token must be two different tokens, got {self.good_token!r} and {self.bad_token!r}")
+        check_layout(self.separator, self.good_token, self.bad_token)
 
 
 class PRM:

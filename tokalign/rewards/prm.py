@@ -69,12 +69,17 @@ class PRMConfig:
         self.separator = unescape(self.separator)
         if self.step_tag != "auto":
             self.step_tag = unescape(self.step_tag)
-        if not self.separator:
-            raise ValueError("separator must not be empty")
+        check_layout(self.separator, self.good_token, self.bad_token)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.good_token or not self.bad_token or self.good_token == self.bad_token:
-            raise ValueError(f"good_token and bad_token must be two different tokens, got {self.good_token!r} and {self.bad_token!r}")
+
+
+def check_layout(separator: str, good_token: str, bad_token: str) -> None:
+    """The step layout a causal PRM is read (and trained) with: a separator, and two different label tokens."""
+    if not separator:
+        raise ValueError("separator must not be empty")
+    if not good_token or not bad_token or good_token == bad_token:
+        raise ValueError(f"good_token and bad_token must be two different tokens, got {good_token!r} and {bad_token!r}")
 
 
 def split_steps(text: str, separator: str) -> list[tuple[int, int, int]]:
