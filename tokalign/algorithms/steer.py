@@ -23,6 +23,7 @@ Limit: w_min = w_max = 1 and dual_clip 0 is GRPO exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ import torch
 from tokalign import ops
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
 from tokalign.errors import UserError
-from tokalign.protocols import LossOutput, Needs, PolicyOutput, TokenBatch
+from tokalign.protocols import LossOutput, PolicyOutput, TokenBatch
 
 MAPPINGS = ("exp", "linear")
 
@@ -77,7 +78,7 @@ class STEER(GRPO):
 
     def __init__(self, config: STEERConfig):
         super().__init__(config)
-        self.needs = Needs(data=("online", "scored"), reference=config.beta > 0, groups=True, old_logps=True)  # m over a micro-batch
+        self.needs = dataclasses.replace(self.needs, split_groups=False)  # m_min, m_max over a micro-batch: groups stay whole
 
     def loss(self, batch: TokenBatch, out: PolicyOutput) -> LossOutput:
         c, mask = self.config, batch.completion_mask
