@@ -159,3 +159,25 @@ def test_the_example_plugins_pass_the_dry_run():
               "--reward", "tokalign_mine.verifier:LastNumber", "--reward", "tokalign_mine.reward:TargetLength*0.1",
               "--reward-opt", "tokalign_mine.reward:TargetLength.target=8", "--dry-run", env=env).stdout
     assert "running_baseline -> baseline" in out and "skip_all_truncated" in out, out
+
+
+def test_the_seed_coverage_page_counts_its_rows_and_names_real_modules():
+    """The page's summary line is its rows' count, a row names a module exactly when it is not 'missing', and every
+    module it names exists (a module added without its row, or a row left 'missing', fails here)."""
+    import re
+
+    text = (ROOT / "docs" / "algorithms" / "seed-coverage.md").read_text()
+    rows = [re.split(r"(?<!\\)\|", line) for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 78
+    counts = {"implemented": 0, "partial": 0, "covered": 0, "missing": 0}
+    for cells in rows:
+        status = cells[5].strip()
+        kind = next((k for k in ("missing", "partial", "covered") if status.startswith(k)), "implemented")
+        counts[kind] += 1
+        modules = re.findall(r"`((?:algorithms|rewards|verifiers|rollout|data|environments)/[a-z_/]+\.py)`", status)
+        assert bool(modules) == (kind in ("implemented", "partial")) or kind == "covered", cells[1:3]
+        for m in modules:
+            assert (ROOT / "tokalign" / m).is_file(), f"row {cells[1].strip()} names tokalign/{m}, which does not exist"
+    summary = (f"{counts['implemented']} implemented, {counts['partial']} partial, "
+               f"{counts['covered']} covered by an existing algorithm, {counts['missing']} missing")
+    assert summary in text, f"the summary line should read: {summary}"
