@@ -1,8 +1,15 @@
 """Fixed-seed 3-step runs of every built-in algorithm, in process, on the bundled tiny model.
 
 ``python tests/train/golden_runs.py --write`` records each run's per-step metrics in ``tests/train/golden/<name>.json``;
-``test_golden.py`` re-runs them and compares (relative 1e-6). Recorded before the components refactor, so a refactor
-that changes any number shows up here."""
+``test_golden.py`` re-runs them and compares. Recorded before the components refactor, so a refactor that changes any
+number shows up here.
+
+Tolerance: the same numbers on another CPU are not the same floats — the kernels differ (AVX-512 against AVX2, other
+blockings). Measured 2026-12-02 on an AVX-512 Xeon against the files recorded on the CI machine: up to 3e-5 relative
+on quantities of order 1e-3..10 (DPO's rewards, KL estimates, grad norms), and ~1e-7 absolute on quantities that are
+rounding noise around 0 (PPO's on-policy surrogate). So runs compare to ``REL`` relative or ``ABS`` absolute, 1e-4 and
+1e-6 by default; on the machine that recorded them (before and after a refactor, say) set ``TOKALIGN_GOLDEN_REL=1e-6
+TOKALIGN_GOLDEN_ABS=1e-12`` for the strict check."""
 
 from __future__ import annotations
 
@@ -10,8 +17,11 @@ import json
 import math
 import sys
 import tempfile
+import os
 from pathlib import Path
 
+REL = float(os.environ.get("TOKALIGN_GOLDEN_REL", "1e-4"))
+ABS = float(os.environ.get("TOKALIGN_GOLDEN_ABS", "1e-6"))
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "golden"
 # what a step's metrics say about the maths (timings, memory and throughput vary run to run)
@@ -25,6 +35,7 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
                            "poad", "cispo", "steer", "rrhf")},
     "pure": {**ONLINE, "reward": ["exact_match", "golden_runs:Steps"]},
     "reinforce_ada": {**ONLINE, "algorithm": {"round_n": 4, "max_rounds": 2}},
+    "dars": {**ONLINE, "algorithm": {"n_max": 8}},
     "par": {**ONLINE, "algorithm": {"num_references": 2}},
     "spo": {**ONLINE, "rollout": {"n": 2, "max_new_tokens": 8}, "algorithm": {"rollouts": 2}},
     "rto": {**ONLINE, "models": {"dpo": "@model"}},
@@ -126,7 +137,11 @@ def run(name: str, tmp: Path, extra: dict | None = None) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE_PREFIXES)} for r in rows]
 
 
-def compare(got: list[dict], want: list[dict], rel: float = 1e-6, abs_tol: float = 1e-12, skip: tuple = ()) -> list[str]:
+# the sampler/trainer log-prob gaps are differences of nearly equal numbers (~1e-7, float rounding): held to 1e-5 absolute
+ROUNDING_NOISE = ("mismatch/logp_gap_abs", "mismatch/logp_gap_max")
+
+
+def compare(got: list[dict], want: list[dict], rel: float = REL, abs_tol: float = ABS, skip: tuple = ()) -> list[str]:
     """Differences between two runs' metrics, one line each (empty: the same numbers)."""
     problems = []
     if len(got) != len(want):
@@ -138,7 +153,7 @@ def compare(got: list[dict], want: list[dict], rel: float = 1e-6, abs_tol: float
                 continue
             a, b = g[key], w[key]
             same = (math.isnan(a) and math.isnan(b)) if isinstance(a, float) and isinstance(b, float) and math.isnan(b) else \
-                math.isclose(a, b, rel_tol=rel, abs_tol=abs_tol) if isinstance(b, (int, float)) else a == b
+                math.isclose(a, b, rel_tol=rel, abs_tol=max(1e-5, abs_tol) if key in ROUNDING_NOISE else abs_tol) if isinstance(b, (int, float)) else a == b
             if not same:
                 problems.append(f"step {step}: {key} = {a!r}, golden {b!r}")
     return problems
