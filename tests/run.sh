@@ -6,17 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 bash .ci/setup-venv.sh .venv dev
-# The vLLM venv is mostly downloads and unpacking (~10 min): build it while the main suite runs, and wait for it after.
-vllm_log=$(mktemp)
-bash .ci/vllm-venv.sh .venv-vllm >"$vllm_log" 2>&1 &
-vllm_pid=$!
-trap 'kill "$vllm_pid" 2>/dev/null || true' EXIT
 # Static checks first (seconds): the layering contracts of pyproject's [tool.importlinter], and no
 # private name imported from another package (ruff's PLC2701, a preview rule).
 .venv/bin/lint-imports
 .venv/bin/ruff check --preview --select PLC2701 tokalign
 NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true .venv/bin/mkdocs build --strict --quiet  # the docs site (mkdocs.yml) into build/site/, generated pages included; any warning fails
-.venv/bin/python -m pytest -m "not vllm" tests --durations=30 "$@"
-if ! wait "$vllm_pid"; then cat "$vllm_log" >&2; echo "error: building .venv-vllm failed (log above)" >&2; exit 1; fi
-cat "$vllm_log"
+# The main suite in two pytest-xdist workers, each with torch on one thread: most of its time is single-threaded
+# Python (CLI subprocesses importing torch, tiny models), so two workers on two cores take ~1/2.5 of one
+# (measured 2026-12-02: 16.5 min with other work on the machine; one process took 45–54 min in earlier runs). Tests marked serial change the venv itself and run alone after.
+OMP_NUM_THREADS=1 .venv/bin/python -m pytest -m "not vllm and not serial" -n 2 tests --durations=30 "$@"
+.venv/bin/python -m pytest -m "serial and not vllm" tests "$@"
+# The vLLM venv after the main suite, not beside it: built beside it (stop 21) CI went from 61 to 89 minutes,
+# probably as pip's GBs of unpacking evicted the page cache that every test's `import torch` reads from.
+bash .ci/vllm-venv.sh .venv-vllm
 .venv-vllm/bin/python -m pytest -m vllm tests "$@"

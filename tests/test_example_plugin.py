@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, cli
 from tokalign import artifacts
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # installs into the venv: never beside other tests
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
 NEW = {("algorithm", "reinforce_mean"), ("reward", "brevity"), ("verifier", "numeric_close")}
 

@@ -30,14 +30,13 @@ def test_every_builtin_algorithm_has_a_golden_run():
 
 
 # the same runs packed (train.packing): equal to the padded numbers up to float rounding. Not compared: the padding
-# fraction (what packing changes), the sampler/trainer log-prob gaps (differences of nearly equal numbers), and
-# AlignDistil, whose golden run divides by w = 1e-3 + |p_dpo − p_rev| with three identical models (rounding noise / 1e-3)
+# fraction (what packing changes) and the sampler/trainer log-prob gaps (differences of nearly equal numbers)
 PACKED_SKIP = ("padding_fraction", "mismatch/logp_gap_abs", "mismatch/logp_gap_max")
 FAST_PACKED = ("grpo", "ppo", "dpo", "tdpo", "ppo@tokens")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in FAST_PACKED else [pytest.mark.slow])
-                                  for n in sorted(golden_runs.RUNS) if n != "aligndistil"])
+                                  for n in sorted(golden_runs.RUNS)])
 def test_packed_run_matches_golden(name, tmp_path):
     want = json.loads((golden_runs.GOLDEN / f"{name}.json").read_text())
     got = golden_runs.run(name, tmp_path, {"train": {"packing": True}})
