@@ -36,6 +36,8 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
     "pure": {**ONLINE, "reward": ["exact_match", "golden_runs:Steps"]},
     "reinforce_ada": {**ONLINE, "algorithm": {"round_n": 4, "max_rounds": 2}},
     "dars": {**ONLINE, "algorithm": {"n_max": 8}},
+    # temperature 1.5: completions of one prompt differ in length (at 1.0 they do not), so the length reward is not 0
+    "grpo_lambda": {**ONLINE, "rollout": {**ONLINE["rollout"], "temperature": 1.5}, "algorithm": {"lam": 0.5}},
     "par": {**ONLINE, "algorithm": {"num_references": 2}},
     "spo": {**ONLINE, "rollout": {"n": 2, "max_new_tokens": 8}, "algorithm": {"rollouts": 2}},
     "rto": {**ONLINE, "models": {"dpo": "@model"}},
