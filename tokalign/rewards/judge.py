@@ -129,11 +129,11 @@ def endpoint(base_url: str) -> str:
     return url if parts.path else url + "/v1"
 
 
-class _Unreachable(Exception):
+class Unreachable(Exception):
     pass
 
 
-class _Failed(Exception):
+class RequestFailed(Exception):
     """A request that the server rejected or that kept timing out: the sample is recorded as unparsed."""
 
 
@@ -198,9 +198,9 @@ class Judge:
             else:
                 failed = ""
                 try:
-                    listed = self._call(lambda client: client.models.list().data)
+                    listed = self.call_api(lambda client: client.models.list().data)
                     self._model = str(listed[0].id)
-                except _Failed as e:
+                except RequestFailed as e:
                     failed = f" ({e})"
                 except (AttributeError, IndexError, TypeError):
                     pass
@@ -210,9 +210,9 @@ class Judge:
 
     # --------------------------------------------------------------------------------------- http
 
-    def _call(self, request):
+    def call_api(self, request):
         """``request(client)`` through the openai client, whose retries it leaves as they are. Raises
-        _Unreachable (no connection) or _Failed (an HTTP error or timeouts that retrying did not fix)."""
+        Unreachable (no connection) or RequestFailed (an HTTP error or timeouts that retrying did not fix)."""
         client = self.client()
         import openai  # imported by client()
 
@@ -221,17 +221,17 @@ class Judge:
         try:
             return request(client)
         except openai.APITimeoutError:  # before APIConnectionError, its base class
-            raise _Failed(f"timed out after {c.timeout:g} s {tries}") from None
+            raise RequestFailed(f"timed out after {c.timeout:g} s {tries}") from None
         except openai.APIConnectionError as e:
             root = _root_cause(e)
-            raise _Unreachable(f"{type(root).__name__}: {root}" if root is not e else str(e)) from None
+            raise Unreachable(f"{type(root).__name__}: {root}" if root is not e else str(e)) from None
         except openai.APIStatusError as e:
             code = e.status_code
             detail = e.response.text[:300] if e.response is not None else str(e.message)[:300]
             retried = code in _RETRY_STATUS or code >= 500
-            raise _Failed(f"HTTP {code}: {detail}" + (f" {tries}" if retried else "")) from None
+            raise RequestFailed(f"HTTP {code}: {detail}" + (f" {tries}" if retried else "")) from None
         except openai.APIError as e:  # e.g. an answer that is not what the API promises
-            raise _Failed(f"{type(e).__name__}: {e}"[:300]) from None
+            raise RequestFailed(f"{type(e).__name__}: {e}"[:300]) from None
 
     # --------------------------------------------------------------------------------------- scoring
 
@@ -259,9 +259,9 @@ class Judge:
             [{"role": "user", "content": fill(self.template(), sample)}]
         model = self.model()
         try:
-            answer = self._call(lambda client: client.chat.completions.create(
+            answer = self.call_api(lambda client: client.chat.completions.create(
                 model=model, messages=messages, max_tokens=c.max_tokens, temperature=c.temperature))
-        except _Failed as e:
+        except RequestFailed as e:
             return Reward(c.unparsed_value, None, {"parsed": False, "error": str(e)})
         try:
             text = answer.choices[0].message.content or ""
@@ -282,7 +282,7 @@ class Judge:
             self.model()
             with ThreadPoolExecutor(max_workers=min(self.config.concurrency, len(samples))) as pool:
                 return list(pool.map(self.judge_one, samples))
-        except _Unreachable as e:
+        except Unreachable as e:
             msg = f"judge: cannot reach {self.base_url}: {e}; start the server or fix --reward-opt judge.base_url."
             self._down = (time.monotonic(), msg)
             raise UserError(msg) from None
