@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from tokalign.sampling.adaptive import AdaptiveSampling
 from tokalign.sampling.base import Hook, set_field, set_token_field
+from tokalign.sampling.components import ComponentRewards, component_field
 from tokalign.sampling.dynamic import DynamicSampling, informative
 from tokalign.sampling.greedy_baseline import GreedyBaseline
 from tokalign.sampling.prioritised import PrioritisedPrompts
 from tokalign.sampling.reference_samples import ReferenceSamples
 from tokalign.sampling.segments import SegmentRollouts
 
-__all__ = ["AdaptiveSampling", "DynamicSampling", "GreedyBaseline", "Hook", "PrioritisedPrompts", "ReferenceSamples",
-           "SegmentRollouts", "informative", "set_field", "set_token_field"]
+__all__ = ["AdaptiveSampling", "ComponentRewards", "DynamicSampling", "GreedyBaseline", "Hook", "PrioritisedPrompts", "ReferenceSamples",
+           "SegmentRollouts", "component_field", "informative", "set_field", "set_token_field"]
