@@ -10,20 +10,21 @@ _tokalign() {
     case "${words[CURRENT-1]}" in
         --reward|-r) compadd -- $(tokalign plugins --names reward,verifier 2>/dev/null); return ;;
         --verifier) compadd -- $(tokalign plugins --names verifier,reward 2>/dev/null); return ;;
+        --logits-processor) compadd -- $(tokalign plugins --names logits_processor 2>/dev/null); return ;;
     esac
     if [[ "${words[2]}" == train && CURRENT == 3 ]]; then
         compadd -- $(tokalign plugins --names algorithm 2>/dev/null)
         return
     fi
     case "${words[2]}" in
-        eval) opts=(--backend --compare --data --entropy --env --help --json --limit --max-new-tokens --max-turns --model --n --no-entropy --out --overwrite --quiet --ref --reward-opt --seed --split --temperature --timeout --top-p --verifier --workers -d -j -m -o -q) ;;
+        eval) opts=(--backend --compare --data --entropy --env --help --json --limit --logits-processor --max-new-tokens --max-turns --model --n --no-entropy --out --overwrite --processor-opt --quiet --ref --reward-opt --seed --split --temperature --timeout --top-p --verifier --workers -d -j -m -o -q) ;;
         inspect) opts=(--color --forward --help --html --id --limit --model --no-forward -c -m -n) ;;
         plot) opts=(--help --label --metrics --out --smooth --title -o) ;;
         plugins) opts=(--check --help --json --names) ;;
         prepare) opts=(--help --limit --model --out --overwrite --split -m -o) ;;
-        rollout) opts=(--backend --branch-opt --branching --env --help --max-episode-tokens --max-new-tokens --max-turns --model --n --out --overwrite --seed --temperature --top-p -m -o) ;;
+        rollout) opts=(--backend --branch-opt --branching --env --help --logits-processor --max-episode-tokens --max-new-tokens --max-turns --model --n --out --overwrite --processor-opt --seed --temperature --top-p -m -o) ;;
         score) opts=(--help --no-cache --out --overwrite --reward --reward-opt --timeout --workers -j -o -r) ;;
-        train) opts=(--backend --batch-size --branching --config --data --dpo-model --dry-run --env --help --log --lr --max-steps --model --n --out --overwrite --quiet --ref --ref-model --resume --reverse-model --reward --reward-opt --seed --set --teacher --with -c -d -m -o -q -r) ;;
+        train) opts=(--backend --batch-size --branching --config --data --dpo-model --dry-run --env --help --log --logits-processor --lr --max-steps --model --n --out --overwrite --processor-opt --quiet --ref --ref-model --resume --reverse-model --reward --reward-opt --seed --set --teacher --with -c -d -m -o -q -r) ;;
     esac
     if [[ "${words[CURRENT]}" == -* ]]; then
         compadd -- $opts

@@ -11,20 +11,21 @@ _tokalign() {
     case "$prev" in
         --reward|-r) COMPREPLY=( $(compgen -W "$(tokalign plugins --names reward,verifier 2>/dev/null)" -- "$cur") ); return 0 ;;
         --verifier) COMPREPLY=( $(compgen -W "$(tokalign plugins --names verifier,reward 2>/dev/null)" -- "$cur") ); return 0 ;;
+        --logits-processor) COMPREPLY=( $(compgen -W "$(tokalign plugins --names logits_processor 2>/dev/null)" -- "$cur") ); return 0 ;;
     esac
     if [ "$cmd" = train ] && [ "$COMP_CWORD" -eq 2 ]; then
         COMPREPLY=( $(compgen -W "$(tokalign plugins --names algorithm 2>/dev/null)" -- "$cur") )
         return 0
     fi
     case "$cmd" in
-        eval) opts="--backend --compare --data --entropy --env --help --json --limit --max-new-tokens --max-turns --model --n --no-entropy --out --overwrite --quiet --ref --reward-opt --seed --split --temperature --timeout --top-p --verifier --workers -d -j -m -o -q" ;;
+        eval) opts="--backend --compare --data --entropy --env --help --json --limit --logits-processor --max-new-tokens --max-turns --model --n --no-entropy --out --overwrite --processor-opt --quiet --ref --reward-opt --seed --split --temperature --timeout --top-p --verifier --workers -d -j -m -o -q" ;;
         inspect) opts="--color --forward --help --html --id --limit --model --no-forward -c -m -n" ;;
         plot) opts="--help --label --metrics --out --smooth --title -o" ;;
         plugins) opts="--check --help --json --names" ;;
         prepare) opts="--help --limit --model --out --overwrite --split -m -o" ;;
-        rollout) opts="--backend --branch-opt --branching --env --help --max-episode-tokens --max-new-tokens --max-turns --model --n --out --overwrite --seed --temperature --top-p -m -o" ;;
+        rollout) opts="--backend --branch-opt --branching --env --help --logits-processor --max-episode-tokens --max-new-tokens --max-turns --model --n --out --overwrite --processor-opt --seed --temperature --top-p -m -o" ;;
         score) opts="--help --no-cache --out --overwrite --reward --reward-opt --timeout --workers -j -o -r" ;;
-        train) opts="--backend --batch-size --branching --config --data --dpo-model --dry-run --env --help --log --lr --max-steps --model --n --out --overwrite --quiet --ref --ref-model --resume --reverse-model --reward --reward-opt --seed --set --teacher --with -c -d -m -o -q -r" ;;
+        train) opts="--backend --batch-size --branching --config --data --dpo-model --dry-run --env --help --log --logits-processor --lr --max-steps --model --n --out --overwrite --processor-opt --quiet --ref --ref-model --resume --reverse-model --reward --reward-opt --seed --set --teacher --with -c -d -m -o -q -r" ;;
         *) opts="" ;;
     esac
     if [[ "$cur" == -* ]]; then

@@ -3,6 +3,7 @@ complete -c tokalign -n '__fish_use_subcommand' -f -a 'eval inspect plot plugins
 complete -c tokalign -n '__fish_seen_subcommand_from train; and test (count (commandline -opc)) -eq 2' -f -a '(tokalign plugins --names algorithm 2>/dev/null)'
 complete -c tokalign -n '__fish_seen_subcommand_from score train' -l reward -s r -x -a '(tokalign plugins --names reward,verifier 2>/dev/null)'
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l verifier -x -a '(tokalign plugins --names verifier,reward 2>/dev/null)'
+complete -c tokalign -n '__fish_seen_subcommand_from rollout train eval' -l logits-processor -x -a '(tokalign plugins --names logits_processor 2>/dev/null)'
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l backend
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l compare
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l data
@@ -11,6 +12,7 @@ complete -c tokalign -n '__fish_seen_subcommand_from eval' -l env
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l help
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l json
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l limit
+complete -c tokalign -n '__fish_seen_subcommand_from eval' -l logits-processor
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l max-new-tokens
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l max-turns
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l model
@@ -18,6 +20,7 @@ complete -c tokalign -n '__fish_seen_subcommand_from eval' -l n
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l no-entropy
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l out
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l overwrite
+complete -c tokalign -n '__fish_seen_subcommand_from eval' -l processor-opt
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l quiet
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l ref
 complete -c tokalign -n '__fish_seen_subcommand_from eval' -l reward-opt
@@ -56,6 +59,7 @@ complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l branch-opt
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l branching
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l env
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l help
+complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l logits-processor
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l max-episode-tokens
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l max-new-tokens
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l max-turns
@@ -63,6 +67,7 @@ complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l model
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l n
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l out
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l overwrite
+complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l processor-opt
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l seed
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l temperature
 complete -c tokalign -n '__fish_seen_subcommand_from rollout' -l top-p
@@ -83,12 +88,14 @@ complete -c tokalign -n '__fish_seen_subcommand_from train' -l dry-run
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l env
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l help
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l log
+complete -c tokalign -n '__fish_seen_subcommand_from train' -l logits-processor
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l lr
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l max-steps
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l model
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l n
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l out
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l overwrite
+complete -c tokalign -n '__fish_seen_subcommand_from train' -l processor-opt
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l quiet
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l ref
 complete -c tokalign -n '__fish_seen_subcommand_from train' -l ref-model

@@ -96,7 +96,8 @@ def test_the_examples_satisfy_their_protocols(mine):
     from tokalign import registry
 
     entry_points = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]["entry-points"]
-    kinds = {"tokalign.algorithms": "algorithm", "tokalign.rewards": "reward", "tokalign.verifiers": "verifier", "tokalign.tasks": "task"}
+    kinds = {"tokalign.algorithms": "algorithm", "tokalign.rewards": "reward", "tokalign.verifiers": "verifier", "tokalign.tasks": "task",
+             "tokalign.logits_processors": "logits_processor"}
     assert set(entry_points) == set(kinds)
     for group, names in entry_points.items():
         for value in names.values():
@@ -174,7 +175,7 @@ def test_the_seed_coverage_page_counts_its_rows_and_names_real_modules():
         status = cells[5].strip()
         kind = next((k for k in ("missing", "partial", "covered") if status.startswith(k)), "implemented")
         counts[kind] += 1
-        modules = re.findall(r"`((?:algorithms|rewards|verifiers|rollout|data|environments)/[a-z_/]+\.py)`", status)
+        modules = re.findall(r"`((?:algorithms|rewards|verifiers|rollout|data|environments|decoding)/[a-z_/]+\.py)`", status)
         assert bool(modules) == (kind in ("implemented", "partial")) or kind == "covered", cells[1:3]
         for m in modules:
             assert (ROOT / "tokalign" / m).is_file(), f"row {cells[1].strip()} names tokalign/{m}, which does not exist"

@@ -81,6 +81,10 @@ class RolloutSection:
     # branching.py): "" = the algorithm's own (independent episodes for most), none, entropy (ARPO's), tree (PORTool's)
     branching: str = ""
     branch_options: dict[str, Any] = field(default_factory=dict)  # the strategy's options, e.g. {beam: 3}
+    # decoding hooks (tokalign.decoding; a tokalign.logits_processors plug-in each, applied in order) on every sampled
+    # token's logits, and their options {name: {option: value}}, checked against each one's Config
+    logits_processors: list[str] = field(default_factory=list)
+    logits_processor_options: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass

@@ -32,6 +32,9 @@ Plug-in kinds:
   sampling: weights for picking prompts, which groups to accept (and so how often to resample), the whole per-step
   collection (multi-round adaptive sampling), and extra samples or values added to the chosen rows (a greedy
   baseline, reference samples, segment values).
+* **Logits processor** (``LogitsProcessor``; ``tokalign.decoding`` has the built-ins and the plumbing) — a decoding
+  hook: changes each sampled token's next-token logits (and optionally its temperature), the same object in both
+  rollout engines. Built as ``Cls(Cls.Config(**options))`` (``Cls()`` without a ``Config``), like a reward.
 
 The train loop is a fixed pipeline over these: it never branches on an algorithm's name or probes it for features.
 
@@ -295,6 +298,35 @@ class SamplingHook(Protocol):
     def after_batch(self, rows: list[dict], ctx: SamplingContext) -> dict[str, float]: ...  # add fields; -> metrics
 
 
+@runtime_checkable
+class LogitsProcessor(Protocol):
+    """A decoding hook, called once per generated token on a batch of B sequences (``tokalign.decoding``).
+
+    ``__call__(logits, prompt_ids, output_ids) -> logits``:
+
+    * ``logits``: ``[B, V]`` float32 next-token logits, before temperature and top-p (and after the processors listed
+      before this one);
+    * ``prompt_ids[b]``: row b's prompt token ids (for a multi-turn episode: everything before this turn);
+    * ``output_ids[b]``: the ids row b generated so far in this turn, so ``len(output_ids[b])`` is the position of the
+      token being sampled (0 for the first);
+    * returns ``[B, V]`` logits (modifying ``logits`` in place and returning it is fine); ``-inf`` bans a token.
+
+    It must be a function of its arguments only — no state per sequence: the engines batch, reorder and fork sequences
+    in their own ways (HF generate: one row per sample; vLLM: a persistent batch whose rows move between steps).
+
+    Optional methods:
+
+    * ``temperature(prompt_ids, output_ids) -> list[float | None] | None`` — per-token temperature: the temperature
+      row b's next token is sampled at, replacing the run's ``temperature`` for that token (None: the run's). Applied
+      after every processor's logits; when several processors give one for a row, the last one wins. Greedy runs
+      (temperature 0) ignore it.
+    * ``bind(tokenizer) -> None`` — called once with the run's tokenizer before sampling (turn token strings into ids;
+      raise ``UserError`` for a token the tokenizer does not have).
+    """
+
+    def __call__(self, logits: "torch.Tensor", prompt_ids: Any, output_ids: Any) -> "torch.Tensor": ...
+
+
 def check_plugin(kind: str, obj: Any) -> str | None:
     """None if ``obj`` satisfies the protocol of its kind, else the reason in one line."""
     if kind == "algorithm":
@@ -333,4 +365,12 @@ def check_plugin(kind: str, obj: Any) -> str | None:
     if kind == "environment":  # tokalign.environments.base.Environment
         missing = [a for a in ("tools", "start", "step") if not callable(getattr(obj, a, None))]
         return f"an environment needs a '{missing[0]}' method (see tokalign.environments.base.Environment)" if missing else None
+    if kind == "logits_processor":  # LogitsProcessor
+        has_call = any("__call__" in vars(c) for c in obj.__mro__[:-1]) if isinstance(obj, type) else callable(obj)
+        if not has_call:
+            return "a logits processor must be callable(logits, prompt_ids, output_ids) -> logits"
+        cfg = getattr(obj, "Config", None) if isinstance(obj, type) else None
+        if cfg is not None and not dataclasses.is_dataclass(cfg):
+            return "a logits processor's Config must be a dataclass"
+        return None
     return f"unknown plug-in kind {kind!r}"

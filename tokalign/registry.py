@@ -1,6 +1,7 @@
 """Lazy plug-in registry over Python entry points.
 
-Groups: ``tokalign.algorithms``, ``tokalign.rewards``, ``tokalign.verifiers``. Listing reads
+Groups: ``tokalign.algorithms``, ``tokalign.rewards``, ``tokalign.verifiers``, ``tokalign.tasks``,
+``tokalign.environments``, ``tokalign.logits_processors``. Listing reads
 distribution metadata only; a plug-in module is imported on first use, so a broken plug-in never
 breaks another command. ``package.module:attr`` is accepted wherever a name is.
 
@@ -27,13 +28,14 @@ GROUPS = {
     "verifier": "tokalign.verifiers",
     "task": "tokalign.tasks",
     "environment": "tokalign.environments",
+    "logits_processor": "tokalign.logits_processors",
 }
 
 
 @dataclass(frozen=True)
 class PluginInfo:
     name: str
-    kind: str  # algorithm | reward | verifier | task
+    kind: str  # a key of GROUPS: algorithm | reward | verifier | task | environment | logits_processor
     value: str  # "module:attr"
     distribution: str
     version: str

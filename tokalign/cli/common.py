@@ -59,6 +59,20 @@ ENV_HELP = "Multi-turn episodes: the environment answering the model between its
 MAX_TURNS_HELP = "With --env: model turns per episode."
 
 
+PROCESSOR_HELP = ("A decoding hook on every sampled token's logits (repeatable, applied in order): ban_tokens, cyclic_reflex, "
+                  "or module:Class (see `tokalign plugins`).")
+PROCESSOR_OPT_HELP = ("A --logits-processor's option: NAME.key=value (repeatable; values typed like --set), e.g. "
+                      "--processor-opt 'ban_tokens.ids=[5,7]'. Keys: the fields of the processor's Config.")
+
+
+def processor_chain(names: list[str] | None, options: list[str] | None):
+    """The run's decoding hooks, resolved (names and options checked) before any model loads; None without any."""
+    from tokalign import decoding
+
+    chain = decoding.resolve(list(names or []), decoding.parse_options(list(options or [])))
+    return chain or None
+
+
 BRANCHING_HELP = ("With --env: grow each prompt's n episodes as a tree forking where the environment answered: entropy "
                   "(ARPO's entropy-triggered forks) or tree (PORTool's); default none.")
 

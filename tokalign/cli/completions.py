@@ -40,6 +40,7 @@ _tokalign() {{
     case "$prev" in
         --reward|-r) COMPREPLY=( $(compgen -W "$(tokalign plugins --names reward,verifier 2>/dev/null)" -- "$cur") ); return 0 ;;
         --verifier) COMPREPLY=( $(compgen -W "$(tokalign plugins --names verifier,reward 2>/dev/null)" -- "$cur") ); return 0 ;;
+        --logits-processor) COMPREPLY=( $(compgen -W "$(tokalign plugins --names logits_processor 2>/dev/null)" -- "$cur") ); return 0 ;;
     esac
     if [ "$cmd" = train ] && [ "$COMP_CWORD" -eq 2 ]; then
         COMPREPLY=( $(compgen -W "$(tokalign plugins --names algorithm 2>/dev/null)" -- "$cur") )
@@ -73,6 +74,7 @@ _tokalign() {{
     case "${{words[CURRENT-1]}}" in
         --reward|-r) compadd -- $(tokalign plugins --names reward,verifier 2>/dev/null); return ;;
         --verifier) compadd -- $(tokalign plugins --names verifier,reward 2>/dev/null); return ;;
+        --logits-processor) compadd -- $(tokalign plugins --names logits_processor 2>/dev/null); return ;;
     esac
     if [[ "${{words[2]}}" == train && CURRENT == 3 ]]; then
         compadd -- $(tokalign plugins --names algorithm 2>/dev/null)
@@ -99,6 +101,7 @@ def fish(tree: dict[str, list[str]]) -> str:
         "complete -c tokalign -n '__fish_seen_subcommand_from train; and test (count (commandline -opc)) -eq 2' -f -a '(tokalign plugins --names algorithm 2>/dev/null)'",
         "complete -c tokalign -n '__fish_seen_subcommand_from score train' -l reward -s r -x -a '(tokalign plugins --names reward,verifier 2>/dev/null)'",
         "complete -c tokalign -n '__fish_seen_subcommand_from eval' -l verifier -x -a '(tokalign plugins --names verifier,reward 2>/dev/null)'",
+        "complete -c tokalign -n '__fish_seen_subcommand_from rollout train eval' -l logits-processor -x -a '(tokalign plugins --names logits_processor 2>/dev/null)'",
     ]
     for name, opts in tree.items():
         if not name:

@@ -4,8 +4,8 @@ from typing import List, Optional
 
 import typer
 
-from tokalign.cli.common import (ENV_HELP, MAX_TURNS_HELP, OUT_HELP, OVERWRITE, REWARD_OPT_HELP, default_out, emit, episode_spec,
-                                 err_console, input_path, sampling_spec)
+from tokalign.cli.common import (ENV_HELP, MAX_TURNS_HELP, OUT_HELP, OVERWRITE, PROCESSOR_HELP, PROCESSOR_OPT_HELP, REWARD_OPT_HELP,
+                                 default_out, emit, episode_spec, err_console, input_path, processor_chain, sampling_spec)
 
 
 def evaluate(
@@ -25,6 +25,8 @@ def evaluate(
     seed: int = typer.Option(0, "--seed"),
     env: Optional[str] = typer.Option(None, "--env", help=ENV_HELP),
     max_turns: int = typer.Option(4, "--max-turns", min=1, help=MAX_TURNS_HELP),
+    logits_processor: List[str] = typer.Option([], "--logits-processor", help=PROCESSOR_HELP),
+    processor_opt: List[str] = typer.Option([], "--processor-opt", help=PROCESSOR_OPT_HELP),
     ref: Optional[str] = typer.Option(None, "--ref", help="Reference model: also report KL(policy ‖ ref) over the sampled tokens."),
     entropy: bool = typer.Option(True, "--entropy/--no-entropy", help="Report the policy's mean per-token entropy (one extra forward pass)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP),
@@ -51,12 +53,13 @@ def evaluate(
     src = input_path(data, "prompts artifact")
     spec = sampling_spec(model, n, temperature, top_p, max_new_tokens, seed, data)
     episodes = episode_spec(env, max_turns)
+    processors = processor_chain(logits_processor, processor_opt)
     from tokalign.rewards import parse_options
 
     options = parse_options(list(reward_opt))
     path, results = run(src, default_out("eval", out), model=model, verifier=verifier, backend=backend, spec=spec, overwrite=overwrite,
                         reward_options=options, workers=workers, timeout=timeout, ref=ref or "", entropy=entropy,
-                        split=split, limit=limit, episodes=episodes)
+                        split=split, limit=limit, episodes=episodes, processors=processors)
     if not quiet:
         from tokalign.inspect.compare import render_results
 

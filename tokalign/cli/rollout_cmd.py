@@ -4,7 +4,8 @@ from typing import List, Optional
 
 import typer
 
-from tokalign.cli.common import BRANCHING_HELP, ENV_HELP, MAX_TURNS_HELP, OUT_HELP, OVERWRITE, default_out, emit, episode_spec, sampling_spec, input_path
+from tokalign.cli.common import (BRANCHING_HELP, ENV_HELP, MAX_TURNS_HELP, OUT_HELP, OVERWRITE, PROCESSOR_HELP, PROCESSOR_OPT_HELP,
+                                 default_out, emit, episode_spec, input_path, processor_chain, sampling_spec)
 
 
 def rollout(
@@ -22,6 +23,8 @@ def rollout(
     max_episode_tokens: int = typer.Option(0, "--max-episode-tokens", min=0, help="With --env: tokens after the prompt (model and environment); 0 = max-turns × max-new-tokens."),
     branching: str = typer.Option("", "--branching", help=BRANCHING_HELP),
     branch_opt: List[str] = typer.Option([], "--branch-opt", help="With --branching: a strategy option KEY=VALUE (repeatable), e.g. beam=3 (see `tokalign.rollout.branching`)."),
+    logits_processor: List[str] = typer.Option([], "--logits-processor", help=PROCESSOR_HELP),
+    processor_opt: List[str] = typer.Option([], "--processor-opt", help=PROCESSOR_OPT_HELP),
     overwrite: bool = OVERWRITE,
 ):
     """Sample completions with per-token sampler log-probs into a `rollouts` artifact."""
@@ -30,4 +33,6 @@ def rollout(
     src = input_path(prompts, "prompts artifact")
     spec = sampling_spec(model, n, temperature, top_p, max_new_tokens, seed)
     episodes = episode_spec(env, max_turns, max_episode_tokens, branching, branch_opt)
-    emit(run(src, default_out("rollouts", out), model=model, backend=backend, spec=spec, overwrite=overwrite, episodes=episodes))
+    processors = processor_chain(logits_processor, processor_opt)
+    emit(run(src, default_out("rollouts", out), model=model, backend=backend, spec=spec, overwrite=overwrite, episodes=episodes,
+             processors=processors))

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from tokalign.cli.common import BRANCHING_HELP, OVERWRITE, QUIET, REWARD_OPT_HELP, default_out, emit
+from tokalign.cli.common import BRANCHING_HELP, OVERWRITE, PROCESSOR_HELP, PROCESSOR_OPT_HELP, QUIET, REWARD_OPT_HELP, default_out, emit
 
 
 def _algorithms_help() -> str:
@@ -38,6 +38,8 @@ def train(
     backend: Optional[str] = typer.Option(None, "--backend", help="Online rollout backend: hf (transformers generate) or vllm (vLLM, weights synced from the trainer every step)."),
     env: Optional[str] = typer.Option(None, "--env", help="Online: multi-turn episodes with this environment (e.g. calculator). Config key: rollout.env (and rollout.max_turns)."),
     branching: Optional[str] = typer.Option(None, "--branching", help=BRANCHING_HELP + " Default: the algorithm's (arpo: entropy, portool: tree). Config key: rollout.branching (options: rollout.branch_options)."),
+    logits_processor: List[str] = typer.Option([], "--logits-processor", help="Online: " + PROCESSOR_HELP + " Config key: rollout.logits_processors."),
+    processor_opt: List[str] = typer.Option([], "--processor-opt", help=PROCESSOR_OPT_HELP + " Config key: rollout.logits_processor_options."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     log: List[str] = typer.Option([], "--log", help="Also log metrics to: tensorboard (<out>/tb/), wandb (repeatable). Config key: train.log."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of this --out from its last checkpoint."),
@@ -46,7 +48,7 @@ def train(
     quiet: bool = QUIET,
 ):
     """Train ALGO on online prompts or offline artifacts; writes a `checkpoint` artifact."""
-    from tokalign import config, models
+    from tokalign import config, decoding, models
     from tokalign.rewards import parse_options
     from tokalign.train.plan import make_plan
 
@@ -62,7 +64,9 @@ def train(
         "reward_options": parse_options(list(reward_opt)) or None,
         "models": extra or None,
         "train": {"max_steps": max_steps, "lr": lr, "batch_size": batch_size, "log": list(log) or None},
-        "rollout": {"n": n, "backend": backend, "env": env, "branching": branching},
+        "rollout": {"n": n, "backend": backend, "env": env, "branching": branching,
+                    "logits_processors": list(logits_processor) or None,
+                    "logits_processor_options": decoding.parse_options(list(processor_opt)) or None},
     }
     flags = _drop_none(flags)
     user = config.load_yaml(config_file) if config_file else {}

@@ -1,4 +1,6 @@
-"""Rollouts with transformers ``generate`` on an in-memory model (the live policy during online training)."""
+"""Rollouts with transformers ``generate`` on an in-memory model (the live policy during online training).
+
+Decoding hooks (``processors``, ``tokalign.decoding``) run as one logits processor before temperature and top-p."""
 
 from __future__ import annotations
 
@@ -44,10 +46,25 @@ class SampledLogps:
         return torch.stack(self.taken, dim=1) if self.taken else sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
 
 
+class Steered:
+    """The run's decoding hooks (a ``tokalign.decoding.Chain``) as one transformers logits processor, placed before
+    the temperature and top-p warpers (so the recorder after them sees the steered distribution). Row r of generate's
+    batch is a sample of prompt r // n (``num_return_sequences`` repeats each prompt n times in a row); its output ids
+    are what follows the left-padded prompt block."""
+
+    def __init__(self, chain, prompts: list[list[int]], n: int, width: int, temperature: float):
+        self.chain, self.width, self.temperature = chain, width, temperature
+        self.prompts = [p for p in prompts for _ in range(n)]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.chain(scores, self.prompts, input_ids[:, self.width:].tolist(), self.temperature)
+
+
 class HFEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 64, synced_gpus: bool = False):
+    def __init__(self, model, tokenizer, batch_size: int = 64, synced_gpus: bool = False, processors=None):
         self.model = model
         self.tokenizer = tokenizer
+        self.processors = processors  # a tokalign.decoding.Chain (bound to the tokenizer) or None: plain sampling
         self.batch_size = batch_size  # prompts per generate call (each expanded n times)
         # several processes generating through one FSDP-sharded model: every rank must run as many forward passes
         # (its gathers are collectives), so ranks that finished keep stepping until all have
@@ -95,9 +112,10 @@ class HFEngine:
                 # never run past the model's context: a longer request is cut (finish_reason "length")
                 new_tokens = max(1, min(spec.max_new_tokens, limit - width))
                 recorder = SampledLogps(width, spec.entropy_tokens)  # a fresh one per call: it holds this call's log-probs
+                steer = [Steered(self.processors, chunk, spec.n, width, spec.temperature)] if self.processors else []
                 with autocast(device):  # the trainer's mixed precision, if any
                     res = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, max_new_tokens=new_tokens,
-                                              logits_processor=[*warpers, recorder], synced_gpus=self.synced_gpus)
+                                              logits_processor=[*steer, *warpers, recorder], synced_gpus=self.synced_gpus)
                 new = res.sequences[:, width:]
                 logps = recorder.finish(res.sequences)
                 ent = recorder.entropy()

@@ -7,6 +7,9 @@ per process because building one costs 10-30 s.
 Under torchrun (a torch.distributed group of several processes) every process runs its own whole engine
 (tensor parallel 1) on the group torchrun set up — vLLM's external launcher — and samples its own prompts;
 creating an engine and syncing weights are then collectives, generating is not.
+
+Decoding hooks (``processors``, ``tokalign.decoding``) run inside the engine as a V1 class-based logits processor
+(``rollout.vllm_logits``); an engine built for them serves unsteered runs too, not the other way round.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import replace
 from tokalign.errors import UserError
 from tokalign.rollout import ENTROPY_TOP, Completion, SamplingSpec, cut_at_stop, stop_ids, top_entropy
 
-_ENGINES: dict[tuple[str, int, str], object] = {}
+_ENGINES: dict[tuple[str, int, str, bool, bool], object] = {}  # (model, max_model_len, dtype, sleep, steer) -> LLM
 
 
 def _import_vllm():
@@ -67,8 +70,17 @@ def _shut_down_first(llm) -> None:
     atexit.register(shut_down)
 
 
+def _steerable() -> None:
+    """Engines with tokalign's logits processor run on vLLM's V1 model runner: Model Runner V2 (vLLM's default on GPUs
+    with Triton) takes processors of another interface. Set before the engine is built; a user's explicit 1 is refused."""
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
+        raise UserError("--logits-processor with the vllm backend needs vLLM's V1 model runner (its logits-processor "
+                        "interface); unset VLLM_USE_V2_MODEL_RUNNER or set it to 0, or use --backend hf.")
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+
 def _engine(vllm, model_path: str, max_model_len: int | None, seed: int, gpu_memory_utilization: float | None = None,
-            sleep: bool = False):
+            sleep: bool = False, steer: bool = False):
     from transformers import AutoConfig
     from vllm.platforms import current_platform
 
@@ -78,11 +90,15 @@ def _engine(vllm, model_path: str, max_model_len: int | None, seed: int, gpu_mem
     limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
     want = min(max_model_len or limit or 2048, limit or 1 << 30)  # vLLM rejects lengths beyond the config's
     # Any cached engine for this model that is long enough will do: each one holds its own KV cache.
-    for (path, length, dt, asleep), llm in _ENGINES.items():
-        if path == model_path and dt == dtype and length >= want and asleep == sleep:
+    for (path, length, dt, asleep, steers), llm in _ENGINES.items():
+        if path == model_path and dt == dtype and length >= want and asleep == sleep and (steers or not steer):
             return llm
     launched = _launched()
-    _ENGINES[(model_path, want, dtype, sleep)] = llm = vllm.LLM(
+    if steer:
+        from tokalign.rollout.vllm_logits import SteeredLogits
+
+        _steerable()
+    _ENGINES[(model_path, want, dtype, sleep, steer)] = llm = vllm.LLM(
         model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=want, seed=seed, use_tqdm_on_load=False,
         enforce_eager=current_platform.is_cpu(),  # no CUDA graphs or torch.compile to gain on CPU
         # The default, raw_logprobs, is log_softmax of the logits before temperature and top-p.
@@ -94,6 +110,7 @@ def _engine(vllm, model_path: str, max_model_len: int | None, seed: int, gpu_mem
         # torchrun: this process's own engine on torchrun's group (RANK, LOCAL_RANK, MASTER_ADDR/PORT from its env)
         **({"distributed_executor_backend": "external_launcher"} if launched else {}),
         **({"enable_sleep_mode": True} if sleep else {}),
+        **({"logits_processors": [SteeredLogits]} if steer else {}),
     )
     if launched:
         _shut_down_first(llm)
@@ -115,11 +132,15 @@ class VLLMEngine:
     reallocates the KV cache (nothing of the old weights is kept: they are replaced every step anyway)."""
 
     def __init__(self, model_path: str, tokenizer, max_model_len: int | None = None, seed: int = 0,
-                 gpu_memory_utilization: float | None = None, sleep: bool = False):
+                 gpu_memory_utilization: float | None = None, sleep: bool = False, processors=None):
         vllm = _import_vllm()
         self.vllm = vllm
         self.tokenizer = tokenizer
-        self.llm = _engine(vllm, str(model_path), max_model_len, seed, gpu_memory_utilization, sleep)
+        self.processors = processors  # a tokalign.decoding.Chain (bound to the tokenizer) or None: plain sampling
+        self.llm = _engine(vllm, str(model_path), max_model_len, seed, gpu_memory_utilization, sleep, steer=bool(processors))
+        if processors and getattr(self.llm.llm_engine.vllm_config, "use_v2_model_runner", False):
+            raise UserError("This vLLM engine runs Model Runner V2, whose logits-processor interface tokalign does not "
+                            "implement: set VLLM_USE_V2_MODEL_RUNNER=0 before the first engine of the process, or use --backend hf.")
         self.stops = stop_ids(tokenizer, _generation_config(str(model_path)))
         self.sleep, self.asleep = sleep, False
 
@@ -171,6 +192,11 @@ class VLLMEngine:
                             f"allows {limit - 1} (max_model_len {limit}, less one new token).")
         rng = random.Random(spec.seed)
         sample = spec.temperature > 0
+        key = None
+        if self.processors:
+            from tokalign.rollout.vllm_logits import EXTRA_KEY, register
+
+            key = register(self.processors)
         params = [
             self.vllm.SamplingParams(
                 n=spec.n if sample else 1,  # vLLM refuses n > 1 for greedy; its copies would be identical
@@ -178,10 +204,17 @@ class VLLMEngine:
                 top_k=0, max_tokens=spec.max_new_tokens, logprobs=ENTROPY_TOP if spec.entropy_tokens else 0,
                 seed=rng.randrange(1 << 31),
                 stop_token_ids=sorted(self.stops), detokenize=False,
+                **({"extra_args": {EXTRA_KEY: key}} if key else {}),
             )
             for _ in prompts
         ]
-        results = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        try:
+            results = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        finally:
+            if key:
+                from tokalign.rollout.vllm_logits import unregister
+
+                unregister(key)
         out = []
         for res in results:
             rows = []

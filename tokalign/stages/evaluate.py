@@ -216,9 +216,10 @@ def load_prompts(source: str, tokenizer, split: str = "test", limit: int | None 
 def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = "exact_match", backend: str = "hf",
              spec: SamplingSpec = SamplingSpec(n=4), overwrite: bool = False, reward_options: dict | None = None,
              workers: int = 1, timeout: float | None = 30.0, ref: str = "", entropy: bool = True, split: str = "test",
-             limit: int | None = None, episodes=None) -> tuple[Path, dict]:
+             limit: int | None = None, episodes=None, processors=None) -> tuple[Path, dict]:
     """A sample whose verifier raises or times out counts as failed (score 0); ``results["reward_failures"]`` counts them.
-    ``verifier`` None: the data's default reward (a task's), else ``exact_match``."""
+    ``verifier`` None: the data's default reward (a task's), else ``exact_match``. ``processors``: decoding hooks that
+    steer the sampling (``tokalign.decoding``); entropy and KL stay the model's own."""
     import sys
 
     from tokalign.scoring import resolve_workers
@@ -226,7 +227,7 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     from tokalign.scoring.rows import score_rows
     from tokalign.rollout.episodes import EpisodeSpec
     from tokalign.rows import episode_stats
-    from tokalign.stages.rollout import check_backend, episode_config, sample
+    from tokalign.stages.rollout import check_backend, episode_config, processor_config, sample
     from tokalign.rewards import plugin_refs
 
     check_backend(backend)
@@ -242,7 +243,7 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     resolved = rewards.resolve([verifier], reward_options, what="verifier")
     if ref:
         check_ref(ref, tokenizer)  # a bad --ref fails before any sampling
-    scored, report = score_rows(sample(rows, model, backend, spec, tokenizer, episodes), resolved, workers=n_workers, timeout=timeout or None)
+    scored, report = score_rows(sample(rows, model, backend, spec, tokenizer, episodes, processors), resolved, workers=n_workers, timeout=timeout or None)
     check_broken(report, resolved)  # a verifier failing on every sample is broken: no artifact of zeros
     if report.failed_samples:
         sys.stderr.write(f"eval: {report.summary()}\n")
@@ -251,13 +252,15 @@ def evaluate(prompts: str, out: str, *, model: str = "", verifier: str | None = 
     results = summarise(scored, spec.n, resolved[0].name)
     results.update(model=model or "(bundled)", temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
                    seed=spec.seed, backend=backend, reward_failures=report.failed_samples, **({"ref": ref} if ref else {}),
-                   **episode_config(episodes), **episode_stats(scored))
+                   **episode_config(episodes), **episode_stats(scored), **processor_config(processors))
     prov = artifacts.Provenance(
         config={"verifier": verifier, "backend": backend, "model": model or "(bundled)", **spec.__dict__, **episode_config(episodes),
+                **processor_config(processors),
                 **({"reward_options": reward_options} if reward_options else {}), **({"ref": ref} if ref else {}),
                 "entropy": entropy, **({"split": split} if not artifacts.is_artifact(prompts) else {}),
                 **({"limit": limit} if limit else {})},
-        inputs=inputs, plugins=plugin_refs(resolved), model=models.identity(model), seed=spec.seed,
+        inputs=inputs, plugins=plugin_refs(resolved) + (processors.plugin_refs() if processors else []),
+        model=models.identity(model), seed=spec.seed,
         extra={"scoring": report.to_dict(), **({"ref_model": models.identity(ref)} if ref else {})},
     )
     with artifacts.writing(out_path, "eval", prov, overwrite) as w:

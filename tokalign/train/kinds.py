@@ -31,15 +31,16 @@ def _online(plan, rows, state):
     lockstep = state.dist.active and cfg.train.distributed == "fsdp" and r.backend != "vllm"
     spec = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
     episodes = plan.episodes
+    processors = plan.processors.bind(state.tokenizer) if plan.processors else None  # decoding hooks (tokalign.decoding)
     if r.backend == "vllm":  # sampling in vLLM; the trainer's weights are pushed into it before every step
         from tokalign import models
         from tokalign.rollout.vllm_engine import VLLMEngine
 
         longest = max(len(x["prompt_ids"]) for x in rows) + episodes.budget(spec)
         engine = VLLMEngine(models.resolve_model(cfg.model)[0], state.tokenizer, longest + 1, cfg.seed, r.vllm_gpu_memory_utilization,
-                            sleep=r.vllm_sleep)
+                            sleep=r.vllm_sleep, processors=processors)
     else:
-        engine = HFEngine(state.policy, state.tokenizer, synced_gpus=lockstep)
+        engine = HFEngine(state.policy, state.tokenizer, synced_gpus=lockstep, processors=processors)
     engine = episodes.wrap(engine)  # with rollout.env: multi-turn episodes
     source = sources.OnlineSource(rows, engine, plan.rewards, spec, cfg.train.batch_size, cfg.seed, hooks=tuple(plan.needs.hooks),
                                   rollout_config=r, policy=state.policy, reference=state.reference_model,

@@ -299,4 +299,4 @@ def _plugins(plan: Plan) -> list[dict]:
 
     algo = registry.info("algorithm", plan.algo_name)
     return ([{"kind": "algorithm", "name": plan.algo_name, "distribution": algo.distribution, "version": algo.version}]
-            + plugin_refs(plan.rewards) + task_refs(plan.data))
+            + plugin_refs(plan.rewards) + task_refs(plan.data) + (plan.processors.plugin_refs() if plan.processors else []))

@@ -38,7 +38,8 @@ class Overlapped:
         self.policy = unwrapped(policy)
         self.sampler = copy.deepcopy(self.policy).eval().requires_grad_(False)
         if isinstance(inner.engine, HFEngine):  # sample from the copy; the trained model stays the trainer's alone
-            inner.engine = HFEngine(self.sampler, inner.engine.tokenizer, inner.engine.batch_size)
+            inner.engine = HFEngine(self.sampler, inner.engine.tokenizer, inner.engine.batch_size,
+                                    processors=inner.engine.processors)
         inner.policy = self.sampler  # engines with their own weights (vLLM) are synced from the copy
         if inner.sharing.chunk <= 0:  # one seeded chunk per sampling call, not the global RNG stream
             inner.sharing.chunk = 1 << 30

@@ -32,6 +32,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     out: Path | None = None
     episodes: EpisodeSpec = field(default_factory=EpisodeSpec)  # the multi-turn settings (rollout.env, ...)
+    processors: Any = None  # the decoding hooks of online sampling (a tokalign.decoding.Chain; None: none)
 
     @property
     def needs(self):
@@ -111,6 +112,8 @@ class Plan:
             if longest and longest + budget > t.max_length:
                 out.append(f"train.max_length={t.max_length} < longest prompt ({longest}) + {what} ({budget}): "
                            "long samples are truncated before training.")
+        if r.logits_processors and not self.kind.sampled:
+            out.append(f"rollout.logits_processors are ignored: {self.data_kind} data is not sampled during training.")
         if r.env and not self.kind.sampled:
             out.append(f"rollout.env is ignored: {self.data_kind} data is not sampled during training (scored episodes keep "
                        "their loss mask).")
@@ -121,7 +124,8 @@ class Plan:
         if t.lora_4bit and not t.lora_r:
             out.append("train.lora_4bit has no effect without train.lora_r > 0.")
         correction = self.run_config_dict()["algorithm"].get("mismatch_correction")
-        if correction not in (None, "none") and r.backend == "hf" and self.kind.sampled and not t.async_rollouts:
+        if (correction not in (None, "none") and r.backend == "hf" and self.kind.sampled and not t.async_rollouts
+                and not r.logits_processors):  # steered sampling is a mismatch the weights correct
             out.append("algorithm.mismatch_correction with the hf backend: the sampler is the trained model itself, weights stay ≈ 1.")
         if r.vllm_sleep and (r.backend != "vllm" or not self.kind.sampled):
             out.append("rollout.vllm_sleep is ignored: only a vllm engine sampling during training sleeps.")
@@ -164,6 +168,8 @@ class Plan:
             lines.append("sampling hooks: " + (", ".join(h.name for h in self.needs.hooks) or "none"))
         if self.kind.sampled and self.episodes.env:
             lines.append("episodes: " + self.episodes.describe())
+        if self.kind.sampled and self.processors:
+            lines.append("logits processors: " + self.processors.describe())
         lines.append("batch arithmetic:")
         lines += [f"  {k}: {v}" for k, v in self.arithmetic().items()]
         lines += [f"warning: {w}" for w in [*self.warnings, *self.option_warnings()]]
@@ -356,7 +362,13 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
     episodes.check()  # an unknown or broken environment, bad branching options: before any model loads
     if not rows:
         raise UserError(f"Training data '{run_cfg.data}' has no rows.")
-    plan = Plan(algo_name, algorithm, algo_cfg, run_cfg, kind, desc, rows, extra=extra, episodes=episodes)
+    from tokalign import decoding
+
+    processors = decoding.resolve(r.logits_processors, r.logits_processor_options)  # names and options, no tokenizer
+    # the manifest records what was used: each processor's options with their defaults
+    r.logits_processor_options = {p.name: p.config for p in processors.resolved if p.config is not None}
+    plan = Plan(algo_name, algorithm, algo_cfg, run_cfg, kind, desc, rows, extra=extra, episodes=episodes,
+                processors=processors or None)
     if KINDS[kind].sampled:
         if run_cfg.rollout.backend == "vllm":
             import importlib.util
