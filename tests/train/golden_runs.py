@@ -39,6 +39,9 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
     # temperature 1.5: completions of one prompt differ in length (at 1.0 they do not), so the length reward is not 0
     "grpo_lambda": {**ONLINE, "rollout": {**ONLINE["rollout"], "temperature": 1.5}, "algorithm": {"lam": 0.5}},
     "par": {**ONLINE, "algorithm": {"num_references": 2}},
+    # the bundled model's completions are sums, not prose: digits as the "strategic grams", so some tokens are amplified
+    "hicra": {**ONLINE, "algorithm": {"alpha": 0.5, "grams": [str(d) for d in range(10)],
+                                       "whole_words": False}},
     # the Steps component (it grows with length; 1.5: lengths differ) above its threshold θ = 0: its multiplier moves
     "constrained": {**ONLINE, "reward": ["exact_match", "golden_runs:Steps"], "rollout": {**ONLINE["rollout"], "temperature": 1.5},
                     "algorithm": {"constraints": ["golden_runs:Steps"], "thresholds": [0.0], "multiplier_lr": 1.0}},
