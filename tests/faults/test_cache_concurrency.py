@@ -62,3 +62,28 @@ def test_processes_hammering_one_cache_lose_nothing(tmp_path):
     entries = cache_state(tmp_path / "cache")
     assert {k for k in entries if k.startswith("k")} == {f"k{i}" for i in range(100)}
     assert all(json.loads(entries[f"p{me}-{r}-{i}"])[0] == float(me) for me in range(4) for r in range(40) for i in range(5))
+
+
+OPEN = """
+import sys, time
+from pathlib import Path
+from tokalign.scoring.cache import ScoreCache
+directory, start = Path(sys.argv[1]), float(sys.argv[2])
+while time.time() < start:
+    time.sleep(0.001)
+cache = ScoreCache(directory)
+cache.put_many([("k", (1.0, None, {}))])
+print("broken" if cache.broken else "ok", cache.broken or "")
+"""
+
+
+def test_processes_opening_a_new_cache_at_once_all_get_it(tmp_path):
+    """The first open of a cache switches it to WAL, which SQLite answers with an immediate "database is locked" when
+    several processes do it at once (before the fix: 5 of 90 openers on a loaded machine, so the hammering test above
+    failed in a fresh-clone run); each must wait its turn, not score without the cache."""
+    for trial in range(3):
+        start = time.time() + 2.0
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN, str(tmp_path / f"cache{trial}"), str(start)], env=CLI_ENV,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 and out.strip() == "ok" for p, (out, _) in zip(procs, outs)), outs

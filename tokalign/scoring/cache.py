@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +58,32 @@ class ScoreCache:
 
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                db = sqlite3.connect(self.path, timeout=30)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-                db.commit()
-                self._db = db
+                self._db = self._open(sqlite3)
             except Exception as e:  # sqlite3.Error, OSError: a read-only home, a damaged file
                 self._warn(e)
         return self._db
+
+    def _open(self, sqlite3, patience: float = 30.0):
+        """A connection to a cache in WAL mode with its table. Several processes opening a new cache at once get
+        "database is locked" at once from the switch to WAL (SQLite returns it without calling the busy handler, to
+        avoid a deadlock; seen with 6 processes on a loaded machine): wait and try again, up to ``patience`` s."""
+        deadline, pause = time.monotonic() + patience, 0.01
+        while True:
+            db = sqlite3.connect(self.path, timeout=patience)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                db.commit()
+                return db
+            except sqlite3.OperationalError as e:
+                db.close()
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+            except BaseException:
+                db.close()
+                raise
 
     def get_many(self, keys: list[str]) -> dict[str, tuple[float, Any, dict]]:
         db = self._conn()
