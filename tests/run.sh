@@ -13,7 +13,7 @@ bash .ci/setup-venv.sh .venv dev
 NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true .venv/bin/mkdocs build --strict --quiet  # the docs site (mkdocs.yml) into build/site/, generated pages included; any warning fails
 # The main suite in two pytest-xdist workers, each with torch on one thread: most of its time is single-threaded
 # Python (CLI subprocesses importing torch, tiny models), so two workers on two cores take ~1/2.5 of one
-# (measured 2026-12-02: 16.5 min with other work on the machine; one process took 45–54 min in earlier runs). Tests marked serial change the venv itself and run alone after.
+# (measured 2026-12-02 from a fresh clone: 15 min, the whole script 22; one process took 45–54 min in earlier runs). Tests marked serial change the venv itself and run alone after.
 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -m "not vllm and not serial" -n 2 tests --durations=30 "$@"
 .venv/bin/python -m pytest -m "serial and not vllm" tests "$@"
 # The vLLM venv after the main suite, not beside it: built beside it (stop 21) CI went from 61 to 89 minutes,
