@@ -128,6 +128,20 @@ def parse_set(items: list[str], flag: str = "--set", example: str = "train.lr=1e
     return out
 
 
+def parse_plugin_options(items: list[str], flag: str, example: str) -> dict[str, dict[str, Any]]:
+    """``flag``'s NAME.key=value items (--reward-opt, --processor-opt) -> {NAME: {key: value}}, values typed like
+    --set. The key is what follows the last dot, so ``pkg.mod:Cls.key=v`` names the plug-in ``pkg.mod:Cls``;
+    ``example`` (e.g. ``math.tolerance=1e-6``) goes into the error for a malformed item."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        lhs, eq, raw = item.partition("=")
+        name, dot, key = lhs.strip().rpartition(".")
+        if not eq or not dot or not name or not key.isidentifier():
+            raise UserError(f"{flag} expects NAME.key=value (e.g. {flag} {example}), got '{item}'.")
+        out.setdefault(name, {})[key] = parse_scalar(raw)
+    return out
+
+
 def parse_scalar(raw: str) -> Any:
     """A --set (or --reward-opt) value as YAML, except that 1e-5 is a number (YAML 1.1 would keep it a string)."""
     if not raw.strip():

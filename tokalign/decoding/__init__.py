@@ -136,16 +136,9 @@ class Chain:
 def parse_options(items: list[str], flag: str = "--processor-opt") -> dict[str, dict[str, Any]]:
     """['ban_tokens.ids=[5,7]'] -> {'ban_tokens': {'ids': [5, 7]}} (values typed like --set). The key is what follows
     the last dot, so ``pkg.mod:Cls.key=v`` names the processor ``pkg.mod:Cls``."""
-    from tokalign.config import parse_scalar
+    from tokalign.config import parse_plugin_options
 
-    out: dict[str, dict[str, Any]] = {}
-    for item in items or []:
-        lhs, eq, raw = item.partition("=")
-        name, dot, key = lhs.strip().rpartition(".")
-        if not eq or not dot or not name or not key.isidentifier():
-            raise UserError(f"{flag} expects NAME.key=value (e.g. {flag} ban_tokens.ids=[5,7]), got '{item}'.")
-        out.setdefault(name, {})[key] = parse_scalar(raw)
-    return out
+    return parse_plugin_options(items, flag, "ban_tokens.ids=[5,7]")
 
 
 def _lookup(name: str) -> tuple[Any, registry.PluginInfo]:

@@ -47,16 +47,9 @@ def parse_spec(spec: str) -> tuple[str, float]:
 def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
     """['math.tolerance=1e-6', 'length.target=64'] -> {'math': {'tolerance': 1e-06}, 'length': {'target': 64}}.
     The key is what follows the last dot, so ``pkg.mod:Cls.key=v`` names the reward ``pkg.mod:Cls``."""
-    from tokalign.config import parse_scalar
+    from tokalign.config import parse_plugin_options
 
-    out: dict[str, dict[str, Any]] = {}
-    for item in items or []:
-        lhs, eq, raw = item.partition("=")
-        name, dot, key = lhs.strip().rpartition(".")
-        if not eq or not dot or not name or not key.isidentifier():
-            raise UserError(f"--reward-opt expects NAME.key=value (e.g. --reward-opt math.tolerance=1e-6), got '{item}'.")
-        out.setdefault(name, {})[key] = parse_scalar(raw)
-    return out
+    return parse_plugin_options(items, "--reward-opt", "math.tolerance=1e-6")
 
 
 def _lookup(name: str, what: str = "reward") -> tuple[Any, registry.PluginInfo, str]:
