@@ -63,6 +63,15 @@ DOWN_MEMORY_S = 10.0  # after finding the server unreachable, fail at once for t
 _FIELDS = re.compile(r"\{(prompt|completion|reference)\}")
 
 
+def check_limits(config) -> None:
+    """The checks every judge's config shares: a score range, at least one token and one request at a time."""
+    if not config.max_score > config.min_score:
+        raise ValueError(f"max_score must be greater than min_score, got {config.min_score}..{config.max_score}")
+    for key in ("max_tokens", "concurrency"):
+        if getattr(config, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(config, key)}")
+
+
 @dataclass
 class JudgeConfig:
     base_url: str = ""
@@ -83,11 +92,7 @@ class JudgeConfig:
     api_key_env: str = "OPENAI_API_KEY"
 
     def __post_init__(self):
-        if not self.max_score > self.min_score:
-            raise ValueError(f"max_score must be greater than min_score, got {self.min_score}..{self.max_score}")
-        for key in ("max_tokens", "concurrency"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        check_limits(self)
         if self.retries < 0 or self.backoff < 0 or self.timeout <= 0:
             raise ValueError("retries and backoff must be >= 0 and timeout > 0")
         try:

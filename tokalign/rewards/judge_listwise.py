@@ -77,11 +77,7 @@ class ListwiseConfig:
     def __post_init__(self):
         if self.use not in ("score", "rank"):
             raise ValueError(f"use must be 'score' or 'rank', got {self.use!r}")
-        if not self.max_score > self.min_score:
-            raise ValueError(f"max_score must be greater than min_score, got {self.min_score}..{self.max_score}")
-        for key in ("max_tokens", "concurrency"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        judge.check_limits(self)
         if self.retries < 0 or self.timeout <= 0:
             raise ValueError("retries must be >= 0 and timeout > 0")
 
