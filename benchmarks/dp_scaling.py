@@ -11,7 +11,10 @@ below. The two runs alternate ``--rounds`` times and the median of the rounds' s
 2-core machine's speed drifts by ±20 % over minutes: one pair of runs is not enough).
 
 Measured: in the session that shared the sampling, one round each, 1.83× and 1.81× (commit 17ebc86, every process
-sampling the whole batch: 1.59× and 1.62×); the numbers of later sessions are in their notes."""
+sampling the whole batch: 1.59× and 1.62×); the numbers of later sessions are in their notes. On the AVX-512 machine of
+stop 24: 1.65× before (3 rounds), 1.65–1.69× after DDP's gradient-as-bucket-view, fused AdamW and token-balanced,
+trimmed shards. What stays fixed per step at this size: HF generate's per-token overhead (64 rows sample in 58 % of
+128 rows' time), DDP's all-reduce and the wait for the slower rank, the replicated optimiser step."""
 
 from __future__ import annotations
 

@@ -107,15 +107,17 @@ def micro_batches(batch: TokenBatch, size: int, max_tokens: int = 0, packed: boo
                 current = []
             current.extend(rows)
         chunks.append(current)
-    out = []
-    for idx in chunks:
-        mb = batch.select(torch.tensor(idx))
-        width = int(mb.attention_mask.sum(-1).max())
-        mb.input_ids, mb.attention_mask = mb.input_ids[:, :width], mb.attention_mask[:, :width]
-        mb.completion_mask = mb.completion_mask[:, : width - 1]
-        mb.fields = {k: (v[:, : width - 1] if v.dim() == 2 else v) for k, v in mb.fields.items()}
-        out.append(mb)
-    return out
+    return [select_trimmed(batch, idx) for idx in chunks]
+
+
+def select_trimmed(batch: TokenBatch, rows: list[int]) -> TokenBatch:
+    """Rows ``rows`` of a right-padded batch, trimmed to their own longest sequence (totals kept)."""
+    mb = batch.select(torch.tensor(rows, dtype=torch.long))
+    width = int(mb.attention_mask.sum(-1).max())
+    mb.input_ids, mb.attention_mask = mb.input_ids[:, :width], mb.attention_mask[:, :width]
+    mb.completion_mask = mb.completion_mask[:, : width - 1]
+    mb.fields = {k: (v[:, : width - 1] if v.dim() == 2 else v) for k, v in mb.fields.items()}
+    return mb
 
 
 def _parts(rows: list[int], size_of, budget: int) -> list[list[int]]:

@@ -71,17 +71,23 @@ def check_batch(dist: Dist, groups: int) -> None:
 
 
 def shard(batch: TokenBatch, dist: Dist) -> TokenBatch:
-    """This rank's contiguous share of the batch's groups (totals stay global)."""
+    """This rank's share of the batch's groups (totals stay global), trimmed to its own longest sequence. The groups
+    are dealt out longest first in snake order (0, 1, …, N-1, N-1, …, 0, 0, …), so every rank gets as many groups
+    (within one) of similar lengths: a padded forward costs rows × longest sequence, and the slowest rank sets the
+    step's pace (every rank waits for it in the gradient all-reduce). Rows keep the batch's order."""
     if not dist.active:
         return batch
+    from tokalign.batching import select_trimmed
+
     groups: dict[int, list[int]] = {}
     for i, g in enumerate(batch.fields["group_ids"].tolist()):
         groups.setdefault(g, []).append(i)
-    keys = list(groups)
-    check_batch(dist, len(keys))
-    per = -(-len(keys) // dist.world)
-    rows = [i for g in keys[dist.rank * per : (dist.rank + 1) * per] for i in groups[g]]
-    return batch.select(torch.tensor(rows, dtype=torch.long))
+    check_batch(dist, len(groups))
+    lengths = batch.attention_mask.sum(-1).tolist()
+    longest_first = sorted(groups.values(), key=lambda rows: -max(lengths[i] for i in rows))  # stable: ties keep order
+    snake = [r if (k // dist.world) % 2 == 0 else dist.world - 1 - r for k in range(len(longest_first)) for r in [k % dist.world]]
+    rows = sorted(i for members, rank in zip(longest_first, snake) if rank == dist.rank for i in members)
+    return select_trimmed(batch, rows)
 
 
 def shard_model(model, dist: Dist, strategy: str, compute_dtype=None):
@@ -132,7 +138,13 @@ def wrap(model, dist: Dist, strategy: str):
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [dist.local_rank] if dist.device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    # no buffer broadcast before each forward (every rank loaded the same model; the buffers — rotary frequencies — never
+    # change): torch 2.13 renamed the switch; the gradients live in DDP's buckets (no copy in or out of them)
+    import inspect
+
+    buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True, **buffers)
 
 
 def reduces_gradients(model) -> bool:

@@ -42,7 +42,7 @@ class TrainState:
         # reduces the policy's; then the others (a value head). Taken now: FSDP2 later swaps in unsharded parameters
         policy_ids = {id(p) for p in self.policy.parameters()} if distributed.reduces_gradients(self.train_model) else set()
         self.hand_reduced = [p for p in self.params if id(p) not in policy_ids]
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay, fused=_fused_adamw(self.params) or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(t.warmup_steps))
 
     # -- the TrainContext of components
@@ -123,3 +123,15 @@ def _rows(plan, tokenizer) -> list[dict]:
 
 def _schedule(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def _fused_adamw(params: list) -> bool:
+    """torch's fused AdamW (one kernel over all parameters; the HF Trainer's default on CUDA) where it applies: plain
+    float32 tensors (the master weights of every precision but pure bf16, whose rounding it would change) on one CPU
+    or CUDA device type. It equals the per-parameter loop to the last bit or two."""
+    from torch.distributed.tensor import DTensor
+
+    kinds = {p.device.type for p in params}
+    return bool(params) and len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(
+        p.dtype == torch.float32 and not isinstance(p, DTensor) for p in params)
+
