@@ -175,7 +175,7 @@ def test_the_seed_coverage_page_counts_its_rows_and_names_real_modules():
         status = cells[5].strip()
         kind = next((k for k in ("missing", "partial", "covered") if status.startswith(k)), "implemented")
         counts[kind] += 1
-        modules = re.findall(r"`((?:algorithms|rewards|verifiers|rollout|data|environments|decoding)/[a-z_/]+\.py)`", status)
+        modules = re.findall(r"`((?:algorithms|rewards|verifiers|rollout|data|environments|decoding)/[a-z0-9_/]+\.py)`", status)
         assert bool(modules) == (kind in ("implemented", "partial")) or kind == "covered", cells[1:3]
         for m in modules:
             assert (ROOT / "tokalign" / m).is_file(), f"row {cells[1].strip()} names tokalign/{m}, which does not exist"

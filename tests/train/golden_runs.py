@@ -47,6 +47,13 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
                     "algorithm": {"constraints": ["golden_runs:Steps"], "thresholds": [0.0], "multiplier_lr": 1.0}},
     "spo": {**ONLINE, "rollout": {"n": 2, "max_new_tokens": 8}, "algorithm": {"rollouts": 2}},
     "rto": {**ONLINE, "models": {"dpo": "@model"}},
+    "xrpo": ONLINE,
+    "grao": ONLINE,  # the arith reference answers join each group as scored rows
+    "p3o": {**ONLINE, "rollout": {"n": 2, "max_new_tokens": 8}},
+    "madpo": {"data": "@margin_pairs"},
+    # four rated completions per prompt: stage 0 trains best vs worst, stage 1 (after the reference refresh) the next pair
+    "curry_dpo": {"data": "@scored", "algorithm": {"stages": 2, "steps_per_stage": 2}},
+    "srpo": {"data": "@srpo"},
     **{a: {"data": "@pairs"} for a in ("dpo", "ipo", "hinge", "tdpo", "tdpo1", "simpo", "treg")},
     "tgdpo": {"data": "@pairs", "models": {"teacher": "@model"}},
     "cdpo": {"data": "@pairs", "models": {"positive": "@model", "negative": "@model"}},
@@ -114,12 +121,43 @@ def _data(tmp: Path) -> dict[str, str]:
         "completions": [{"prompt": p, "completion": c} for p, c, _ in facts],
         "stepwise": [{"prompt": p, "completions": [p, c if k % 2 else r], "labels": [True, bool(k % 2)]}
                      for k, (p, c, r) in enumerate(facts)],
+        # reward-model scores of each side: margins 2, −0.5, 5, 0.5 give MADPO four different weights
+        "margin_pairs": [{"prompt": p, "chosen": c, "rejected": r, "chosen_margins": [w], "rejected_margins": [lo]}
+                         for (p, c, r), (w, lo) in zip(facts, ((3.0, 1.0), (2.0, 2.5), (5.0, 0.0), (1.0, 0.5)))],
     }
     out = {}
     for name, rows in files.items():
         path = tmp / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out[f"@{name}"] = str(path)
+    return {**out, **_scored(tmp, facts)}
+
+
+def _scored(tmp: Path, facts) -> dict[str, str]:
+    """Scored artifacts written by hand (no sampling, so the same tokens on every CPU): each prompt with four
+    completions a+b, a+b+1, a+b+2, a+b+3 rated 1, 2/3, 1/3, 0; and the same as SRPO's six-row revision groups."""
+    from tokalign import artifacts, models
+    from tokalign.algorithms.srpo import revision_groups
+
+    tok = models.load_tokenizer(models.resolve_model("")[0])
+    rows = []
+    for g, (p, c, _) in enumerate(facts):
+        messages = [{"role": "user", "content": p}]
+        prompt_text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = list(tok(prompt_text, add_special_tokens=False)["input_ids"])
+        for k in range(4):
+            text = str(int(c) + k)
+            ids = list(tok(text, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
+            rows.append({"id": f"{p}#{k}", "group_id": g, "sample_idx": k, "prompt": json.dumps(messages), "prompt_text": prompt_text,
+                         "prompt_ids": prompt_ids, "completion": text, "completion_ids": ids, "sampler_logps": None,
+                         "finish_reason": "stop", "reward": 1 - k / 3, "rewards": {"exact_match": 1 - k / 3}, "verdicts": "{}",
+                         "token_rewards": None})
+    revise = list(tok("\nRevise:\n", add_special_tokens=False)["input_ids"])
+    out = {}
+    for name, data in (("scored", rows), ("srpo", revision_groups(rows, revise))):
+        with artifacts.writing(tmp / name, "scored", artifacts.Provenance()) as w:
+            w.write_rows(data)
+        out[f"@{name}"] = str(tmp / name)
     return out
 
 
