@@ -64,7 +64,8 @@ def to_sample(row: dict) -> Sample:
     ``turns`` (model turns), ``turn_rewards`` (the environment's, one per model turn, None where it gave none) and
     ``turn_spans`` (``[start, end, "model" | "env"]`` in completion-token positions) and ``turn_errors`` (per model
     turn, the tool calls of its reply that failed)."""
-    metadata = {"max_new_tokens": row.get("max_new_tokens")}
+    # the prompt's ids: a reward that reads the policy (tokalign.rewards.policy) continues them, token in, token out
+    metadata = {"max_new_tokens": row.get("max_new_tokens"), "prompt_ids": list(row.get("prompt_ids") or [])}
     episode = loads(row.get("episode"))
     if episode:
         metadata.update(messages=episode["messages"], tool_calls=episode["tool_calls"], turns=episode["model_turns"],

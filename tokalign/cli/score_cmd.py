@@ -13,6 +13,7 @@ def score(
     reward_opt: List[str] = typer.Option([], "--reward-opt", help=REWARD_OPT_HELP),
     workers: int = typer.Option(1, "--workers", "-j", min=0, help="Reward worker processes: 1 = in-process, N > 1 = N processes for CPU-bound rewards, 0 = one per CPU."),
     timeout: float = typer.Option(30.0, "--timeout", min=0.0, help="Seconds per sample and reward; past it the sample fails for that reward (0 = no limit)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="The model (checkpoint) whose samples these are, for rewards that read the policy's likelihoods or hidden states (e.g. r3)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the score cache ($TOKALIGN_CACHE, default ~/.cache/tokalign)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help=OUT_HELP),
     overwrite: bool = OVERWRITE,
@@ -27,4 +28,4 @@ def score(
     options = parse_options(list(reward_opt))
     src = input_path(rollouts, "rollouts artifact")
     emit(run(src, default_out("scored", out), reward=list(reward) or None, overwrite=overwrite, reward_options=options,
-             workers=workers, timeout=timeout, cache=not no_cache))
+             workers=workers, timeout=timeout, cache=not no_cache, policy=policy))

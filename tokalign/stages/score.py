@@ -27,9 +27,10 @@ def default_reward(src) -> str:
 
 
 def score(rollouts: str, out: str, *, reward: list[str] | None = None, overwrite: bool = False, reward_options: dict | None = None,
-          workers: int = 1, timeout: float | None = 30.0, cache: bool = True) -> Path:
+          workers: int = 1, timeout: float | None = 30.0, cache: bool = True, policy: str | None = None) -> Path:
     """``workers``: 1 in-process, N > 1 processes, 0 one per CPU. ``timeout``: seconds per sample and
-    reward (None or 0: none). ``cache``: read and write the score cache (``scoring.cache``).
+    reward (None or 0: none). ``cache``: read and write the score cache (``scoring.cache``). ``policy``: the model (a
+    checkpoint) that rewards which read the policy (``tokalign.rewards.policy``) see; they need one.
 
     Rows are read, scored and written a chunk at a time (``rows.chunk_rows()`` rows, cut between groups), with one
     worker pool, cache and report over all chunks; a broken reward is told at the end, and then no artifact is left."""
@@ -47,7 +48,7 @@ def score(rollouts: str, out: str, *, reward: list[str] | None = None, overwrite
     if not reward:
         found = default_reward(src)
         reward = list(found) if isinstance(found, list) else [found]
-    resolved = rewards.resolve(reward, reward_options)
+    resolved = _with_policy(rewards.resolve(reward, reward_options), policy, n_workers)
     size = chunk_rows()
     rows = (check_row(str(src.path), i, r, scored=False) or r for i, r in enumerate(src.iter_rows(size), 1))
     if src.kind == "scored":  # re-score: drop the old scores, keep the rollouts
@@ -75,6 +76,35 @@ def score(rollouts: str, out: str, *, reward: list[str] | None = None, overwrite
         sys.stderr.write(f"score: {report.summary()}\n")
         prov.extra["scoring"] = report.to_dict()  # the manifest is built when the block ends
     return out_path
+
+
+def _with_policy(resolved: list, policy: str | None, workers: int) -> list:
+    """The rewards, those that read the policy bound to ``policy`` (loaded here) and keyed in the cache by its
+    identity; one line and exit 2 when such a reward has no policy, or ``policy`` is given for none."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from tokalign import models
+    from tokalign.errors import UserError
+    from tokalign.rewards import policy as policy_mod
+
+    seeing = policy_mod.policy_rewards(resolved)
+    if not seeing:
+        if policy:
+            raise UserError(f"--policy {policy}: none of the rewards ({', '.join(r.name for r in resolved)}) reads the policy; drop --policy.")
+        return resolved
+    names = ", ".join(f"'{r.name}'" for r in seeing)
+    if not policy:
+        raise UserError(f"reward {names} scores with the policy's own likelihoods: pass --policy MODEL (the checkpoint "
+                        "whose samples these are, e.g. the run's train output).")
+    policy_mod.check(seeing, workers=workers)
+    ident = json.dumps(models.identity(policy), sort_keys=True, default=str)  # validates the path before any load
+    model = models.load_model(policy, device=models.default_device())
+    policy_mod.bind(seeing, policy_mod.PolicyView(model, models.load_tokenizer(policy)))
+    keyed = {id(r) for r in seeing}
+    return [dataclasses.replace(r, fingerprint=hashlib.sha256(f"{r.fingerprint}\0{ident}".encode()).hexdigest())
+            if id(r) in keyed else r for r in resolved]
 
 
 def _progress(done: int, total: int) -> None:

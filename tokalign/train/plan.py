@@ -379,6 +379,10 @@ def make_plan(algo_name: str, layers: list[dict], out: str | None, overwrite: bo
         if not specs:
             raise UserError("Online training needs a reward: pass --reward <name> (see `tokalign plugins`).")
         plan.rewards = rewards_mod.resolve(specs, run_cfg.reward_options)
+        from tokalign.rewards import policy
+
+        policy.check(plan.rewards, distributed=run_cfg.train.distributed, world=int(os.environ.get("WORLD_SIZE", "1")),
+                     async_rollouts=run_cfg.train.async_rollouts)
         run_cfg.reward = list(specs)  # the manifest records what was used, defaults included
         if algorithm.needs.groups and run_cfg.rollout.n < 2:
             plan.warnings.append(f"rollout.n={run_cfg.rollout.n}: group-normalised advantages are all zero with one sample per prompt.")

@@ -279,6 +279,10 @@ class OnlineSource:
         return replace(self.spec, **{"seed": self.seed * 1_000_003 + self.step * 7919 + self._calls, **spec})
 
     def score(self, rows: list[dict]) -> list[dict]:
+        from tokalign.rewards import policy
+
+        if self.policy is not None and policy.policy_rewards(self.rewards):  # rewards that read the policy: as it is now
+            policy.bind(self.rewards, policy.PolicyView(self.policy, self.tokenizer, self.step))
         return scored_rows(rows, self.rewards)
 
     def sample(self, prompts: list[dict], **spec) -> list[dict]:
