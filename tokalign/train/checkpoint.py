@@ -111,7 +111,8 @@ def _save(work: Path, step: int, state, config_sha256: str, final: Path, tmp: Pa
 
     dist = state.dist
     model, optim = _sharded_state(_Trained(state), state.optimizer)
-    dcp.save({"model": model, "optimizer": optim}, checkpoint_id=tmp / SHARDS)
+    # one process: no_dist (torch's single-process mode, without its "assuming the intent" warning on every save)
+    dcp.save({"model": model, "optimizer": optim}, checkpoint_id=tmp / SHARDS, no_dist=not dist.active)
     if dist.main:
         for c in state.components:
             c.save(tmp)
@@ -157,7 +158,7 @@ def restore(state, saved: dict) -> None:
 
     trained = _Trained(state)
     model, optim = _sharded_state(trained, state.optimizer)  # the structure to load into (a fresh optimiser's state is made first)
-    dcp.load({"model": model, "optimizer": optim}, checkpoint_id=saved["path"] / SHARDS)
+    dcp.load({"model": model, "optimizer": optim}, checkpoint_id=saved["path"] / SHARDS, no_dist=not state.dist.active)
     set_state_dict(trained, state.optimizer, model_state_dict=model, optim_state_dict=optim,
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     state.scheduler.load_state_dict(saved["scheduler"])
