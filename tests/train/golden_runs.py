@@ -47,13 +47,19 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
                     "algorithm": {"constraints": ["golden_runs:Steps"], "thresholds": [0.0], "multiplier_lr": 1.0}},
     "spo": {**ONLINE, "rollout": {"n": 2, "max_new_tokens": 8}, "algorithm": {"rollouts": 2}},
     "rto": {**ONLINE, "models": {"dpo": "@model"}},
-    "xrpo": ONLINE,
+    # temperature 1.5 (as grpo_lambda): completions of a prompt differ in length and likelihood, so the method acts
+    "xrpo": {**ONLINE, "rollout": {**ONLINE["rollout"], "temperature": 1.5}},
     "grao": ONLINE,  # the arith reference answers join each group as scored rows
     "p3o": {**ONLINE, "rollout": {"n": 2, "max_new_tokens": 8}},
     "madpo": {"data": "@margin_pairs"},
     # four rated completions per prompt: stage 0 trains best vs worst, stage 1 (after the reference refresh) the next pair
     "curry_dpo": {"data": "@scored", "algorithm": {"stages": 2, "steps_per_stage": 2}},
     "srpo": {"data": "@srpo"},
+    "e1": {**ONLINE, "rollout": {**ONLINE["rollout"], "temperature": 1.5}, "algorithm": {"effort": 1.0}},
+    "length_curriculum": {**ONLINE, "rollout": {**ONLINE["rollout"], "temperature": 1.5},
+                          "algorithm": {"initial_budget": 4, "decay_interval": 1, "decay_factor": 0.5}},
+    "tldr": {**ONLINE, "rollout": {**ONLINE["rollout"], "temperature": 1.5}, "algorithm": {"budgets": [1, 2, 4]}},
+    "grpo_s": ONLINE,
     **{a: {"data": "@pairs"} for a in ("dpo", "ipo", "hinge", "tdpo", "tdpo1", "simpo", "treg")},
     "tgdpo": {"data": "@pairs", "models": {"teacher": "@model"}},
     "cdpo": {"data": "@pairs", "models": {"positive": "@model", "negative": "@model"}},
