@@ -58,6 +58,21 @@ def rollout_rows(prompt_rows: list[dict], completions, max_new_tokens: int | Non
     return rows
 
 
+def best_and_worst(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(highest-reward, lowest-reward) row of each group whose rewards differ (first on ties), groups in order of
+    their ids: the on-policy pair of a group of scored rollouts."""
+    groups: dict[Any, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group_id"], []).append(r)
+    out = []
+    for key in sorted(groups):
+        best = max(groups[key], key=lambda r: r["reward"])
+        worst = min(groups[key], key=lambda r: r["reward"])
+        if best["reward"] > worst["reward"]:
+            out.append((best, worst))
+    return out
+
+
 def to_sample(row: dict) -> Sample:
     """A multi-turn episode's sample: ``completion`` is its final assistant turn, and ``metadata`` adds the episode's
     ``messages`` (after the prompt), ``tool_calls`` (each ``{"name", "arguments"}``, or ``{"name": None, "error"}``),

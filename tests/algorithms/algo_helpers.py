@@ -99,6 +99,26 @@ def off_policy_loss_and_grad(algo, batch: TokenBatch, seed: int) -> tuple[torch.
     return res.loss.detach(), lp.grad
 
 
+def same_as_base(algos, make_batch, values: torch.Tensor) -> None:
+    """Each algorithm's prepared rewards and advantages, loss and gradient on ``make_batch()`` (policy log-probs
+    ``values``, reference ``values + 0.1``) equal the last one's — the base method's — bit for bit, and the gradient
+    is not all zero (the limiting case of a method that reshapes GRPO's rewards or advantages)."""
+    from tokalign.protocols import PolicyOutput
+
+    results = []
+    for algo in algos:
+        batch = algo.prepare(make_batch())
+        batch.fields["ref_logps"] = values + 0.1
+        lp = leaf(values)
+        out = algo.loss(batch, PolicyOutput(lp))
+        out.loss.backward()
+        results.append((batch.fields["rewards"], batch.fields["advantages"], out.loss.detach(), lp.grad))
+    for got in results[:-1]:
+        for x, y in zip(got, results[-1]):
+            assert torch.equal(x, y)
+    assert results[-1][3].abs().sum() > 0
+
+
 def micro_batches_add_up(algo) -> None:
     """Three groups of random completions over a 4-token vocabulary (so prefixes are shared and branch), run whole and
     as micro-batches of 2 rows (groups kept whole, each trimmed to its width): with batch.totals the micro-batch losses

@@ -111,15 +111,10 @@ def revision_groups(rows: list[dict[str, Any]], revise_ids: list[int], revise_te
     """Scored rows (groups of completions of one prompt) -> scored rows for SRPO: for every group whose rewards differ,
     its best (first on ties) and worst completion as one pair, laid out as the six rows of the module docstring
     (revision prompts: prompt ids + draft ids + ``revise_ids``); new group ids 0, 1, ...; other groups are dropped."""
-    groups: dict[Any, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r["group_id"], []).append(r)
+    from tokalign.rows import best_and_worst
+
     out = []
-    for key in sorted(groups):
-        best = max(groups[key], key=lambda r: r["reward"])
-        worst = min(groups[key], key=lambda r: r["reward"])
-        if not best["reward"] > worst["reward"]:
-            continue
+    for best, worst in best_and_worst(rows):
         gid = len(out) // ROLES
         layout = [(best, None), (worst, None), (best, worst), (worst, worst), (best, best), (worst, best)]
         for k, (target, draft) in enumerate(layout):

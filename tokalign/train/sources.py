@@ -108,19 +108,13 @@ def pairs_from_scored(rows: list[dict]) -> list[dict]:
     """On-policy preference pairs from scored rollouts: in each group whose rewards differ, the
     highest-reward completion (first on ties) is chosen and the lowest rejected, with the sampler's
     own token ids. Groups of equal rewards give no pair."""
-    groups: dict[Any, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r["group_id"], []).append(r)
-    pairs = []
-    for key in sorted(groups):
-        best = max(groups[key], key=lambda r: r["reward"])
-        worst = min(groups[key], key=lambda r: r["reward"])
-        if best["reward"] > worst["reward"]:
-            pairs.append({"id": f"{best['id']}>{worst['id']}", "prompt": best["prompt"], "prompt_text": best["prompt_text"],
-                          "prompt_ids": best["prompt_ids"], "reference": best.get("reference"),
-                          "chosen": best["completion"], "rejected": worst["completion"],
-                          "chosen_ids": list(best["completion_ids"]), "rejected_ids": list(worst["completion_ids"])})
-    return pairs
+    from tokalign.rows import best_and_worst
+
+    return [{"id": f"{best['id']}>{worst['id']}", "prompt": best["prompt"], "prompt_text": best["prompt_text"],
+             "prompt_ids": best["prompt_ids"], "reference": best.get("reference"),
+             "chosen": best["completion"], "rejected": worst["completion"],
+             "chosen_ids": list(best["completion_ids"]), "rejected_ids": list(worst["completion_ids"])}
+            for best, worst in best_and_worst(rows)]
 
 
 def unpaired_from_pairs(rows: list[dict]) -> list[dict]:
