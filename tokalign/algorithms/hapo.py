@@ -29,8 +29,9 @@ micro-batch consistent only when ĥ is (e.g. the default ``train.micro_batch_siz
 The official verl also takes "token-mean" per micro-batch; tokalign's token-mean uses the step's token total.
 Constant entropy ⇒ ĥ = 0 ⇒ the DAPO/PPO dual-clip loss.
 
-Not here: Adaptive Temperature Sampling at rollout (per-token temperature from entropy, τ = 0.05 in the recipes)
-belongs to the rollout engine, not to the loss; rollouts use the configured fixed temperature.
+Adaptive Temperature Sampling at rollout (per-token temperature from entropy, τ = 0.05 in the recipes) belongs to the
+rollout engine, not to the loss: it is the logits processor ``adaptive_temperature``
+(``tokalign/decoding/adaptive_temperature.py``): ``train hapo --logits-processor adaptive_temperature``.
 
 Defaults (``recipe/qwen2.5_math_7b.sh`` et al.): ε_l = ε_h = 0.2, clip_ratio_c = 10, entropy_pivot 0.8,
 clip_alpha 1, adv_beta 1, token-mean, no KL (the recipes also use DAPO's dynamic sampling and overlong buffer,

@@ -8,8 +8,10 @@ on float32 next-token logits before temperature and top-p, with the per-row hist
 ``Cls(Cls.Config(**options))`` (``Cls()`` without a ``Config``), like a reward. The same object runs in both engines;
 :class:`Chain` is what they call: the processors in order, then the per-token temperatures.
 
-Built-ins: ``ban_tokens`` (``decoding/ban_tokens.py``: never sample these tokens) and ``cyclic_reflex``
-(``decoding/cyclic_reflex.py``: CyclicReflex's triangular wave on reflection-token logits, arXiv:2506.11077).
+Built-ins: ``ban_tokens`` (``decoding/ban_tokens.py``: never sample these tokens), ``cyclic_reflex``
+(``decoding/cyclic_reflex.py``: CyclicReflex's triangular wave on reflection-token logits, arXiv:2506.11077) and
+``adaptive_temperature`` (``decoding/adaptive_temperature.py``: HAPO's entropy-adaptive per-token temperature,
+arXiv:2509.16591).
 
 Where the chain runs:
 
