@@ -26,6 +26,11 @@ ONLINE: dict[str, list[str]] = {
                        "salt", "poad", "cispo", "steer", "rrhf", "reinforce_ada", "dars", "grpo_lambda", "par", "hicra",
                        "spo", "xrpo", "grao")},
     "p3o": ["--n", "2", "--batch-size", "64"],  # pairs: 64 prompts × 2, the same 128 samples per step
+    "grpo_s": [],
+    # length methods with budgets at arith's scale (completions of 2–4 tokens; their defaults are for long CoT)
+    "e1": ["--set", "algorithm.effort=1.0"],
+    "length_curriculum": ["--set", "algorithm.initial_budget=4", "--set", "algorithm.decay_interval=10"],
+    "tldr": ["--set", "algorithm.budgets=[2,3,4]"],
 }
 SKIPPED = {
     "pure": "needs a process reward model (per-step rewards); exact_match gives one outcome reward",

@@ -24,7 +24,7 @@ _tokalign() {
         plugins) opts="--check --help --json --names" ;;
         prepare) opts="--help --limit --model --out --overwrite --split -m -o" ;;
         rollout) opts="--backend --branch-opt --branching --env --help --logits-processor --max-episode-tokens --max-new-tokens --max-turns --model --n --out --overwrite --processor-opt --seed --temperature --top-p -m -o" ;;
-        score) opts="--help --no-cache --out --overwrite --reward --reward-opt --timeout --workers -j -o -r" ;;
+        score) opts="--help --no-cache --out --overwrite --policy --reward --reward-opt --timeout --workers -j -o -r" ;;
         train) opts="--backend --batch-size --branching --config --data --dpo-model --dry-run --env --help --log --logits-processor --lr --max-steps --model --n --out --overwrite --processor-opt --quiet --ref --ref-model --resume --reverse-model --reward --reward-opt --seed --set --teacher --with -c -d -m -o -q -r" ;;
         *) opts="" ;;
     esac

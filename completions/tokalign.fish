@@ -75,6 +75,7 @@ complete -c tokalign -n '__fish_seen_subcommand_from score' -l help
 complete -c tokalign -n '__fish_seen_subcommand_from score' -l no-cache
 complete -c tokalign -n '__fish_seen_subcommand_from score' -l out
 complete -c tokalign -n '__fish_seen_subcommand_from score' -l overwrite
+complete -c tokalign -n '__fish_seen_subcommand_from score' -l policy
 complete -c tokalign -n '__fish_seen_subcommand_from score' -l reward-opt
 complete -c tokalign -n '__fish_seen_subcommand_from score' -l timeout
 complete -c tokalign -n '__fish_seen_subcommand_from score' -l workers
