@@ -70,6 +70,8 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
     "tpo": {"data": "@triples"},
     "kto": {"data": "@unpaired"},
     "sft": {"data": "@completions"},
+    "otr": {"data": "@completions"},
+    "otr@expected": {"data": "@completions", "algorithm": {"estimator": "expected"}},
     "prm": {"data": "@stepwise"},
     # the loop's other paths: several updates per batch (frozen old log-probs), micro-batches by rows and by tokens
     "grpo@mu2": {**ONLINE, "train": {"updates_per_batch": 2, "micro_batch_size": 4}},

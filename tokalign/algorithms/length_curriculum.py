@@ -38,30 +38,10 @@ from dataclasses import dataclass
 import torch
 
 from tokalign.algorithms.grpo import GRPO, GRPOConfig
-from tokalign.components.base import Component
+from tokalign.components.train_step import TrainStep, step_of
 from tokalign.protocols import LossOutput, PolicyOutput, TokenBatch
 
 SCHEDULES = ("exponential", "linear")
-STEP_FIELD = "train_step"
-
-
-class TrainStep(Component):
-    """Writes the train loop's step (0-based) into ``batch.fields["train_step"]`` [B], for algorithms whose shaping
-    follows a schedule over steps (the loop's step is restored on resume, so nothing else needs checkpointing)."""
-
-    name = "train_step"
-    provides = (STEP_FIELD,)
-
-    def fill(self, batch: TokenBatch, ctx) -> dict[str, float]:
-        ids = batch.fields["group_ids"]
-        batch.fields[STEP_FIELD] = torch.full(ids.shape, float(ctx.step), device=ids.device)
-        return {}
-
-
-def step_of(batch: TokenBatch) -> int:
-    """The step that ``TrainStep`` wrote (0 when the batch has none: a hand-made batch)."""
-    f = batch.fields.get(STEP_FIELD)
-    return int(f[0]) if f is not None and f.numel() else 0
 
 
 def over_budget(lengths: torch.Tensor, budget: torch.Tensor | float) -> torch.Tensor:

@@ -1,0 +1,29 @@
+"""The train loop's step as a batch field, for algorithms whose loss follows a schedule over steps or seeds its own
+draws by step (the loop's step is restored on resume, so such an algorithm needs no state of its own)."""
+
+from __future__ import annotations
+
+import torch
+
+from tokalign.components.base import Component
+from tokalign.protocols import TokenBatch
+
+STEP_FIELD = "train_step"
+
+
+class TrainStep(Component):
+    """Writes the train loop's step (0-based) into ``batch.fields["train_step"]`` [B]."""
+
+    name = "train_step"
+    provides = (STEP_FIELD,)
+
+    def fill(self, batch: TokenBatch, ctx) -> dict[str, float]:
+        ids = batch.input_ids
+        batch.fields[STEP_FIELD] = torch.full((ids.shape[0],), float(ctx.step), device=ids.device)
+        return {}
+
+
+def step_of(batch: TokenBatch) -> int:
+    """The step that ``TrainStep`` wrote (0 when the batch has none: a hand-made batch)."""
+    f = batch.fields.get(STEP_FIELD)
+    return int(f[0]) if f is not None and f.numel() else 0
