@@ -4,6 +4,7 @@ sharded) reproduce the single-process run on the same global batch — losses, g
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,9 @@ def _torchrun(port: int, *args: str) -> None:
     env = {**CLI_ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                            "-m", "tokalign", *args], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the ranks' own errors come first in stderr and torchrun's summary last: show both
+    errors = [line for line in proc.stderr.splitlines() if re.search(r"Error|error:|terminate|what\(\)|Traceback|Signal", line)]
+    assert proc.returncode == 0, "\n".join(errors[:40]) + "\n…\n" + proc.stderr[-1500:]
     assert proc.stdout.count("\n") == 1  # one process prints the artifact path
 
 

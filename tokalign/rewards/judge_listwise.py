@@ -45,6 +45,7 @@ from typing import Any
 
 from tokalign.errors import UserError
 from tokalign.protocols import Reward, Sample
+from tokalign.rewards.grouping import groups
 from tokalign.rewards import judge
 
 DEFAULT_PRINCIPLE = "Prefer the response that is correct, helpful and clear; if a reference answer is given, a response that disagrees with it is wrong."
@@ -85,20 +86,6 @@ class ListwiseConfig:
 def label(i: int) -> str:
     """The name of the i-th (0-based) response in a request."""
     return f"model-{i + 1}"
-
-
-def group_key(sample: Sample) -> str:
-    if sample.metadata.get("group_id") is not None:
-        return f"group:{sample.metadata['group_id']}"
-    return json.dumps([sample.prompt, sample.reference], ensure_ascii=False, default=str)
-
-
-def groups(samples: list[Sample]) -> list[list[int]]:
-    """Indices of ``samples`` by prompt, groups in order of first appearance, each in sample order."""
-    by: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        by.setdefault(group_key(s), []).append(i)
-    return list(by.values())
 
 
 def request_messages(config: ListwiseConfig, group: list[Sample]) -> list[dict]:
