@@ -80,8 +80,17 @@ def run(plan: Plan, *, resume: bool = False, overwrite: bool = False, quiet: boo
         _train(state, work, saved, run_config, config_sha, quiet)
         weights = distributed.full_state_dict(state.policy)
         distributed.barrier(dist)
+        failed = None
         if dist.main:
-            _finish(state, work, run_config, weights)
+            try:
+                _finish(state, work, run_config, weights)
+            except BaseException as e:  # raised after the others have left the barrier below, not before (they would hang)
+                failed = e
+        # Every process tears its process group down together: in CI a two-process CPU run was seen with rank 1
+        # aborting (SIGABRT) while rank 0 was still writing the artifact, the one stretch where one rank ran ahead.
+        distributed.barrier(dist)
+        if failed is not None:
+            raise failed
         return plan.out
     except BaseException:
         if dist.main and work.exists() and checkpoint.latest(work) is None:  # nothing to resume: leave nothing behind
