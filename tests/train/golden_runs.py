@@ -60,6 +60,14 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
                           "algorithm": {"initial_budget": 4, "decay_interval": 1, "decay_factor": 0.5}},
     "tldr": {**ONLINE, "rollout": {**ONLINE["rollout"], "temperature": 1.5}, "algorithm": {"budgets": [1, 2, 4]}},
     "grpo_s": ONLINE,
+    # kept fractions ½ relax to 1 over the 3 steps: steps 0 and 1 down-sample rollouts and tokens
+    "d3s": {**ONLINE, "rollout": {**ONLINE["rollout"], "temperature": 1.5}},
+    # the bundled model writes sums, no format tags: the first digit as the "format", so a group holds several (α ≠ 1)
+    "ada_grpo": {**ONLINE, "rollout": {**ONLINE["rollout"], "temperature": 1.5},
+                 "algorithm": {"format_names": [f"d{d}" for d in range(1, 10)], "format_tags": [str(d) for d in range(1, 10)]}},
+    # no think tags from the bundled model: every row pays the format penalty, SLM finds no decision token
+    "adacot": {**ONLINE, "algorithm": {"selective_loss_masking": True}},
+    "adacot_ppo": ONLINE,
     **{a: {"data": "@pairs"} for a in ("dpo", "ipo", "hinge", "tdpo", "tdpo1", "simpo", "treg")},
     "tgdpo": {"data": "@pairs", "models": {"teacher": "@model"}},
     "cdpo": {"data": "@pairs", "models": {"positive": "@model", "negative": "@model"}},
