@@ -31,14 +31,23 @@ ONLINE: dict[str, list[str]] = {
     "e1": ["--set", "algorithm.effort=1.0"],
     "length_curriculum": ["--set", "algorithm.initial_budget=4", "--set", "algorithm.decay_interval=10"],
     "tldr": ["--set", "algorithm.budgets=[2,3,4]"],
+    "d3s": [],
+    # arith completions hold no paragraphs: an episode boundary every 2 tokens, 2 forced answers per boundary
+    "mrt": ["--set", "algorithm.boundary=tokens", "--set", "algorithm.episode_tokens=2", "--set", "algorithm.rollouts=2"],
 }
 SKIPPED = {
     "pure": "needs a process reward model (per-step rewards); exact_match gives one outcome reward",
     "constrained": "needs constraint rewards with thresholds; arith has one objective",
+    "dynamic_weights": "adapts weights between several reward objectives; arith has one",
     "rto": "needs a DPO-trained model for its token rewards",
     "arpo": "a tool-use method (branches after tool calls): multi-turn, see the multi-turn benchmarks",
     "portool": "a tool-use method (tool-call trees): multi-turn",
     "prm": "trains a process reward model, not a policy",
+    "ada_grpo": "scales rewards by reasoning-format tags (<ANSWER>, <COT>, …) the bundled model never writes: on arith "
+                "every completion is 'other', so it is GRPO exactly",
+    "adacot": "penalises think-block decisions the bundled model never makes (no <think> tags): a constant format "
+              "penalty, which the group advantage removes, so it is GRPO exactly",
+    "adacot_ppo": "as adacot, on PPO: the constant penalty only shifts PPO's returns",
 }
 
 

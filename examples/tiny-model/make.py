@@ -15,7 +15,10 @@ Everything goes through the real CLI (``tokalign train sft`` / ``tokalign eval``
    short warmup, a new data seed per chunk) and eval again;
    above the band (SFT accuracy has a sharp phase transition): drop that chunk and redo it from
    the previous checkpoint with half as many steps;
-5. copy the chosen checkpoint's model files to ``--out`` and write ``tokalign.yaml`` (recommended
+5. the tool phase (``tool_phase.py``; ``--no-tool-phase`` skips it): SFT on ``tool_arith`` calculator traces, direct
+   answers and the model's own arith samples, then a few steps of gold arith, so the model calls the calculator on
+   about half of the four-digit products and keeps its arith in the band;
+6. copy the chosen checkpoint's model files to ``--out`` and write ``tokalign.yaml`` (recommended
    training defaults for this model) and ``README.md`` (model card).
 
 Deterministic for a given --seed on a given machine/thread count (it is CPU float math, so a
@@ -149,12 +152,14 @@ def main() -> None:
     if chosen[1] > a.high:
         log(f"warning: pass@1 {chosen[1]:.3f} is above the band even at the smallest chunk")
     tools = None
-    if a.tool_phase:  # experimental: see tool_phase's docstring
+    if a.tool_phase:  # the calculator tool-call skill (tool_arith): see tool_phase's docstring
         arith_ckpt = current
-        current, tool_history, tool_chosen = tool_phase.run(arith_ckpt, work, a, cli, log)
+        current, tool_history, tool_final = tool_phase.run(arith_ckpt, work, a, cli, log)
         arith_after = evaluate(current, prompts, work / "eval-after-tools", a)
         log(f"after the tool phase: arith pass@1 {chosen[1]:.3f} -> {arith_after:.3f}")
-        tools = {"history": tool_history, "chosen": tool_chosen, "arith_before": chosen[1]}
+        if not a.low <= arith_after <= a.high:
+            log(f"warning: arith pass@1 {arith_after:.3f} left the band [{a.low}, {a.high}] in the tool phase")
+        tools = {"history": tool_history, "final": tool_final, "arith_before": chosen[1]}
         chosen = (chosen[0], arith_after)
 
     out = a.out.resolve()
@@ -186,14 +191,18 @@ def main() -> None:
 
 def tool_grpo_check(out: Path, work: Path, a) -> dict:
     """GRPO on tool_arith with the calculator, and the same run without it (eval with and without the tool)."""
-    res = {"before": tool_phase.evaluate_tool(out, work / "eval-tool-before", a, cli)["pass@1"],
+    before = tool_phase.evaluate_tool(out, work / "eval-tool-before", a, cli)
+    res = {"before": before["pass@1"], "calls_before": before["mean_tool_calls"],
            "before_no_tool": tool_phase.evaluate_tool(out, work / "eval-tool-before-notool", a, cli, env=False)["pass@1"]}
     for name, env in (("tool", ("--env", "calculator")), ("no_tool", ())):
         t0 = time.time()
         cli("train", "grpo", "--data", "tool_arith", *env, "--model", str(out), "--out", str(work / f"grpo-{name}"),
             "--seed", str(a.seed), "--overwrite", "--quiet")
         res[f"wall_{name}"] = time.time() - t0
-        res[f"after_{name}"] = tool_phase.evaluate_tool(work / f"grpo-{name}", work / f"eval-grpo-{name}", a, cli, env=bool(env))["pass@1"]
+        after = tool_phase.evaluate_tool(work / f"grpo-{name}", work / f"eval-grpo-{name}", a, cli, env=bool(env))
+        res[f"after_{name}"] = after["pass@1"]
+        if env:
+            res["calls_after"] = after["mean_tool_calls"]
     log(f"tool GRPO check: with the calculator {res['before']:.3f} -> {res['after_tool']:.3f} ({res['wall_tool']:.0f} s); "
         f"without it {res['before_no_tool']:.3f} -> {res['after_no_tool']:.3f} ({res['wall_no_tool']:.0f} s)")
     return res
@@ -210,26 +219,30 @@ def yaml_text(d: dict) -> str:
 def tool_card(a, tools) -> str:
     if tools is None:
         return ""
-    rows = "\n".join(f"| {s} | {sc:.3f} |" for s, sc in tools["history"])
+    rows = "\n".join(f"| {stage} | {sc:.3f} | {calls:.2f} |" for stage, sc, calls in tools["history"])
     t = RECOMMENDED["tasks"]["tool_arith"]
     g = tools.get("grpo")
     grpo = "" if g is None else (
-        f"- `tokalign train grpo --data tool_arith --env calculator` with these defaults ({t['train']['max_steps']} steps × "
-        f"{t['train']['batch_size']} prompts, lr {t['train']['lr']}) took {g['wall_tool']:.0f} s and moved tool_arith pass@1 "
-        f"(with the calculator) **{g['before']:.3f} → {g['after_tool']:.3f}**; the same run without the tool "
-        f"(`--env` dropped, eval without it too): **{g['before_no_tool']:.3f} → {g['after_no_tool']:.3f}** ({g['wall_no_tool']:.0f} s)\n")
+        f"- `tokalign train grpo --data tool_arith --env calculator --seed {a.seed}` with these defaults "
+        f"({t['train']['max_steps']} steps × {t['train']['batch_size']} prompts, lr {t['train']['lr']}) took "
+        f"{g['wall_tool']:.0f} s and moved tool_arith pass@1 (with the calculator) **{g['before']:.3f} → "
+        f"{g['after_tool']:.3f}**, calls per episode {g['calls_before']:.2f} → {g['calls_after']:.2f}; the same run "
+        f"without the tool (`--env` dropped, eval without it too): **{g['before_no_tool']:.3f} → {g['after_no_tool']:.3f}** "
+        f"({g['wall_no_tool']:.0f} s)\n")
     return f"""
 ## The calculator tool (`tool_arith`)
 
 It also knows the Hermes tool-call format: on `a*b=` (four-digit products, the `tool_arith` task) it writes
-`<tool_call>{{"name":"calculator","arguments":{{"expression":"a*b"}}}}</tool_call>`, and after the calculator's answer
-it answers. SFT on {a.tool_traces} `tool_arith` traces mixed with as many of its own arith samples (which keeps its
-arith where the first phase left it: pass@1 {tools['arith_before']:.3f} before this phase), trained on the assistant
-turns only, in chunks until tool_arith pass@1 (with `--env calculator`, {a.tool_eval_limit} test prompts, n=4) was in
-[{a.tool_low}, {a.tool_high}]:
+`<tool_call>{{"name":"calculator","arguments":{{"expression":"a*b"}}}}</tool_call>` on about half the prompts, and
+after the calculator's answer it copies the result; on the others it answers directly (and wrongly: a 1M-parameter
+model cannot multiply four-digit numbers). Online RL with `--env calculator` learns to call. The phase: SFT
+{a.tool_steps} steps on every `tool_arith` train trace, the same prompts with direct answers and two of the model's own
+samples per arith train prompt (assistant turns only), then {a.tool_repair_steps} steps of gold arith and tool rows
+50/50 (arith pass@1 {tools['arith_before']:.3f} before the phase). tool_arith evals: {a.tool_eval_limit} test prompts,
+n=4, temperature 1, `--env calculator --max-turns 2 --max-new-tokens 96`:
 
-| tool SFT steps | tool_arith pass@1 |
-|---|---|
+| stage | tool_arith pass@1 | tool calls per episode |
+|---|---|---|
 {rows}
 
 {grpo}"""

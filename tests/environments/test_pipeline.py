@@ -94,3 +94,18 @@ def test_episode_token_fields_index_model_turns():
     batch = collate(scored_seqs([row], [0]), 0)
     assert batch.fields["turn_index"][0, 1:].tolist() == [0.0, 0.0, -1.0, -1.0, 1.0]
     assert batch.completion_mask[0, 1:].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.slow
+def test_the_bundled_model_calls_the_calculator_and_needs_it(tmp_path):
+    """The bundled model's tool phase (examples/tiny-model/tool_phase.py): on held-out four-digit products it calls the
+    calculator on part of the prompts and copies the result, so the tool solves some; without the tool it solves none.
+    Online RL then has a decision to learn (examples/tool-arith/run.sh measures the before → after)."""
+    cli("prepare", "tool_arith", "--split", "test", "--limit", "16", "--out", "P", cwd=tmp_path)
+    flags = ("--data", "P", "--n", "2", "--max-turns", "2", "--max-new-tokens", "96", "--quiet")
+    cli("eval", *flags, "--env", "calculator", "--out", "E1", cwd=tmp_path)
+    cli("eval", *flags, "--out", "E0", cwd=tmp_path)
+    with_tool = json.loads((tmp_path / "E1" / "results.json").read_text())
+    without = json.loads((tmp_path / "E0" / "results.json").read_text())
+    assert 0.2 <= with_tool["mean_tool_calls"] <= 0.9  # some calls, not all: the call is what RL learns
+    assert with_tool["pass@1"] >= 0.15 and without["pass@1"] == 0.0

@@ -192,7 +192,7 @@ from tokalign.environments.builtin import Calculator, calculator
 
 
 class AlwaysCalculates(Environment):
-    """Answers every model turn with a calculator result (the bundled model writes no tool calls of its own)."""
+    """Answers every model turn with a calculator result (the bundled model writes no tool calls of its own on arith prompts)."""
 
     def tools(self):
         return Calculator().tools()

@@ -211,7 +211,7 @@ class Always(Environment):
 @pytest.mark.slow
 def test_tree_rollouts_through_the_cli(tmp_path):
     """prepare | rollout --branching tree | score | train portool, as a user chains them (an environment of one's own,
-    --env module:attr, that always answers: the bundled model makes no tool calls)."""
+    --env module:attr, that always answers: the bundled model makes no tool calls on arith prompts)."""
     import json
 
     import pyarrow.parquet as pq

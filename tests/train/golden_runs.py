@@ -68,6 +68,17 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
     # no think tags from the bundled model: every row pays the format penalty, SLM finds no decision token
     "adacot": {**ONLINE, "algorithm": {"selective_loss_masking": True}},
     "adacot_ppo": ONLINE,
+    # Steps grows with length (1.5: lengths differ); unclipped gradients, so the two influences differ and the weights move
+    "dynamic_weights": {**ONLINE, "reward": ["exact_match", "golden_runs:Steps"], "rollout": {**ONLINE["rollout"], "temperature": 1.5},
+                        "train": {"max_grad_norm": 100.0},
+                        "algorithm": {"objectives": ["exact_match", "golden_runs:Steps"], "weight_lr": 0.002}},
+    # every batch point is above z = (−1, −1): the meta reward moves off 1 from the first step
+    "dynamic_weights@hypervolume": {**ONLINE, "reward": ["exact_match", "golden_runs:Steps"],
+                                    "rollout": {**ONLINE["rollout"], "temperature": 1.5},
+                                    "algorithm": {"method": "hypervolume", "objectives": ["exact_match", "golden_runs:Steps"],
+                                                  "reference_point": [-1.0, -1.0]}},
+    # the bundled model's completions hold no paragraphs: an episode every 2 tokens, 2 forced answers per boundary
+    "mrt": {**ONLINE, "algorithm": {"rollouts": 2, "boundary": "tokens", "episode_tokens": 2}},
     **{a: {"data": "@pairs"} for a in ("dpo", "ipo", "hinge", "tdpo", "tdpo1", "simpo", "treg")},
     "tgdpo": {"data": "@pairs", "models": {"teacher": "@model"}},
     "cdpo": {"data": "@pairs", "models": {"positive": "@model", "negative": "@model"}},
@@ -85,7 +96,7 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
     "grpo@mu2": {**ONLINE, "train": {"updates_per_batch": 2, "micro_batch_size": 4}},
     "ppo@tokens": {**ONLINE, "train": {"micro_batch_tokens": 64}},
     "dpo@micro": {"data": "@pairs", "train": {"micro_batch_size": 2}},
-    # multi-turn episodes (an environment that always answers: the bundled model makes no tool calls), plain and branching
+    # multi-turn episodes (an environment that always answers: the bundled model makes no tool calls on arith prompts), plain and branching
     "grpo@episodes": {**ONLINE, "reward": ["golden_runs:Steps"], "rollout": EPISODES},
     "arpo": {**ONLINE, "reward": ["golden_runs:Steps"], "rollout": EPISODES},
     "portool": {**ONLINE, "reward": ["golden_runs:Steps"], "rollout": EPISODES},

@@ -31,7 +31,9 @@ def test_every_builtin_algorithm_has_a_golden_run():
 
 # the same runs packed (train.packing): equal to the padded numbers up to float rounding. Not compared: the padding
 # fraction (what packing changes) and the sampler/trainer log-prob gaps (differences of nearly equal numbers)
-PACKED_SKIP = ("padding_fraction", "mismatch/logp_gap_abs", "mismatch/logp_gap_max")
+# h_hat/positive_fraction counts the sign of HAPO's ĥ, whose tokens near 0 flip under packed attention's rounding
+# (1e-7): the loss, which is continuous in ĥ, still matches
+PACKED_SKIP = ("padding_fraction", "mismatch/logp_gap_abs", "mismatch/logp_gap_max", "h_hat/positive_fraction")
 FAST_PACKED = ("grpo", "ppo", "dpo", "tdpo", "ppo@tokens")
 
 
