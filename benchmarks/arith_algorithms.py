@@ -32,6 +32,7 @@ ONLINE: dict[str, list[str]] = {
     "length_curriculum": ["--set", "algorithm.initial_budget=4", "--set", "algorithm.decay_interval=10"],
     "tldr": ["--set", "algorithm.budgets=[2,3,4]"],
     "d3s": [],
+    "aepo": [],
     # arith completions hold no paragraphs: an episode boundary every 2 tokens, 2 forced answers per boundary
     "mrt": ["--set", "algorithm.boundary=tokens", "--set", "algorithm.episode_tokens=2", "--set", "algorithm.rollouts=2"],
 }

@@ -77,6 +77,8 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
                                     "rollout": {**ONLINE["rollout"], "temperature": 1.5},
                                     "algorithm": {"method": "hypervolume", "objectives": ["exact_match", "golden_runs:Steps"],
                                                   "reference_point": [-1.0, -1.0]}},
+    # every prompt is sampled again (f = 1; ¼ of the batch's prompts would be none): extra rows every step
+    "aepo": {**ONLINE, "algorithm": {"prompt_fraction": 1.0}},
     # the bundled model's completions hold no paragraphs: an episode every 2 tokens, 2 forced answers per boundary
     "mrt": {**ONLINE, "algorithm": {"rollouts": 2, "boundary": "tokens", "episode_tokens": 2}},
     **{a: {"data": "@pairs"} for a in ("dpo", "ipo", "hinge", "tdpo", "tdpo1", "simpo", "treg")},
