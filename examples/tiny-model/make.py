@@ -154,12 +154,12 @@ def main() -> None:
     tools = None
     if a.tool_phase:  # the calculator tool-call skill (tool_arith): see tool_phase's docstring
         arith_ckpt = current
-        current, tool_history, tool_final = tool_phase.run(arith_ckpt, work, a, cli, log)
+        current, tool_history = tool_phase.run(arith_ckpt, work, a, cli, log)
         arith_after = evaluate(current, prompts, work / "eval-after-tools", a)
         log(f"after the tool phase: arith pass@1 {chosen[1]:.3f} -> {arith_after:.3f}")
         if not a.low <= arith_after <= a.high:
             log(f"warning: arith pass@1 {arith_after:.3f} left the band [{a.low}, {a.high}] in the tool phase")
-        tools = {"history": tool_history, "final": tool_final, "arith_before": chosen[1]}
+        tools = {"history": tool_history, "arith_before": chosen[1]}
         chosen = (chosen[0], arith_after)
 
     out = a.out.resolve()

@@ -104,8 +104,8 @@ def _sft(cli, data: Path, model: Path, out: Path, steps: int, lr: float, batch: 
         "--set", f"train.warmup_steps={min(warmup, steps)}", "--set", "train.save_every=0", "--set", "train.packing=true")
 
 
-def run(start: Path, work: Path, a, cli, log) -> tuple[Path, list, dict]:
-    """(the tool-phase model, history [(stage, tool_arith pass@1, calls per episode)], the final eval)."""
+def run(start: Path, work: Path, a, cli, log) -> tuple[Path, list]:
+    """(the tool-phase model, history [(stage, tool_arith pass@1, calls per episode)])."""
     mixed, repaired = work / f"tool-sft-{a.tool_steps:05d}", work / f"tool-repair-{a.tool_repair_steps:03d}"
     _sft(cli, mix(start, work, a, cli), start, mixed, a.tool_steps, 2e-3, a.tool_batch_size, a.seed + 100, 100)
     history = []
@@ -118,4 +118,4 @@ def run(start: Path, work: Path, a, cli, log) -> tuple[Path, list, dict]:
     log(f"repair: {a.tool_repair_steps} steps, tool_arith pass@1 {res['pass@1']:.3f}, {res['mean_tool_calls']:.2f} calls per episode")
     if not a.tool_low <= res["pass@1"] <= a.tool_high:
         log(f"warning: tool_arith pass@1 {res['pass@1']:.3f} is outside [{a.tool_low}, {a.tool_high}]")
-    return repaired, history, res
+    return repaired, history
