@@ -80,6 +80,7 @@ from tokalign.algorithms.spo import cut_points
 from tokalign.errors import UserError
 from tokalign.protocols import LossOutput, PolicyOutput, TokenBatch
 from tokalign.sampling import Hook, set_field, set_token_field
+from tokalign.sampling.segments import prefix_answers, segment_values
 
 START, END, ROOT = "episode_value_start", "episode_value_end", "episode_value_root"
 # the paragraph openings at which the official splitter starts an episode (break_into_meta_steps.ipynb)
@@ -175,28 +176,14 @@ class EpisodeRollouts(Hook):
         tail = list(tok(c.terminate, add_special_tokens=False)["input_ids"]) if c.terminate else []
         cuts = [[0, *episode_cuts(r, tok, c)] for r in rows]
         jobs = [(i, b) for i, bs in enumerate(cuts) for b in bs]
-        spec = {"n": c.rollouts, **({"max_new_tokens": c.answer_tokens} if c.answer_tokens else {})}
-        answers = ctx.generate([rows[i]["prompt_ids"] + rows[i]["completion_ids"][:b] + tail for i, b in jobs], **spec)
-        mc_rows = []
-        for (i, b), samples in zip(jobs, answers):
-            head = rows[i]["completion_ids"][:b] + tail
-            room = c.answer_tokens or max(ctx.spec.max_new_tokens - len(head), 0)
-            for k in samples:
-                ids = head + k.ids[:room]
-                mc_rows.append({**rows[i], "completion": tok.decode(ids, skip_special_tokens=True), "completion_ids": ids,
-                                "finish_reason": "length" if len(k.ids) > room else k.finish_reason})
-        scores = [float(r["reward"]) for r in ctx.score(mc_rows)] if mc_rows else []
-        m = c.rollouts
-        value = {job: sum(scores[j * m : (j + 1) * m]) / m for j, job in enumerate(jobs)}
+        answers = prefix_answers(rows, jobs, ctx, c.rollouts, tail, c.answer_tokens)
+        value = {job: a.value for job, a in zip(jobs, answers)}
         progress, roots = [], []
         for i, r in enumerate(rows):
             n = len(r["completion_ids"])
-            bounds, values = cuts[i] + [n], [value[(i, b)] for b in cuts[i]] + [float(r["reward"])]
-            start, end = [0.0] * n, [0.0] * n
-            for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-                for t in range(a, b):
-                    start[t], end[t] = values[k], values[k + 1]
-                progress.append(values[k + 1] - values[k])
+            values = [value[(i, b)] for b in cuts[i]] + [float(r["reward"])]
+            start, end = segment_values(n, cuts[i] + [n], values)
+            progress += [v1 - v0 for v0, v1 in zip(values[:-1], values[1:])]
             set_token_field(r, START, start)
             set_token_field(r, END, end)
             set_field(r, ROOT, values[0])
