@@ -295,7 +295,9 @@ class SamplingHook(Protocol):
     # the step's whole collection, replacing the default rounds: (groups of rows, every sampled row, metrics) or None
     def collect(self, ctx: SamplingContext) -> "tuple[list[list[dict]], list[dict], dict] | None": ...
 
-    def after_batch(self, rows: list[dict], ctx: SamplingContext) -> dict[str, float]: ...  # add fields; -> metrics
+    # add fields (set_field / set_token_field), or append rows (each with its group_id and prompt_index: they join
+    # the batch, e.g. BRPO's summaries, SAPO's shared groups); -> metrics
+    def after_batch(self, rows: list[dict], ctx: SamplingContext) -> dict[str, float]: ...
 
 
 @runtime_checkable

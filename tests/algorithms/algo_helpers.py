@@ -183,3 +183,49 @@ def train_changes_weights(tmp_path, algo: str, *args: str, steps: int = 2, grad_
     assert all(math.isfinite(m["loss"]) and (not grad_norm or m["grad_norm"] > 0) for m in metrics)
     assert weights_changed(out)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# prefix-rollout hooks (MRT's episodes, BRPO's budgets)
+
+# text "x\n\nWait\n\ny\n\nWait,\n\nAlternatively z": paragraphs 0 "x", 1 "Wait", 2 "y", 3 "Wait,", 4 "Alternatively z"
+PIECES = ["x", "\n", "\n", "Wait", "\n\n", "y", "\n\n", "Wait", ",", "\n\n", "Alternatively", " z"]
+
+
+class Tok:
+    """Token id j decodes to PIECES[j] (ids ≥ len(PIECES): str(id)); text → one id per character."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(PIECES[i] if i < len(PIECES) else str(i) for i in ids)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [100 + ord(ch) % 100 for ch in text]}
+
+
+def stand_in_source(seen, tokenizer=None):
+    """An online source whose engine answers token 7 to every prompt (recording prompts, n and budget in ``seen``) and
+    whose reward is len(completion_ids)/10: for the prefix-rollout hooks (MRT, BRPO)."""
+    from tokalign.protocols import Reward
+    from tokalign.rewards import ResolvedReward
+    from tokalign.rollout import Completion, SamplingSpec
+    from tokalign.train.sources import OnlineSource
+
+    class Engine:
+        def generate(self, prompts, spec):
+            seen["prompts"], seen["n"], seen["max_new_tokens"] = prompts, spec.n, spec.max_new_tokens
+            return [[Completion([7], [0.0], "stop", "7") for _ in range(spec.n)] for _ in prompts]
+
+    Engine.tokenizer = tokenizer or Tok()
+
+    def score(samples):
+        seen.setdefault("scored", []).extend(list(s.completion_ids) for s in samples)
+        return [Reward(len(s.completion_ids) / 10) for s in samples]
+
+    reward = ResolvedReward("len", 1.0, score, None, False)
+    return OnlineSource([], Engine(), [reward], SamplingSpec(n=1, max_new_tokens=8), 1, 0)
+
+
+def stand_in_row():
+    """A rollout row after prompt [5]: completion (20, 21, 22, 23), reward 0."""
+    return {"id": "a#0", "prompt": '"q"', "prompt_ids": [5], "reference": None, "completion": "", "completion_ids": [20, 21, 22, 23],
+            "sampler_logps": [0.0] * 4, "finish_reason": "stop", "reward": 0.0}

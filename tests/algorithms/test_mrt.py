@@ -8,7 +8,9 @@ import math
 
 import pytest
 import torch
-from algo_helpers import check_run, off_policy_loss_and_grad, same_as_base, train_changes_weights
+from algo_helpers import PIECES, Tok, check_run, off_policy_loss_and_grad, same_as_base, train_changes_weights
+from algo_helpers import stand_in_row as _row
+from algo_helpers import stand_in_source as _source
 from conftest import cli, leaf, token_batch
 from torch.testing import assert_close
 
@@ -21,9 +23,6 @@ MRT_PATH = "mrt"
 
 # ---------------------------------------------------------------------------------------------------
 # episode boundaries
-
-# text "x\n\nWait\n\ny\n\nWait,\n\nAlternatively z": paragraphs 0 "x", 1 "Wait", 2 "y", 3 "Wait,", 4 "Alternatively z"
-PIECES = ["x", "\n", "\n", "Wait", "\n\n", "y", "\n\n", "Wait", ",", "\n\n", "Alternatively", " z"]
 
 
 def test_delimiter_cuts_hand():
@@ -38,16 +37,6 @@ def test_delimiter_cuts_hand():
     assert delimiter_cuts(PIECES, "\n\n", [], 2) == [5, 10]  # paragraphs 2 and 4
     assert delimiter_cuts(["a\n\nWait"], "\n\n", [], 1) == []  # the cut would be at the end: dropped
     assert delimiter_cuts(["a", "\n\nWait", "!"], "\n\n", [], 1) == [2]  # a token running on past the delimiter
-
-
-class Tok:
-    """Token id j decodes to PIECES[j] (ids ≥ len(PIECES): str(id)); text → one id per character."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(PIECES[i] if i < len(PIECES) else str(i) for i in ids)
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [100 + ord(ch) % 100 for ch in text]}
 
 
 def test_episode_cuts_modes_hand():
@@ -87,32 +76,6 @@ def test_defaults_group_five_starts():
 
 # ---------------------------------------------------------------------------------------------------
 # the online hook
-
-
-def _source(seen, tokenizer=None):
-    from tokalign.protocols import Reward
-    from tokalign.rewards import ResolvedReward
-    from tokalign.rollout import Completion, SamplingSpec
-    from tokalign.train.sources import OnlineSource
-
-    class Engine:
-        def generate(self, prompts, spec):
-            seen["prompts"], seen["n"], seen["max_new_tokens"] = prompts, spec.n, spec.max_new_tokens
-            return [[Completion([7], [0.0], "stop", "7") for _ in range(spec.n)] for _ in prompts]
-
-    Engine.tokenizer = tokenizer or Tok()
-
-    def score(samples):
-        seen.setdefault("scored", []).extend(list(s.completion_ids) for s in samples)
-        return [Reward(len(s.completion_ids) / 10) for s in samples]
-
-    reward = ResolvedReward("len", 1.0, score, None, False)
-    return OnlineSource([], Engine(), [reward], SamplingSpec(n=1, max_new_tokens=8), 1, 0)
-
-
-def _row():
-    return {"id": "a#0", "prompt": '"q"', "prompt_ids": [5], "reference": None, "completion": "", "completion_ids": [20, 21, 22, 23],
-            "sampler_logps": [0.0] * 4, "finish_reason": "stop", "reward": 0.0}
 
 
 def test_hook_values_with_a_termination_text_hand():

@@ -81,7 +81,10 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
     "aepo": {**ONLINE, "algorithm": {"prompt_fraction": 1.0}},
     # the bundled model's completions hold no paragraphs: an episode every 2 tokens, 2 forced answers per boundary
     "mrt": {**ONLINE, "algorithm": {"rollouts": 2, "boundary": "tokens", "episode_tokens": 2}},
-    **{a: {"data": "@pairs"} for a in ("dpo", "ipo", "hinge", "tdpo", "tdpo1", "simpo", "treg")},
+    "brpo": {**ONLINE, "algorithm": {"budgets": [2, 8]}},  # arith's 3–4-token answers are all cut at 2
+    "tppo": {**ONLINE, "rollout": {"n": 4, "max_new_tokens": 2}},  # windows of 2 tokens: answers span two
+    "sapo_swarm": ONLINE,  # no swarm directory: GRPO with ε_high 0.28 (the two-node exchange is tested in test_sapo)
+    **{a: {"data": "@pairs"} for a in ("dpo", "ipo", "hinge", "tdpo", "tdpo1", "simpo", "treg", "inpo")},
     "tgdpo": {"data": "@pairs", "models": {"teacher": "@model"}},
     "cdpo": {"data": "@pairs", "models": {"positive": "@model", "negative": "@model"}},
     # the reverse model differs from the policy (its head perturbed): with three identical models AlignDistil's weight

@@ -18,11 +18,12 @@ from tokalign.sampling.base import Hook, set_token_field
 @dataclass
 class PrefixAnswers:
     """One cut's continuations: ``head`` (completion[:c] + tail) and, per sample, the scored row (its
-    ``completion_ids`` = head + the sampled answer, cut to its room) and the answer's own ids."""
+    ``completion_ids`` = head + the sampled answer, cut to its room), the answer's own ids and their sampler log-probs."""
 
     head: list[int]
     rows: list[dict]
     answers: list[list[int]]
+    logps: list[list[float]]  # the sampler's log-probs of each answer's tokens
 
     @property
     def value(self) -> float:
@@ -38,18 +39,19 @@ def prefix_answers(rows: list[dict], jobs: list[tuple[int, int]], ctx, n: int, t
     tail = list(tail)
     spec = {"n": n, **({"max_new_tokens": answer_tokens} if answer_tokens else {})}
     samples = ctx.generate([rows[i]["prompt_ids"] + rows[i]["completion_ids"][:c] + tail for i, c in jobs], **spec)
-    heads, answers, scored = [], [], []
+    heads, answers, logps, scored = [], [], [], []
     for (i, c), job_samples in zip(jobs, samples):
         head = rows[i]["completion_ids"][:c] + tail
         room = answer_tokens or max(ctx.spec.max_new_tokens - len(head), 0)
         heads.append(head)
         answers.append([k.ids[:room] for k in job_samples])
+        logps.append([list(k.logps[:room]) for k in job_samples])
         scored += [{**rows[i], "completion": ctx.tokenizer.decode(head + a, skip_special_tokens=True), "completion_ids": head + a,
                     "finish_reason": "length" if len(k.ids) > room else k.finish_reason} for k, a in zip(job_samples, answers[-1])]
     scored = ctx.score(scored) if scored else []
     out, at = [], 0
-    for head, job_answers in zip(heads, answers):
-        out.append(PrefixAnswers(head, scored[at : at + len(job_answers)], job_answers))
+    for head, job_answers, job_logps in zip(heads, answers, logps):
+        out.append(PrefixAnswers(head, scored[at : at + len(job_answers)], job_answers, job_logps))
         at += len(job_answers)
     return out
 
