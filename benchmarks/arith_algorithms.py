@@ -35,6 +35,10 @@ ONLINE: dict[str, list[str]] = {
     "aepo": [],
     # arith completions hold no paragraphs: an episode boundary every 2 tokens, 2 forced answers per boundary
     "mrt": ["--set", "algorithm.boundary=tokens", "--set", "algorithm.episode_tokens=2", "--set", "algorithm.rollouts=2"],
+    # budgets (2, 16): every 3–4-token answer is cut after 2 tokens and summarised there
+    "brpo": ["--set", "algorithm.budgets=[2,16]"],
+    # windows of 2 tokens, so answers span two steps (with the default 16 every answer finishes in one: PPO)
+    "tppo": ["--set", "rollout.max_new_tokens=2"],
 }
 SKIPPED = {
     "pure": "needs a process reward model (per-step rewards); exact_match gives one outcome reward",
@@ -49,6 +53,8 @@ SKIPPED = {
     "adacot": "penalises think-block decisions the bundled model never makes (no <think> tags): a constant format "
               "penalty, which the group advantage removes, so it is GRPO exactly",
     "adacot_ppo": "as adacot, on PPO: the constant penalty only shifts PPO's returns",
+    "sapo_swarm": "shares rollouts between nodes: alone (no swarm directory) it is GRPO with ε_high 0.28",
+    "inpo": "offline pairs labelled by a preference oracle (rollout → score judge_preference → train): needs a judge server",
 }
 
 

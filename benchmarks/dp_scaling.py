@@ -13,7 +13,11 @@ below. The two runs alternate ``--rounds`` times and the median of the rounds' s
 Measured: in the session that shared the sampling, one round each, 1.83× and 1.81× (commit 17ebc86, every process
 sampling the whole batch: 1.59× and 1.62×); the numbers of later sessions are in their notes. On the AVX-512 machine of
 stop 24: 1.65× before (3 rounds), 1.65–1.69× after DDP's gradient-as-bucket-view, fused AdamW and token-balanced,
-trimmed shards. What stays fixed per step at this size: HF generate's per-token overhead (64 rows sample in 58 % of
+trimmed shards. On the rebuilt bundled model (answers of 3–4 tokens, so less work per step; stop 27): 1.47× (one
+round), 1.73× (3 rounds: 1.76, 1.71, 1.73) and 1.54× (5 rounds: 1.63, 1.53, 1.45, 1.66, 1.54) within one hour; with
+``--batch-size 32`` 1.82×, ``--max-new-tokens 32`` 1.79× (one round each). Pieces measured apart on this machine: two
+processes' forward+backward alone scale 1.93× (0.227 s against 0.439 s for 128 rows × 40 tokens), DDP's gloo all-reduce
+of the 4 MB of gradients adds ~10 ms to a 0.12 s step. What stays fixed per step at this size: HF generate's per-token overhead (64 rows sample in 58 % of
 128 rows' time), DDP's all-reduce and the wait for the slower rank, the replicated optimiser step."""
 
 from __future__ import annotations
