@@ -83,7 +83,8 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
     "mrt": {**ONLINE, "algorithm": {"rollouts": 2, "boundary": "tokens", "episode_tokens": 2}},
     "brpo": {**ONLINE, "algorithm": {"budgets": [2, 8]}},  # arith's 3–4-token answers are all cut at 2
     "tppo": {**ONLINE, "rollout": {"n": 4, "max_new_tokens": 2}},  # windows of 2 tokens: answers span two
-    "sapo_swarm": ONLINE,  # no swarm directory: GRPO with ε_high 0.28 (the two-node exchange is tested in test_sapo)
+    "sapo_swarm": ONLINE,
+    "rmt": {**ONLINE, "reward": ["next_token"]},  # arith's answers as next words; curriculum, budget and NTP on  # no swarm directory: GRPO with ε_high 0.28 (the two-node exchange is tested in test_sapo)
     **{a: {"data": "@pairs"} for a in ("dpo", "ipo", "hinge", "tdpo", "tdpo1", "simpo", "treg", "inpo")},
     "tgdpo": {"data": "@pairs", "models": {"teacher": "@model"}},
     "cdpo": {"data": "@pairs", "models": {"positive": "@model", "negative": "@model"}},
