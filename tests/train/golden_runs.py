@@ -53,6 +53,7 @@ RUNS: dict[str, dict] = {  # algorithm -> config layer (beyond COMMON); data fil
     "p3o": {**ONLINE, "rollout": {"n": 2, "max_new_tokens": 8}},
     "madpo": {"data": "@margin_pairs"},
     # four rated completions per prompt: stage 0 trains best vs worst, stage 1 (after the reference refresh) the next pair
+    "vas": {"data": "@scored"},  # the value model's TD(λ) regression on scored completions
     "curry_dpo": {"data": "@scored", "algorithm": {"stages": 2, "steps_per_stage": 2}},
     "srpo": {"data": "@srpo"},
     "e1": {**ONLINE, "rollout": {**ONLINE["rollout"], "temperature": 1.5}, "algorithm": {"effort": 1.0}},
