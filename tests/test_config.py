@@ -31,3 +31,16 @@ def test_bad_yaml_names_the_line(tmp_path):
     p.write_text("train:\n  lr: 1\n bad: [\n")
     with pytest.raises(UserError, match="not valid YAML at line"):
         config.load_yaml(p)
+
+
+def test_an_option_value_that_is_not_yaml_is_its_text():
+    """A judge template like 'RM {prompt} ANSWER: {completion}' is not YAML (a mapping value inside a scalar): it
+    reaches the plug-in as the text typed, where it used to end in an internal YAML ParserError. An unclosed list or
+    mapping is still a one-line error (a typo there must not become a string)."""
+    from tokalign.config import parse_plugin_options, parse_set
+
+    got = parse_plugin_options(["judge.template=RM {prompt} ANSWER: {completion}"], "--reward-opt", "judge.x=1")
+    assert got == {"judge": {"template": "RM {prompt} ANSWER: {completion}"}}
+    assert parse_set(["algorithm.budgets=[2, 8]"]) == {"algorithm": {"budgets": [2, 8]}}
+    with pytest.raises(UserError, match="not a valid YAML list or mapping"):
+        parse_set(["algorithm.budgets=[2, 8"])

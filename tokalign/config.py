@@ -143,10 +143,20 @@ def parse_plugin_options(items: list[str], flag: str, example: str) -> dict[str,
 
 
 def parse_scalar(raw: str) -> Any:
-    """A --set (or --reward-opt) value as YAML, except that 1e-5 is a number (YAML 1.1 would keep it a string)."""
+    """A --set (or --reward-opt) value as YAML, except that 1e-5 is a number (YAML 1.1 would keep it a string), and a
+    text that is not YAML, or is a mapping only by accident (``RM {prompt} ANSWER: {completion}``: lists and mappings
+    are written [..] and {..}), is that text; an unclosed list or mapping is an error."""
     if not raw.strip():
         return ""
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        if raw.lstrip()[:1] in "[{":
+            raise UserError(f"'{raw}' is not a valid YAML list or mapping ({getattr(e, 'problem', e)}); close it, or quote "
+                            "the value to pass it as text.") from e
+        return raw
+    if isinstance(value, (dict, list)) and raw.lstrip()[:1] not in "[{":  # "A: b" read as a mapping: the text was meant
+        return raw
     if isinstance(value, str):
         try:
             return float(value)
