@@ -25,10 +25,11 @@ request), meta_system ("You are a helpful English teacher." in the official essa
 (false; true: start from the last rubric in history_file instead of rubric).
 
 State. ``state_dict()`` / ``load_state_dict()`` hold the whole rubric history, the call counter, the kept triples and
-the counters, as plain JSON-able values (a round trip is exact). ⚠ tokalign's checkpoints (``train/checkpoint.py``
-``states``) save the algorithm, components, hooks and the batch source — not rewards: until the loop checkpoints
-Stateful rewards, ``--resume`` does not restore the rubric by itself. For that, set ``history_file`` (e.g. inside the
-run's output dir): each version R_0, R_1, … is appended as a JSON line {version, call, rubric, samples, reply} when it
+the counters, as plain JSON-able values (a round trip is exact). Online training checkpoints them with the run
+(``train/checkpoint.py`` saves every stateful reward of the source by name), so ``--resume`` continues with the rubric,
+counter and triples it had; score workers (``--workers``) hold their own copies and are not checkpointed. For
+``tokalign score`` runs, or to keep the versions, set ``history_file`` (e.g. inside the run's output dir): each version
+R_0, R_1, … is appended as a JSON line {version, call, rubric, samples, reply} when it
 is adopted, and ``resume=true`` restarts from its last line (version, rubric, call count; the kept triples of the
 interval in progress are lost).
 

@@ -60,13 +60,20 @@ def latest(work: Path) -> Path | None:
 
 def states(state) -> dict:
     """The checkpointed state of everything stateful in a run: the batch source (batches sampled ahead; first, as it
-    waits for samplings in flight, which move hooks' state), the algorithm, its components and hooks."""
+    waits for samplings in flight, which move hooks' state), the algorithm, its components and hooks, and the source's
+    rewards that keep state."""
     return {
         "source": state.source.state_dict() if isinstance(state.source, Stateful) else None,
         "algorithm": state.algorithm.state_dict() if isinstance(state.algorithm, Stateful) else None,
         "components": {c.name: c.state_dict() for c in state.components if isinstance(c, Stateful)},
         "hooks": {h.name: h.state_dict() for h in state.needs.hooks if isinstance(h, Stateful)},
+        # rewards that keep state (MPO's evolving rubric), in this process (score workers hold their own)
+        "rewards": {r.name: r.fn.state_dict() for r in _rewards(state) if isinstance(r.fn, Stateful)},
     }
+
+
+def _rewards(state) -> list:
+    return list(getattr(state.source, "rewards", None) or [])
 
 
 class _Trained(torch.nn.Module):
@@ -171,6 +178,14 @@ def restore(state, saved: dict) -> None:
         for obj in objs:
             if obj.name in (saved.get(group) or {}):
                 obj.load_state_dict(saved[group][obj.name])
+    restore_rewards(state, saved)
+
+
+def restore_rewards(state, saved: dict) -> None:
+    """Each stateful reward of the run's source back to its checkpointed state (by its name in the run's rewards)."""
+    for r in _rewards(state):
+        if r.name in (saved.get("rewards") or {}) and isinstance(r.fn, Stateful):
+            r.fn.load_state_dict(saved["rewards"][r.name])
 
 
 def restore_rng(state: dict) -> None:
