@@ -145,3 +145,12 @@ def test_score_cli(stub, tmp_path):
     assert len(sent("META")) == 1
     lines = (tmp_path / "rubrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["rubric"] for x in lines] == ["Score: 2", V2]
+
+
+def test_a_missing_server_is_named_by_the_reward():
+    """The error line names the reward the user typed (``judge.endpoint`` used to say "judge" for every judge)."""
+    from tokalign.errors import UserError
+    from tokalign.rewards.mpo_judge import MPOJudgeConfig
+
+    with pytest.raises(UserError, match=r"^mpo_judge needs a server: --reward-opt mpo_judge.base_url="):
+        MPOJudge(MPOJudgeConfig(base_url="", rubric="r"))

@@ -123,14 +123,15 @@ def fill(template: str, sample: Sample) -> str:
     return _FIELDS.sub(lambda m: values[m[1]], template)  # one pass: a completion's own "{prompt}" stays as it is
 
 
-def endpoint(base_url: str) -> str:
-    """The API root: ``base_url`` without a trailing slash, with ``/v1`` added to a bare host."""
+def endpoint(base_url: str, name: str = "judge") -> str:
+    """The API root: ``base_url`` without a trailing slash, with ``/v1`` added to a bare host. ``name``: the reward
+    the error lines name (a judge built on this one: its own)."""
     url = base_url.rstrip("/")
     if not url:
-        raise UserError("judge needs a server: --reward-opt judge.base_url=http://HOST:PORT/v1")
+        raise UserError(f"{name} needs a server: --reward-opt {name}.base_url=http://HOST:PORT/v1")
     parts = urllib.parse.urlparse(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UserError(f"judge: base_url '{url}' is not an http(s) URL; e.g. --reward-opt judge.base_url=http://localhost:8000/v1")
+        raise UserError(f"{name}: base_url '{url}' is not an http(s) URL; e.g. --reward-opt {name}.base_url=http://localhost:8000/v1")
     return url if parts.path else url + "/v1"
 
 
@@ -163,7 +164,7 @@ class Judge:
         self._client = None
         self._lock = threading.Lock()
         self._down: tuple[float, str] | None = None  # (when, why) the server was last found unreachable
-        self.base_url = endpoint(self.config.base_url)  # a missing or malformed URL fails here, before any sample
+        self.base_url = endpoint(self.config.base_url, self.name)  # a missing or malformed URL fails here, before any sample
         if importlib.util.find_spec("openai") is None:  # so does a missing client (imported at the first request)
             raise UserError(NEEDS_OPENAI)
 
