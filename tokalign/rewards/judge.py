@@ -64,9 +64,21 @@ _FIELDS = re.compile(r"\{(prompt|completion|reference)\}")
 
 
 def check_limits(config) -> None:
-    """The checks every judge's config shares: a score range, at least one token and one request at a time."""
+    """The checks every scoring judge's config shares: a score range, at least one token and one request at a time."""
     if not config.max_score > config.min_score:
         raise ValueError(f"max_score must be greater than min_score, got {config.min_score}..{config.max_score}")
+    _at_least_one(config)
+
+
+def check_requests(config) -> None:
+    """The request options of a judge without a score range (pairwise, rubric): at least one token and one request at
+    a time, retries ≥ 0, a positive timeout."""
+    _at_least_one(config)
+    if config.retries < 0 or config.timeout <= 0:
+        raise ValueError("retries must be >= 0 and timeout > 0")
+
+
+def _at_least_one(config) -> None:
     for key in ("max_tokens", "concurrency"):
         if getattr(config, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(config, key)}")

@@ -86,11 +86,7 @@ class PreferenceConfig:
     api_key_env: str = "OPENAI_API_KEY"
 
     def __post_init__(self):
-        for key in ("max_tokens", "concurrency"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.retries < 0 or self.timeout <= 0:
-            raise ValueError("retries must be >= 0 and timeout > 0")
+        judge.check_requests(self)
         missing = [f"{{{k}}}" for k in ("response_a", "response_b") if f"{{{k}}}" not in self.template]
         if missing:
             raise ValueError(f"template must contain {' and '.join(missing)}")

@@ -102,11 +102,7 @@ class RubricConfig:
             raise ValueError(f"partial_value must be in [0, 1], got {self.partial_value}")
         if not (self.vital_weight >= 0 and self.okay_weight >= 0 and math.isfinite(self.vital_weight + self.okay_weight)):
             raise ValueError("vital_weight and okay_weight must be finite and >= 0")
-        for key in ("max_tokens", "concurrency"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.retries < 0 or self.timeout <= 0:
-            raise ValueError("retries must be >= 0 and timeout > 0")
+        judge.check_requests(self)
         if not self.field.strip():
             raise ValueError("field must name the reference's key that holds the nuggets, e.g. nuggets")
 
