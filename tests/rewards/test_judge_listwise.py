@@ -7,12 +7,11 @@ OpenAI-compatible stub that ranks by a rule — shorter is better: the shortest 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
 from conftest import cli
+from openai_stub import StubHandler, serving
 from score_plugins import make_rollouts
 
 from tokalign import rewards
@@ -26,6 +25,7 @@ from tokalign.rewards.judge_listwise import (
     parse_answer,
     request_messages,
 )
+
 
 CFG = ListwiseConfig(base_url="http://127.0.0.1:1")  # 1..5
 
@@ -88,28 +88,16 @@ def test_a_lone_sample_is_its_score():
 # ------------------------------------------------------------------------------- requests
 
 
-class Ranker(BaseHTTPRequestHandler):
+class Ranker(StubHandler):
     """Scores by the rule "shorter is better" (see the module docstring); a principle containing GARBAGE gets
     prose, one containing STATUS n gets HTTP n."""
 
     requests: ClassVar[list[dict]] = []
 
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code: int, body: dict):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self._send(200, {"object": "list", "data": [{"id": "stub-ranker", "object": "model"}]})
+    model_id = "stub-ranker"
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.body()
         Ranker.requests.append(body)
         user = json.loads(body["messages"][-1]["content"])
         if "STATUS " in user["principle"]:
@@ -118,15 +106,13 @@ class Ranker(BaseHTTPRequestHandler):
         scores = {k: max(1, 5 - p) for p, k in enumerate(order)}
         answer = "I cannot decide." if "GARBAGE" in user["principle"] else \
             "<think>shorter is better</think>" + json.dumps({"scores": dict(reversed(scores.items())), "best-to-worst": order})
-        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]})
+        self.answer(answer)
 
 
 @pytest.fixture(scope="module")
 def ranker():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Ranker)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving(Ranker) as url:
+        yield url
 
 
 def test_one_request_per_prompt_with_every_sample_once(ranker):

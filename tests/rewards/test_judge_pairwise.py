@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
 from conftest import cli
+from openai_stub import StubHandler, serving
 from score_plugins import make_rollouts
 
 from tokalign import rewards
@@ -28,6 +27,7 @@ from tokalign.rewards.judge_pairwise import (
     preference,
     request_messages,
 )
+
 
 NAME = "tokalign.rewards.judge_pairwise:PreferenceJudge"
 
@@ -69,27 +69,15 @@ def test_request_layout():
 # ------------------------------------------------------------------------------- requests
 
 
-class Comparer(BaseHTTPRequestHandler):
+class Comparer(StubHandler):
     """Prefers the shorter response; see the module docstring for the prompts that change that."""
 
     requests: ClassVar[list[tuple[str, str, str]]] = []  # (prompt, A, B) per request, in arrival order
 
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code: int, body: dict):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self._send(200, {"object": "list", "data": [{"id": "stub-comparer", "object": "model"}]})
+    model_id = "stub-comparer"
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.body()
         user = body["messages"][-1]["content"]
         prompt = re.search(r"\[User prompt\]\n(.*?)\n\n\[Reference answer\]", user, re.DOTALL)[1]
         a = re.search(r"assistant A's response\]\n(.*?)\n\[The end of assistant A", user, re.DOTALL)[1]
@@ -103,15 +91,13 @@ class Comparer(BaseHTTPRequestHandler):
             answer = "The first one. [[A]]"
         else:
             answer = "Shorter is better. " + ("[[A]]" if len(a) < len(b) else "[[B]]" if len(b) < len(a) else "[[C]]")
-        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]})
+        self.answer(answer)
 
 
 @pytest.fixture(scope="module")
 def comparer():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Comparer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving(Comparer) as url:
+        yield url
 
 
 def judge(url: str, **cfg) -> PreferenceJudge:

@@ -9,12 +9,11 @@ block, a <reasoning> block that itself mentions labels, then the JSON array."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
 from conftest import cli
+from openai_stub import StubHandler, serving
 
 from tokalign import rewards
 from tokalign.errors import UserError
@@ -28,6 +27,7 @@ from tokalign.rewards.rubric_judge import (
     request_messages,
     rubric,
 )
+
 
 PATH = "tokalign.rewards.rubric_judge:RubricJudge"
 
@@ -108,27 +108,15 @@ def test_request_holds_every_nugget_numbered():
 # ------------------------------------------------------------------------------- requests
 
 
-class Verifier(BaseHTTPRequestHandler):
+class Verifier(StubHandler):
     """The rule of the module docstring; a passage containing GARBAGE gets prose, STATUS n gets HTTP n."""
 
     requests: ClassVar[list[dict]] = []
 
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code: int, body: dict):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self._send(200, {"object": "list", "data": [{"id": "stub-verifier", "object": "model"}]})
+    model_id = "stub-verifier"
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.body()
         Verifier.requests.append(body)
         user = body["messages"][-1]["content"]
         passage = user.split("\nPassage: ", 1)[1].split("\nNuggets (", 1)[0].lower()
@@ -139,15 +127,13 @@ class Verifier(BaseHTTPRequestHandler):
         answer = "I think it is supported." if "garbage" in passage else \
             "<think>checking</think><reasoning>" + "".join(f'{k}. decision="{lab}"\n' for k, lab in enumerate(labels, 1)) + \
             "</reasoning>\n" + json.dumps(labels)
-        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]})
+        self.answer(answer)
 
 
 @pytest.fixture(scope="module")
 def verifier():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Verifier)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving(Verifier) as url:
+        yield url
 
 
 QA = [{"text": "Paris", "importance": "vital"}, {"text": "big city", "importance": "okay"}]
